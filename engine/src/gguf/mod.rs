@@ -1,0 +1,1 @@
+//! GGUF import (reader, dequantisation, conversion to a Hugging Face model directory).
