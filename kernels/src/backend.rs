@@ -1,0 +1,236 @@
+//! The Backend seam: the small, explicit op set the forward pass is written against.
+//!
+//! The model (in `farsight-engine`) is written once over this trait; the CPU backend here is the
+//! reference implementation that other backends are tested against. Buffers are typed and owned
+//! by the backend:
+//!
+//! - [`Backend::Tensor`]: f32 activations, a row-major `rows x cols` matrix (one row per token).
+//! - [`Backend::Matrix`]: a weight matrix `out x in` in its stored dtype (f32, f16 or bf16),
+//!   used as `y = x W^T` (the Hugging Face `nn.Linear` layout), or as an embedding table.
+//! - [`Backend::Cache`]: KV rows (`capacity x cols`) in the KV dtype, written by
+//!   [`Backend::cache_write`] and read by attention.
+//!
+//! Every op takes explicit row/column ranges so that fused buffers (q|k|v in one row, gate|up in
+//! one row) are addressed without copies.
+
+use crate::error::KernelError;
+
+/// Result of a backend op.
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+/// Element type of a weight matrix or a KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Lower-case name as used on the command line and in safetensors headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A weight matrix on the host, as little-endian bytes of `rows * cols` elements of `dtype`
+/// (typically a slice of a memory-mapped safetensors file; no alignment is assumed).
+#[derive(Clone, Copy, Debug)]
+pub struct HostMatrix<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> HostMatrix<'a> {
+    /// Checks that the byte length matches the shape.
+    pub fn validate(&self) -> Result<()> {
+        let want = self
+            .rows
+            .checked_mul(self.cols)
+            .and_then(|n| n.checked_mul(self.dtype.size()))
+            .ok_or(KernelError::Shape(format!("matrix {}x{} overflows", self.rows, self.cols)))?;
+        if want != self.bytes.len() {
+            return Err(KernelError::Shape(format!(
+                "matrix {}x{} {} needs {} bytes, got {}",
+                self.rows,
+                self.cols,
+                self.dtype,
+                want,
+                self.bytes.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Rotary embedding parameters for one forward call: the per-pair inverse frequencies (with any
+/// scaling already applied) and the factor applied to cos/sin (YaRN's attention factor; 1
+/// otherwise). Rotation is the "rotate half" layout of Hugging Face Llama checkpoints: pair `i`
+/// is (x[i], x[i + D/2]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rope {
+    pub inv_freq: Vec<f32>,
+    pub attention_scaling: f32,
+}
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window (Mistral): a query at position p sees keys in (p - window, p].
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// Causal attention of `n_q` new queries against a KV cache.
+///
+/// The queries are rows `q_row0 .. q_row0 + n_q` of `q`, columns `q_col0 .. + n_heads*head_dim`.
+/// They sit at positions `n_past .. n_past + n_q`; the cache rows `0 .. n_past + n_q` hold the
+/// keys and values of positions `0 ..` (the new tokens' rows already written). Query `i` attends
+/// to cache rows `0 ..= n_past + i` (minus any sliding window). The output goes to rows
+/// `out_row0 ..` of `out`, `n_heads*head_dim` columns from 0.
+#[derive(Clone, Copy, Debug)]
+pub struct CausalAttn {
+    pub shape: AttnShape,
+    pub q_row0: usize,
+    pub q_col0: usize,
+    pub n_q: usize,
+    pub n_past: usize,
+    pub out_row0: usize,
+    /// Softmax scale, usually `1/sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+/// The op set. See the module docs for the buffer types.
+pub trait Backend: Send + Sync {
+    /// f32 activations, row-major `rows x cols`.
+    type Tensor: Send;
+    /// A weight matrix `out x in` in its stored dtype.
+    type Matrix: Send + Sync;
+    /// KV rows in the KV dtype, `capacity x cols`.
+    type Cache: Send;
+
+    /// Human-readable name ("cpu (2 threads)", "cuda:0 (H100)").
+    fn name(&self) -> String;
+
+    // ---- buffers -------------------------------------------------------------------------
+    /// A zero-filled tensor.
+    fn tensor(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// `(rows, cols)` of a tensor.
+    fn tensor_shape(&self, t: &Self::Tensor) -> (usize, usize);
+    /// Copies host data (row-major) into rows `row0..` of `t`.
+    fn write_tensor(&self, t: &mut Self::Tensor, row0: usize, data: &[f32]) -> Result<()>;
+    /// Reads rows `row0 .. row0 + n` of `t` to the host.
+    fn read_rows(&self, t: &Self::Tensor, row0: usize, n: usize) -> Result<Vec<f32>>;
+    /// Copies whole rows between tensors of equal width: `dst[dst_row0 + i] = src[src_rows[i]]`.
+    fn gather_rows(
+        &self,
+        src: &Self::Tensor,
+        src_rows: &[usize],
+        dst: &mut Self::Tensor,
+        dst_row0: usize,
+    ) -> Result<()>;
+    /// Uploads a weight matrix (the backend may repack it).
+    fn upload_matrix(&self, m: HostMatrix<'_>) -> Result<Self::Matrix>;
+    /// `(rows, cols)` = `(out, in)` of a matrix.
+    fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
+    /// Bytes the matrix occupies.
+    fn matrix_bytes(&self, m: &Self::Matrix) -> usize;
+    /// A KV cache buffer with room for `capacity` rows of `cols` elements.
+    fn cache(&self, capacity: usize, cols: usize, dtype: DType) -> Result<Self::Cache>;
+    /// Rows the cache can hold.
+    fn cache_capacity(&self, c: &Self::Cache) -> usize;
+    /// Grows a cache to at least `capacity` rows, keeping its contents.
+    fn cache_grow(&self, c: &mut Self::Cache, capacity: usize) -> Result<()>;
+    /// Writes rows `src_row0 .. + n` (columns `src_col0 .. + cache cols`) of `src` into cache
+    /// rows `dst_row0 ..`, converting to the cache dtype.
+    fn cache_write(
+        &self,
+        c: &mut Self::Cache,
+        dst_row0: usize,
+        src: &Self::Tensor,
+        src_row0: usize,
+        src_col0: usize,
+        n: usize,
+    ) -> Result<()>;
+
+    // ---- ops -----------------------------------------------------------------------------
+    /// `out[i] = table[ids[i]]` (rows of an `vocab x hidden` matrix, as f32).
+    fn embedding(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Tensor) -> Result<()>;
+    /// Row-wise RMS norm: `out = x / sqrt(mean(x^2) + eps) * weight` on the first `n` rows.
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+        out: &mut Self::Tensor,
+        n: usize,
+    ) -> Result<()>;
+    /// `out[0..n] = x[0..n] W^T (+ bias)`, f32 accumulation.
+    fn matmul(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Matrix,
+        bias: Option<&Self::Tensor>,
+        out: &mut Self::Tensor,
+        n: usize,
+    ) -> Result<()>;
+    /// Rotary embedding in place on rows `0..positions.len()`, columns
+    /// `col0 .. col0 + n_heads * head_dim`, row `i` at position `positions[i]`.
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        col0: usize,
+        n_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        rope: &Rope,
+    ) -> Result<()>;
+    /// `out[r] = silu(gu[r][..I]) * gu[r][I..]` for the first `n` rows, `gu` being `n x 2I`.
+    fn silu_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor, n: usize) -> Result<()>;
+    /// `x[0..n] += y[0..n]`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor, n: usize) -> Result<()>;
+    /// Causal attention over a dense cache (see [`CausalAttn`]).
+    fn attention(
+        &self,
+        args: &CausalAttn,
+        q: &Self::Tensor,
+        k: &Self::Cache,
+        v: &Self::Cache,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+}

@@ -1,0 +1,15 @@
+//! Errors a backend op can return.
+
+/// A backend op failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// Operands whose shapes do not fit together (a bug in the caller, reported not panicked).
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// The backend could not allocate a buffer.
+    #[error("out of memory on {device}: {what}")]
+    OutOfMemory { device: String, what: String },
+    /// The requested device is not usable.
+    #[error("device unavailable: {0}")]
+    Device(String),
+}
