@@ -1,1 +1,48 @@
-//! placeholder
+//! farsight-offload: where KV rows live.
+//!
+//! Every KV cache goes through the [`KvStore`] interface; the forward pass appends the new
+//! tokens' K and V rows layer by layer and attention reads them back. [`DenseKvCache`] keeps
+//! every layer's rows contiguously in backend memory (the plain cache).
+
+mod dense;
+
+pub use dense::DenseKvCache;
+
+use farsight_kernels::{Backend, Result};
+
+/// A sequence's KV rows, for every layer.
+///
+/// Protocol per forward call: [`KvStore::reserve`] for the `n` new tokens, then for every layer
+/// [`KvStore::write`] their rows (they become readable by that layer's attention at once), then
+/// [`KvStore::commit`] once all layers have written. `len()` counts committed tokens only.
+pub trait KvStore<B: Backend> {
+    /// Committed tokens (rows present in every layer).
+    fn len(&self) -> usize;
+    /// True when no token is stored.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Makes room for `n` tokens after the committed ones.
+    fn reserve(&mut self, backend: &B, n: usize) -> Result<()>;
+    /// Writes layer `layer`'s K and V rows for tokens `len() .. len() + n` from rows
+    /// `src_row0 ..` of `src` (K at column `k_col0`, V at `v_col0`, each `kv_width` wide).
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        backend: &B,
+        layer: usize,
+        src: &B::Tensor,
+        src_row0: usize,
+        k_col0: usize,
+        v_col0: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// Marks the `n` tokens written to every layer as committed.
+    fn commit(&mut self, n: usize);
+    /// Forgets every token after the first `len` (keeps the memory).
+    fn truncate(&mut self, len: usize);
+    /// Layer `layer`'s K and V rows, `0 .. len() + n` valid after a write of `n`.
+    fn layer(&self, layer: usize) -> (&B::Cache, &B::Cache);
+    /// Bytes held (capacity, not just the used part).
+    fn bytes(&self) -> usize;
+}
