@@ -1,1 +1,23 @@
-fn main() {}
+//! farsight: long-context LLM inference with the KV cache off the GPU.
+//!
+//! The command line: `generate`, `eval`, `convert-gguf`, `bench`. Every error ends the process
+//! with one line on stderr and a non-zero status.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging(args.verbose);
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = e.to_string().replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

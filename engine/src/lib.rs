@@ -1,4 +1,19 @@
 //! farsight-engine: the model. Config and weights (safetensors, GGUF import), tokenizer and chat
 //! template, the Llama forward pass written once over a `Backend`, sampling and generation.
 
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod generate;
 pub mod gguf;
+pub mod model;
+pub mod rope;
+pub mod sampler;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{EngineError, Result};
+pub use model::{Logits, Model, Segment, Workspace};
+pub use tokenizer::TextTokenizer;

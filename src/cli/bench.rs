@@ -1,0 +1,177 @@
+//! `farsight bench`: speed measurements that print the command that reproduces them.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use farsight_kernels::Backend;
+use clap::{Args, Subcommand};
+use farsight_engine::generate::{new_cache, prefill};
+use farsight_engine::model::{Logits, Segment};
+use farsight_engine::sampler::argmax;
+
+use super::common::{read_text, CliError, ModelArgs};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s of one sequence at given context lengths.
+    Cpu(CpuBenchArgs),
+}
+
+fn parse_list(s: &str) -> Result<Vec<usize>, String> {
+    s.split(',')
+        .map(|p| {
+            let p = p.trim().to_ascii_lowercase();
+            let (num, mul) = match p.strip_suffix('k') {
+                Some(n) => (n.to_string(), 1024),
+                None => (p.clone(), 1),
+            };
+            num.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(|n| n * mul)
+                .ok_or_else(|| format!("`{p}` is not a positive token count"))
+        })
+        .collect()
+}
+
+#[derive(Args, Debug)]
+pub struct CpuBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text whose first N tokens form the context.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Context lengths (comma-separated; `4k` = 4096).
+    #[arg(long, default_value = "512,4096", value_parser = parse_list)]
+    pub context: Vec<usize>,
+    /// Tokens decoded after the context (greedy, EOS ignored).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Measured runs per context (after the warm-up runs).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Unmeasured runs first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Median, min and max of repeated measurements.
+#[derive(serde::Serialize, Clone, Copy, Debug)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(v: &[f64]) -> Stats {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        Stats { median, min: *s.first().unwrap_or(&f64::NAN), max: *s.last().unwrap_or(&f64::NAN) }
+    }
+}
+
+pub fn run(c: BenchCommand) -> Result<(), CliError> {
+    match c {
+        BenchCommand::Cpu(a) => cpu(a),
+    }
+}
+
+fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
+    if a.repeats == 0 || a.new_tokens == 0 || a.prefill_chunk == 0 {
+        return Err(CliError::Usage("--repeats, --new-tokens and --prefill-chunk must be at least 1".into()));
+    }
+    let loaded = a.model.load()?;
+    let model = &loaded.model;
+    let text = read_text(&a.text)?;
+    let ids = loaded.tok.encode(&text)?;
+    let longest = a.context.iter().max().copied().unwrap_or(0);
+    if ids.len() < longest {
+        return Err(CliError::Usage(format!(
+            "{} has {} tokens; --context {longest} needs that many",
+            a.text.display(),
+            ids.len()
+        )));
+    }
+    if longest + a.new_tokens > model.cfg.max_position_embeddings {
+        return Err(CliError::Usage(format!(
+            "--context {longest} + --new-tokens {} exceeds the model's context of {}",
+            a.new_tokens, model.cfg.max_position_embeddings
+        )));
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut runs = Vec::new();
+    for &n in &a.context {
+        let prompt = &ids[..n];
+        let (mut pre, mut dec) = (Vec::new(), Vec::new());
+        for r in 0..a.warmup + a.repeats {
+            let mut kv = new_cache(model, a.model.kv_dtype)?;
+            let mut ws = model.workspace(a.prefill_chunk.min(n), 1)?;
+            let t0 = Instant::now();
+            let logits = prefill(model, &mut ws, &mut kv, prompt, a.prefill_chunk, &mut |_, _| {})?;
+            let tp = t0.elapsed().as_secs_f64();
+            let mut next = argmax(&logits);
+            let t1 = Instant::now();
+            for _ in 0..a.new_tokens {
+                let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut kv, logits: Logits::Last }];
+                let l = model.forward(&mut ws, &mut segs)?.swap_remove(0);
+                next = argmax(&l);
+            }
+            let td = t1.elapsed().as_secs_f64();
+            if r >= a.warmup {
+                pre.push(n as f64 / tp);
+                dec.push(a.new_tokens as f64 / td);
+            }
+            eprintln!("context {n} run {r}: prefill {:.1} tok/s, decode {:.1} tok/s{}", n as f64 / tp, a.new_tokens as f64 / td, if r < a.warmup { " (warm-up)" } else { "" });
+        }
+        runs.push(serde_json::json!({
+            "context": n,
+            "prefill_tok_s": Stats::of(&pre),
+            "decode_tok_s": Stats::of(&dec),
+        }));
+    }
+    let report = serde_json::json!({
+        "command": command,
+        "model": a.model.model,
+        "device": model.backend.name(),
+        "weights_dtype": model.weight_dtype().name(),
+        "kv_dtype": a.model.kv_dtype.name(),
+        "new_tokens": a.new_tokens,
+        "repeats": a.repeats,
+        "warmup": a.warmup,
+        "runs": runs,
+    });
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "| context | prefill tok/s (median [min, max]) | decode tok/s (median [min, max]) |").map_err(CliError::Output)?;
+    writeln!(out, "| --- | --- | --- |").map_err(CliError::Output)?;
+    for r in &runs {
+        let f = |k: &str| {
+            let s = &r[k];
+            format!("{:.1} [{:.1}, {:.1}]", s["median"].as_f64().unwrap_or(0.0), s["min"].as_f64().unwrap_or(0.0), s["max"].as_f64().unwrap_or(0.0))
+        };
+        writeln!(out, "| {} | {} | {} |", r["context"], f("prefill_tok_s"), f("decode_tok_s")).map_err(CliError::Output)?;
+    }
+    writeln!(out, "\n{} on {}, weights {}, KV {}; reproduce: `{command}`", a.model.model.display(), model.backend.name(), model.weight_dtype(), a.model.kv_dtype).map_err(CliError::Output)?;
+    if let Some(p) = &a.json {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| CliError::io(dir, e))?;
+        }
+        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(|e| CliError::io(p, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! Options shared by the commands: model directory, device, threads, KV dtype; loading.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use farsight_engine::{EngineError, Model, TextTokenizer};
+use farsight_kernels::cpu::CpuBackend;
+use farsight_kernels::DType;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// The embedded default model, made by `scripts/fetch-model.sh`.
+pub const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct";
+
+/// A command failed; the message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Kernel(#[from] farsight_kernels::KernelError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("writing output: {0}")]
+    Output(std::io::Error),
+}
+
+impl CliError {
+    pub fn io(path: &Path, source: std::io::Error) -> CliError {
+        CliError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// Where to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => Err(format!("`{s}` is not a device (cpu, cuda, cuda:N)")),
+        },
+    }
+}
+
+fn parse_kv_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("`{s}` is not a KV dtype (f32, f16, bf16)")),
+    }
+}
+
+/// Model and device options of every command that runs a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    /// CPU threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Element type of the KV cache.
+    #[arg(long, default_value = "f16", value_parser = parse_kv_dtype)]
+    pub kv_dtype: DType,
+}
+
+/// A loaded model and its tokenizer.
+pub struct Loaded {
+    pub model: Model<CpuBackend>,
+    pub tok: TextTokenizer,
+}
+
+impl ModelArgs {
+    /// Checks the directory and device, then loads model and tokenizer.
+    pub fn load(&self) -> Result<Loaded, CliError> {
+        if !self.model.is_dir() {
+            let hint = if self.model == Path::new(DEFAULT_MODEL) {
+                "; fetch the default model with scripts/fetch-model.sh".to_string()
+            } else {
+                String::new()
+            };
+            return Err(EngineError::MissingModel { path: self.model.clone(), hint }.into());
+        }
+        let backend = match self.device {
+            Device::Cpu => CpuBackend::new(self.threads)?,
+            Device::Cuda(n) => {
+                return Err(CliError::Usage(format!(
+                    "--device cuda:{n}: this build of farsight has no CUDA backend yet; use --device cpu"
+                )))
+            }
+        };
+        let model = Model::load(&self.model, backend)?;
+        let tok = TextTokenizer::from_dir(&self.model, &model.cfg.eos_token_ids)?;
+        Ok(Loaded { model, tok })
+    }
+}
+
+/// A progress bar on stderr for `total` tokens; hidden when stderr is not a terminal or the
+/// work is short.
+pub fn token_progress(total: usize, what: &str, min_tokens: usize) -> ProgressBar {
+    if total < min_tokens {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} tokens ({{per_sec}}, eta {{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Reads a UTF-8 text file with a clear error.
+pub fn read_text(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|e| CliError::io(path, e))
+}
