@@ -21,6 +21,7 @@ use std::str::FromStr;
 use half::{bf16, f16};
 use serde_json::{json, Map, Value};
 
+use super::config::LlamaParams;
 use super::reader::{GgufFile, TensorInfo};
 use super::tokenizer::GgufVocab;
 use super::GgufError;
@@ -65,9 +66,15 @@ impl OutDtype {
     fn encode(self, src: &[f32], out: &mut Vec<u8>) {
         out.reserve(src.len() * self.size() as usize);
         match self {
-            OutDtype::F16 => src.iter().for_each(|&x| out.extend_from_slice(&f16::from_f32(x).to_le_bytes())),
-            OutDtype::BF16 => src.iter().for_each(|&x| out.extend_from_slice(&bf16::from_f32(x).to_le_bytes())),
-            OutDtype::F32 => src.iter().for_each(|&x| out.extend_from_slice(&x.to_le_bytes())),
+            OutDtype::F16 => src
+                .iter()
+                .for_each(|&x| out.extend_from_slice(&f16::from_f32(x).to_le_bytes())),
+            OutDtype::BF16 => src
+                .iter()
+                .for_each(|&x| out.extend_from_slice(&bf16::from_f32(x).to_le_bytes())),
+            OutDtype::F32 => src
+                .iter()
+                .for_each(|&x| out.extend_from_slice(&x.to_le_bytes())),
         }
     }
 }
@@ -134,140 +141,6 @@ impl fmt::Display for ConvertSummary {
     }
 }
 
-/// The model hyper-parameters read from `llama.*` metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct LlamaParams {
-    pub hidden: u64,
-    pub ffn: u64,
-    pub layers: u64,
-    pub heads: u64,
-    pub kv_heads: u64,
-    pub head_dim: u64,
-    pub vocab: u64,
-    pub context: u64,
-    pub rms_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Value>,
-    pub tied: bool,
-}
-
-/// Largest value accepted for a model dimension or count: far above any real model, small enough
-/// that products of two of them cannot overflow u64.
-const MAX_DIM: u64 = 1 << 24;
-
-fn meta_u64(g: &GgufFile, key: &str) -> Result<Option<u64>, GgufError> {
-    match g.get(key) {
-        None => Ok(None),
-        Some(v) => match v.as_u64() {
-            Some(n) if (1..=MAX_DIM).contains(&n) => Ok(Some(n)),
-            _ => Err(GgufError::BadMetadata { key: key.into(), reason: format!("{v:?} is not an integer in 1..={MAX_DIM}") }),
-        },
-    }
-}
-
-fn meta_f64(g: &GgufFile, key: &str) -> Result<Option<f64>, GgufError> {
-    match g.get(key) {
-        None => Ok(None),
-        Some(v) => match v.as_f64() {
-            Some(x) if x.is_finite() => Ok(Some(x)),
-            _ => Err(GgufError::BadMetadata { key: key.into(), reason: format!("{v:?} is not a finite number") }),
-        },
-    }
-}
-
-impl LlamaParams {
-    pub fn from_gguf(g: &GgufFile) -> Result<Self, GgufError> {
-        let arch = g
-            .get("general.architecture")
-            .ok_or_else(|| GgufError::MissingKey("general.architecture".into()))?
-            .as_str()
-            .ok_or_else(|| GgufError::BadMetadata { key: "general.architecture".into(), reason: "not a string".into() })?;
-        if arch != "llama" {
-            return Err(GgufError::UnsupportedModel(format!("architecture {arch:?} (only \"llama\" is converted)")));
-        }
-        let req = |k: &str| meta_u64(g, &format!("llama.{k}"))?.ok_or_else(|| GgufError::MissingKey(format!("llama.{k}")));
-        let hidden = req("embedding_length")?;
-        let heads = req("attention.head_count")?;
-        let kv_heads = meta_u64(g, "llama.attention.head_count_kv")?.unwrap_or(heads);
-        let head_dim = match meta_u64(g, "llama.rope.dimension_count")? {
-            Some(d) => d,
-            None => meta_u64(g, "llama.attention.key_length")?.unwrap_or(hidden / heads),
-        };
-        if heads % kv_heads != 0 || head_dim % 2 != 0 {
-            return Err(GgufError::UnsupportedModel(format!(
-                "{heads} heads, {kv_heads} KV heads, head_dim {head_dim}: need heads divisible by KV heads and an even head_dim"
-            )));
-        }
-        let vocab = match meta_u64(g, "llama.vocab_size")? {
-            Some(v) => v,
-            None => g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len() as u64).unwrap_or(0),
-        };
-        let rope_scaling = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
-            Some("none") | None => meta_f64(g, "llama.rope.scale_linear")?.map(|f| json!({"rope_type": "linear", "factor": f})),
-            Some(ty) => {
-                let mut m = Map::new();
-                m.insert("rope_type".into(), json!(ty));
-                if let Some(f) = meta_f64(g, "llama.rope.scaling.factor")? {
-                    m.insert("factor".into(), json!(f));
-                }
-                if let Some(n) = meta_u64(g, "llama.rope.scaling.original_context_length")? {
-                    m.insert("original_max_position_embeddings".into(), json!(n));
-                }
-                if let Some(a) = meta_f64(g, "llama.rope.scaling.attn_factor")? {
-                    m.insert("attention_factor".into(), json!(a));
-                }
-                Some(Value::Object(m))
-            }
-        };
-        Ok(LlamaParams {
-            hidden,
-            ffn: req("feed_forward_length")?,
-            layers: req("block_count")?,
-            heads,
-            kv_heads,
-            head_dim,
-            vocab,
-            context: req("context_length")?,
-            rms_eps: meta_f64(g, "llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-            rope_theta: meta_f64(g, "llama.rope.freq_base")?.unwrap_or(10_000.0),
-            rope_scaling,
-            tied: g.tensor("output.weight").is_none(),
-        })
-    }
-
-    /// `config.json` for `LlamaForCausalLM`.
-    pub fn config_json(&self, vocab: &GgufVocab<'_>, dtype: OutDtype) -> Value {
-        let id = |t: &Option<(u32, String)>| t.as_ref().map(|t| t.0);
-        let mut c = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.hidden,
-            "intermediate_size": self.ffn,
-            "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.context,
-            "vocab_size": self.vocab,
-            "tie_word_embeddings": self.tied,
-            "attention_bias": false,
-            "mlp_bias": false,
-            "bos_token_id": id(&vocab.special.bos),
-            "eos_token_id": id(&vocab.special.eos),
-            "pad_token_id": id(&vocab.special.pad),
-            "torch_dtype": dtype.torch_name(),
-            "dtype": dtype.torch_name(),
-        });
-        if let (Some(s), Some(obj)) = (&self.rope_scaling, c.as_object_mut()) {
-            obj.insert("rope_scaling".into(), s.clone());
-        }
-        c
-    }
-}
-
 /// One output tensor: where it comes from and what it becomes.
 #[derive(Debug, Clone)]
 struct Planned<'a> {
@@ -314,10 +187,15 @@ fn hf_name(p: &LlamaParams, gguf: &str) -> Option<(String, Option<u64>)> {
 /// The HF shape each tensor must have.
 fn expected_shape(p: &LlamaParams, hf: &str) -> Vec<u64> {
     let (h, q, kv) = (p.hidden, p.heads * p.head_dim, p.kv_heads * p.head_dim);
-    let suffix = hf.rsplit_once("layers.").map(|(_, s)| s.split_once('.').map_or(s, |x| x.1)).unwrap_or(hf);
+    let suffix = hf
+        .rsplit_once("layers.")
+        .map(|(_, s)| s.split_once('.').map_or(s, |x| x.1))
+        .unwrap_or(hf);
     match suffix {
         "model.embed_tokens.weight" | "lm_head.weight" => vec![p.vocab, h],
-        "model.norm.weight" | "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
+        "model.norm.weight" | "input_layernorm.weight" | "post_attention_layernorm.weight" => {
+            vec![h]
+        }
         "self_attn.q_proj.weight" => vec![q, h],
         "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
         "self_attn.o_proj.weight" => vec![h, q],
@@ -328,7 +206,10 @@ fn expected_shape(p: &LlamaParams, hf: &str) -> Vec<u64> {
 }
 
 /// Maps, checks and orders the tensors to write; names the ones skipped.
-fn plan<'a>(g: &'a GgufFile, p: &LlamaParams) -> Result<(Vec<Planned<'a>>, Vec<String>), GgufError> {
+fn plan<'a>(
+    g: &'a GgufFile,
+    p: &LlamaParams,
+) -> Result<(Vec<Planned<'a>>, Vec<String>), GgufError> {
     let mut planned = Vec::new();
     let mut skipped = Vec::new();
     for info in g.tensors() {
@@ -341,15 +222,35 @@ fn plan<'a>(g: &'a GgufFile, p: &LlamaParams) -> Result<(Vec<Planned<'a>>, Vec<S
         if shape != want {
             return Err(GgufError::BadTensor {
                 name: info.name.clone(),
-                reason: format!("shape {shape:?} does not match the metadata, which implies {want:?} for {hf}"),
+                reason: format!(
+                    "shape {shape:?} does not match the metadata, which implies {want:?} for {hf}"
+                ),
             });
         }
-        planned.push(Planned { info, hf_name: hf, shape, unpermute_heads: heads });
+        planned.push(Planned {
+            info,
+            hf_name: hf,
+            shape,
+            unpermute_heads: heads,
+        });
     }
     // Every tensor the model needs must be there.
-    let mut required = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
+    let mut required = vec![
+        "token_embd.weight".to_string(),
+        "output_norm.weight".to_string(),
+    ];
     for l in 0..p.layers {
-        for s in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm"] {
+        for s in [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "attn_norm",
+            "ffn_norm",
+        ] {
             required.push(format!("blk.{l}.{s}.weight"));
         }
     }
@@ -365,7 +266,12 @@ fn plan<'a>(g: &'a GgufFile, p: &LlamaParams) -> Result<(Vec<Planned<'a>>, Vec<S
 /// (`half = rows / heads / 2`), i.e. it reshapes to `(heads, 2, half, cols)` and swaps axes 1 and
 /// 2. transformers reverses this by reshaping to `(heads, half, 2, cols)` and swapping the same
 /// axes; so HF row `h*2*half + i*half + j` is GGUF row `h*2*half + 2*j + i`.
-pub(crate) fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Option<Vec<f32>> {
+pub(crate) fn unpermute_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Option<Vec<f32>> {
     if heads == 0 || rows % (heads * 2) != 0 || data.len() != rows.checked_mul(cols)? {
         return None;
     }
@@ -376,7 +282,8 @@ pub(crate) fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usiz
             for j in 0..half {
                 let dst = h * 2 * half + i * half + j;
                 let src = h * 2 * half + 2 * j + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -384,14 +291,20 @@ pub(crate) fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usiz
 }
 
 /// Writes `out_dir/name` through a temporary file in the same directory, synced and renamed.
-fn write_atomic(out_dir: &Path, name: &str, write: impl FnOnce(&mut BufWriter<File>) -> Result<(), GgufError>) -> Result<(), GgufError> {
+fn write_atomic(
+    out_dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<(), GgufError>,
+) -> Result<(), GgufError> {
     let tmp = out_dir.join(format!(".{name}.partial-{}", std::process::id()));
     let dst = out_dir.join(name);
     let result = (|| {
         let file = File::create(&tmp).map_err(|e| GgufError::io(&tmp, e))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         write(&mut w)?;
-        let file = w.into_inner().map_err(|e| GgufError::io(&tmp, e.into_error()))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| GgufError::io(&tmp, e.into_error()))?;
         file.sync_all().map_err(|e| GgufError::io(&tmp, e))?;
         fs::rename(&tmp, &dst).map_err(|e| GgufError::io(&dst, e))
     })();
@@ -403,40 +316,63 @@ fn write_atomic(out_dir: &Path, name: &str, write: impl FnOnce(&mut BufWriter<Fi
 
 fn write_json(out_dir: &Path, name: &str, v: &Value, pretty: bool) -> Result<(), GgufError> {
     write_atomic(out_dir, name, |w| {
-        let r = if pretty { serde_json::to_writer_pretty(&mut *w, v) } else { serde_json::to_writer(&mut *w, v) };
-        r.map_err(|e| GgufError::Output { file: name.into(), reason: e.to_string() })?;
+        let r = if pretty {
+            serde_json::to_writer_pretty(&mut *w, v)
+        } else {
+            serde_json::to_writer(&mut *w, v)
+        };
+        r.map_err(|e| GgufError::Output {
+            file: name.into(),
+            reason: e.to_string(),
+        })?;
         w.write_all(b"\n").map_err(|e| GgufError::io(name, e))
     })
 }
 
 /// Writes `model.safetensors` tensor by tensor, so only one dequantised tensor is in memory.
 /// Returns (tensors, parameters, bytes).
-fn write_safetensors(g: &GgufFile, out_dir: &Path, planned: &[Planned<'_>], dtype: OutDtype) -> Result<(usize, u64, u64), GgufError> {
+fn write_safetensors(
+    g: &GgufFile,
+    out_dir: &Path,
+    planned: &[Planned<'_>],
+    dtype: OutDtype,
+) -> Result<(usize, u64, u64), GgufError> {
     const NAME: &str = "model.safetensors";
     let mut header = Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0u64;
     for t in planned {
         let n = t.info.n_elements * dtype.size(); // n_elements <= i64::MAX / 8 checked below
-        let end = offset.checked_add(n).ok_or_else(|| GgufError::Output { file: NAME.into(), reason: "size overflow".into() })?;
+        let end = offset.checked_add(n).ok_or_else(|| GgufError::Output {
+            file: NAME.into(),
+            reason: "size overflow".into(),
+        })?;
         header.insert(t.hf_name.clone(), json!({"dtype": dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}));
         offset = end;
     }
-    let mut header = serde_json::to_vec(&Value::Object(header)).map_err(|e| GgufError::Output { file: NAME.into(), reason: e.to_string() })?;
+    let mut header = serde_json::to_vec(&Value::Object(header)).map_err(|e| GgufError::Output {
+        file: NAME.into(),
+        reason: e.to_string(),
+    })?;
     header.resize(header.len().div_ceil(8) * 8, b' '); // data starts 8-byte aligned
     let params: u64 = planned.iter().map(|t| t.info.n_elements).sum();
     write_atomic(out_dir, NAME, |w| {
         let io = |e| GgufError::io(out_dir.join(NAME), e);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
         w.write_all(&header).map_err(io)?;
         let mut bytes = Vec::new();
         for t in planned {
             let mut data = g.dequantize(&t.info.name)?;
             if let Some(heads) = t.unpermute_heads {
                 let (rows, cols) = (t.shape[0] as usize, t.shape[1] as usize);
-                data = unpermute_rows(&data, rows, cols, heads as usize).ok_or_else(|| GgufError::BadTensor {
-                    name: t.info.name.clone(),
-                    reason: format!("{rows} rows cannot be split into {heads} heads of two rotary halves"),
+                data = unpermute_rows(&data, rows, cols, heads as usize).ok_or_else(|| {
+                    GgufError::BadTensor {
+                        name: t.info.name.clone(),
+                        reason: format!(
+                            "{rows} rows cannot be split into {heads} heads of two rotary halves"
+                        ),
+                    }
                 })?;
             }
             bytes.clear();
@@ -451,13 +387,21 @@ fn write_safetensors(g: &GgufFile, out_dir: &Path, planned: &[Planned<'_>], dtyp
 /// Converts the llama GGUF at `input` into a Hugging Face model directory `out_dir` (created if
 /// needed): `model.safetensors`, `config.json`, `generation_config.json`, `tokenizer.json` and
 /// `tokenizer_config.json`. Safe to re-run; each file is replaced atomically.
-pub fn convert_gguf(input: &Path, out_dir: &Path, opts: &ConvertOptions) -> Result<ConvertSummary, GgufError> {
+pub fn convert_gguf(
+    input: &Path,
+    out_dir: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertSummary, GgufError> {
     let g = GgufFile::open(input)?;
     convert_file(&g, out_dir, opts)
 }
 
 /// [`convert_gguf`] on an already parsed file.
-pub fn convert_file(g: &GgufFile, out_dir: &Path, opts: &ConvertOptions) -> Result<ConvertSummary, GgufError> {
+pub fn convert_file(
+    g: &GgufFile,
+    out_dir: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertSummary, GgufError> {
     let p = LlamaParams::from_gguf(g)?;
     let vocab = GgufVocab::from_gguf(g)?;
     if p.vocab == 0 {
@@ -476,7 +420,8 @@ pub fn convert_file(g: &GgufFile, out_dir: &Path, opts: &ConvertOptions) -> Resu
     });
 
     fs::create_dir_all(out_dir).map_err(|e| GgufError::io(out_dir, e))?;
-    let (tensors_written, parameters, bytes_written) = write_safetensors(g, out_dir, &planned, opts.dtype)?;
+    let (tensors_written, parameters, bytes_written) =
+        write_safetensors(g, out_dir, &planned, opts.dtype)?;
     write_json(out_dir, "tokenizer.json", &tokenizer, false)?;
     write_json(out_dir, "tokenizer_config.json", &tokenizer_config, true)?;
     write_json(out_dir, "generation_config.json", &generation, true)?;
@@ -508,7 +453,8 @@ mod tests {
                 for j in 0..half {
                     let src = h * 2 * half + i * half + j; // HF row
                     let dst = h * 2 * half + j * 2 + i; // GGUF row
-                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }

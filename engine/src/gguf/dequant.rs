@@ -194,9 +194,17 @@ const BLOCKS_PER_TASK: usize = 4096;
 ///
 /// Invariant checked here: `data.len()` is exactly `out.len() / block * block_bytes` and
 /// `out.len()` is a multiple of the block size; otherwise an error, never a panic.
-pub fn dequantize_into(ty: GgmlType, tensor: &str, data: &[u8], out: &mut [f32]) -> Result<(), GgufError> {
+pub fn dequantize_into(
+    ty: GgmlType,
+    tensor: &str,
+    data: &[u8],
+    out: &mut [f32],
+) -> Result<(), GgufError> {
     if !ty.is_supported() {
-        return Err(GgufError::UnsupportedTensorType { type_name: ty.name().to_string(), tensor: tensor.to_string() });
+        return Err(GgufError::UnsupportedTensorType {
+            type_name: ty.name().to_string(),
+            tensor: tensor.to_string(),
+        });
     }
     let (block, block_bytes) = ty.block_layout();
     let (block, block_bytes) = (block as usize, block_bytes as usize);
@@ -204,7 +212,12 @@ pub fn dequantize_into(ty: GgmlType, tensor: &str, data: &[u8], out: &mut [f32])
     if out.len() % block != 0 || n_blocks.checked_mul(block_bytes) != Some(data.len()) {
         return Err(GgufError::BadTensor {
             name: tensor.to_string(),
-            reason: format!("{} bytes of {} cannot hold {} elements", data.len(), ty, out.len()),
+            reason: format!(
+                "{} bytes of {} cannot hold {} elements",
+                data.len(),
+                ty,
+                out.len()
+            ),
         });
     }
     let f: fn(&[u8], &mut [f32]) = match ty {
@@ -223,9 +236,17 @@ pub fn dequantize_into(ty: GgmlType, tensor: &str, data: &[u8], out: &mut [f32])
 }
 
 /// Dequantises to a new vector of `n_elements` values. See [`dequantize_into`].
-pub fn dequantize(ty: GgmlType, tensor: &str, data: &[u8], n_elements: usize) -> Result<Vec<f32>, GgufError> {
+pub fn dequantize(
+    ty: GgmlType,
+    tensor: &str,
+    data: &[u8],
+    n_elements: usize,
+) -> Result<Vec<f32>, GgufError> {
     if !ty.is_supported() {
-        return Err(GgufError::UnsupportedTensorType { type_name: ty.name().to_string(), tensor: tensor.to_string() });
+        return Err(GgufError::UnsupportedTensorType {
+            type_name: ty.name().to_string(),
+            tensor: tensor.to_string(),
+        });
     }
     let mut out = vec![0f32; n_elements];
     dequantize_into(ty, tensor, data, &mut out)?;
@@ -338,11 +359,23 @@ mod tests {
 
     #[test]
     fn float_types_by_hand() {
-        let f32s: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(dequantize(GgmlType::F32, "t", &f32s, 2).unwrap(), vec![1.5, -2.0]);
+        let f32s: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(
+            dequantize(GgmlType::F32, "t", &f32s, 2).unwrap(),
+            vec![1.5, -2.0]
+        );
         // f16 0x3C00 = 1.0, 0xC000 = -2.0; bf16 0x3F80 = 1.0, 0x4049 = 3.140625
-        assert_eq!(dequantize(GgmlType::F16, "t", &[0x00, 0x3C, 0x00, 0xC0], 2).unwrap(), vec![1.0, -2.0]);
-        assert_eq!(dequantize(GgmlType::BF16, "t", &[0x80, 0x3F, 0x49, 0x40], 2).unwrap(), vec![1.0, 3.140625]);
+        assert_eq!(
+            dequantize(GgmlType::F16, "t", &[0x00, 0x3C, 0x00, 0xC0], 2).unwrap(),
+            vec![1.0, -2.0]
+        );
+        assert_eq!(
+            dequantize(GgmlType::BF16, "t", &[0x80, 0x3F, 0x49, 0x40], 2).unwrap(),
+            vec![1.0, 3.140625]
+        );
     }
 
     #[test]
@@ -365,6 +398,9 @@ mod tests {
         assert!(dequantize(GgmlType::Q8_0, "t", &[0u8; 34], 31).is_err());
         assert!(dequantize(GgmlType::F32, "t", &[0u8; 7], 2).is_err());
         let e = dequantize(GgmlType::Q6K, "blk.0.x", &[0u8; 210], 256).unwrap_err();
-        assert_eq!(e.to_string(), "unsupported tensor type Q6_K for tensor blk.0.x");
+        assert_eq!(
+            e.to_string(),
+            "unsupported tensor type Q6_K for tensor blk.0.x"
+        );
     }
 }

@@ -27,16 +27,30 @@ pub enum GgufError {
 
     /// The file ended before a field could be read.
     #[error("unexpected end of file reading {field} at offset {offset} (need {need} bytes, file has {len})")]
-    Truncated { field: &'static str, offset: u64, need: u64, len: u64 },
+    Truncated {
+        field: &'static str,
+        offset: u64,
+        need: u64,
+        len: u64,
+    },
 
     /// A length or count read from the file is above the reader's hard cap or cannot fit in what is
     /// left of the file.
     #[error("{field} at offset {offset} is {value}, above the limit {limit}")]
-    LimitExceeded { field: &'static str, offset: u64, value: u64, limit: u64 },
+    LimitExceeded {
+        field: &'static str,
+        offset: u64,
+        value: u64,
+        limit: u64,
+    },
 
     /// A field has a value that is not allowed (unknown type id, bad bool, bad alignment, ...).
     #[error("invalid {field} at offset {offset}: {reason}")]
-    Invalid { field: &'static str, offset: u64, reason: String },
+    Invalid {
+        field: &'static str,
+        offset: u64,
+        reason: String,
+    },
 
     /// A string that is not valid UTF-8.
     #[error("{field} at offset {offset} is not valid UTF-8")]
@@ -82,6 +96,9 @@ pub enum GgufError {
 impl GgufError {
     /// Wraps an `io::Error` with the path it concerns.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        GgufError::Io { path: path.into(), source }
+        GgufError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -9,17 +9,20 @@
 //! (`transformers/modeling_gguf_pytorch_utils.py`, `transformers/integrations/gguf/`).
 //!
 //! Module layout:
-//! * [`reader`]: [`GgufFile`], metadata values and tensor infos, with hard caps on every length;
+//! * [`reader`]: [`GgufFile`] and tensor infos, with hard caps on every length; `value`: [`GgufValue`];
 //! * [`dequant`]: ggml types and their dequantisation to `f32`;
-//! * `convert`: [`convert_gguf`] and its options and summary;
+//! * `convert`: [`convert_gguf`] and its options and summary; `config`: `config.json`;
 //! * `tokenizer`: `tokenizer.json` / `tokenizer_config.json` from the GGUF vocabulary;
 //! * `error`: [`GgufError`].
 
+mod config;
 mod convert;
+mod cursor;
 pub mod dequant;
 mod error;
 pub mod reader;
 mod tokenizer;
+mod value;
 
 #[cfg(test)]
 mod tests;

@@ -32,8 +32,7 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN35_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const TEKKEN_SPLIT: &str = concat!(
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
@@ -49,8 +48,8 @@ const GPT4O_SPLIT: &str = concat!(
 /// The split regex transformers uses for a `tokenizer.ggml.pre` value, if it overrides GPT-2's.
 fn split_regex(pre: &str) -> Option<&'static str> {
     Some(match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
         "tekken" => TEKKEN_SPLIT,
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_SPLIT,
         "qwen35" => QWEN35_SPLIT,
@@ -101,34 +100,45 @@ pub(crate) struct GgufVocab<'a> {
 
 fn str_array<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>, GgufError> {
     let Some(v) = g.get(key) else { return Ok(None) };
-    let bad = || GgufError::BadMetadata { key: key.into(), reason: "expected an array of strings".into() };
+    let bad = || GgufError::BadMetadata {
+        key: key.into(),
+        reason: "expected an array of strings".into(),
+    };
     let arr = v.as_array().ok_or_else(bad)?;
-    arr.iter().map(|x| x.as_str().ok_or_else(bad)).collect::<Result<Vec<_>, _>>().map(Some)
+    arr.iter()
+        .map(|x| x.as_str().ok_or_else(bad))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 fn opt_str<'a>(g: &'a GgufFile, key: &str) -> Result<Option<&'a str>, GgufError> {
     match g.get(key) {
         None => Ok(None),
         Some(GgufValue::String(s)) => Ok(Some(s)),
-        Some(v) => Err(GgufError::BadMetadata { key: key.into(), reason: format!("expected a string, got {}", v.type_name()) }),
+        Some(v) => Err(GgufError::BadMetadata {
+            key: key.into(),
+            reason: format!("expected a string, got {}", v.type_name()),
+        }),
     }
 }
 
 fn opt_bool(g: &GgufFile, key: &str) -> Result<Option<bool>, GgufError> {
     match g.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_bool()
-            .map(Some)
-            .ok_or_else(|| GgufError::BadMetadata { key: key.into(), reason: format!("expected a bool, got {}", v.type_name()) }),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| GgufError::BadMetadata {
+            key: key.into(),
+            reason: format!("expected a bool, got {}", v.type_name()),
+        }),
     }
 }
 
 impl<'a> GgufVocab<'a> {
     /// Reads the tokenizer metadata of `g`.
     pub fn from_gguf(g: &'a GgufFile) -> Result<Self, GgufError> {
-        let model = opt_str(g, "tokenizer.ggml.model")?.ok_or_else(|| GgufError::MissingKey("tokenizer.ggml.model".into()))?;
-        let tokens = str_array(g, "tokenizer.ggml.tokens")?.ok_or_else(|| GgufError::MissingKey("tokenizer.ggml.tokens".into()))?;
+        let model = opt_str(g, "tokenizer.ggml.model")?
+            .ok_or_else(|| GgufError::MissingKey("tokenizer.ggml.model".into()))?;
+        let tokens = str_array(g, "tokenizer.ggml.tokens")?
+            .ok_or_else(|| GgufError::MissingKey("tokenizer.ggml.tokens".into()))?;
         let token_types = match g.get("tokenizer.ggml.token_type") {
             None => Vec::new(),
             Some(v) => {
@@ -140,15 +150,21 @@ impl<'a> GgufVocab<'a> {
                 if arr.len() != tokens.len() {
                     return Err(bad());
                 }
-                arr.iter().map(|x| x.as_i64().ok_or_else(bad)).collect::<Result<_, _>>()?
+                arr.iter()
+                    .map(|x| x.as_i64().ok_or_else(bad))
+                    .collect::<Result<_, _>>()?
             }
         };
         let merges = str_array(g, "tokenizer.ggml.merges")?.unwrap_or_default();
         let special_id = |key: &str| -> Result<Option<(u32, String)>, GgufError> {
             let Some(v) = g.get(key) else { return Ok(None) };
-            let id = v.as_u64().filter(|&i| (i as usize) < tokens.len() && i <= u32::MAX as u64).ok_or_else(|| {
-                GgufError::BadMetadata { key: key.into(), reason: format!("{v:?} is not a token id below {}", tokens.len()) }
-            })?;
+            let id = v
+                .as_u64()
+                .filter(|&i| (i as usize) < tokens.len() && i <= u32::MAX as u64)
+                .ok_or_else(|| GgufError::BadMetadata {
+                    key: key.into(),
+                    reason: format!("{v:?} is not a token id below {}", tokens.len()),
+                })?;
             Ok(Some((id as u32, tokens[id as usize].to_string())))
         };
         let special = SpecialTokens {
@@ -188,7 +204,11 @@ impl<'a> GgufVocab<'a> {
         // Later duplicates win, as in a Python dict comprehension.
         let mut vocab: HashMap<String, u32> = HashMap::with_capacity(self.tokens.len());
         for (id, t) in self.tokens.iter().enumerate() {
-            let key = if in_alphabet(t) { t.to_string() } else { t.bytes().map(|b| table[b as usize]).collect() };
+            let key = if in_alphabet(t) {
+                t.to_string()
+            } else {
+                t.bytes().map(|b| table[b as usize]).collect()
+            };
             vocab.insert(key, id as u32);
         }
         if self.merges.is_empty() {
@@ -198,11 +218,15 @@ impl<'a> GgufVocab<'a> {
         for m in &self.merges {
             let mut parts = m.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
-                (Some(a), Some(b), None) if vocab.contains_key(a) && vocab.contains_key(b) => merges.push(json!([a, b])),
+                (Some(a), Some(b), None) if vocab.contains_key(a) && vocab.contains_key(b) => {
+                    merges.push(json!([a, b]))
+                }
                 _ => {
                     return Err(GgufError::BadMetadata {
                         key: "tokenizer.ggml.merges".into(),
-                        reason: format!("merge {m:?} is not two vocabulary tokens separated by one space"),
+                        reason: format!(
+                            "merge {m:?} is not two vocabulary tokens separated by one space"
+                        ),
                     })
                 }
             }
@@ -244,7 +268,9 @@ impl<'a> GgufVocab<'a> {
                 {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
                 {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
             ]}),
-            None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+            None => {
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+            }
         };
 
         let vocab: Map<String, Value> = vocab.into_iter().map(|(k, v)| (k, json!(v))).collect();
@@ -268,11 +294,16 @@ impl<'a> GgufVocab<'a> {
     /// `TemplateProcessing` as transformers' `update_post_processor` builds it:
     /// `[BOS] $A [EOS]` for one sequence, `[BOS] $A [EOS] [BOS] $B:1 [EOS]` for a pair.
     fn post_processor(&self) -> Result<Value, GgufError> {
-        let need = |flag: bool, tok: &Option<(u32, String)>, key: &str| -> Result<Option<(u32, String)>, GgufError> {
+        let need = |flag: bool,
+                    tok: &Option<(u32, String)>,
+                    key: &str|
+         -> Result<Option<(u32, String)>, GgufError> {
             match (flag, tok) {
                 (false, _) => Ok(None),
                 (true, Some(t)) => Ok(Some(t.clone())),
-                (true, None) => Err(GgufError::MissingKey(format!("tokenizer.ggml.{key}_token_id"))),
+                (true, None) => Err(GgufError::MissingKey(format!(
+                    "tokenizer.ggml.{key}_token_id"
+                ))),
             }
         };
         let bos = need(self.add_bos, &self.special.bos, "bos")?;
@@ -293,9 +324,14 @@ impl<'a> GgufVocab<'a> {
         let pair: Vec<Value> = single.iter().cloned().chain(pair).collect();
         let mut specials = Map::new();
         for t in [&bos, &eos].into_iter().flatten() {
-            specials.insert(t.1.clone(), json!({"id": t.1, "ids": [t.0], "tokens": [t.1]}));
+            specials.insert(
+                t.1.clone(),
+                json!({"id": t.1, "ids": [t.0], "tokens": [t.1]}),
+            );
         }
-        Ok(json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}))
+        Ok(
+            json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}),
+        )
     }
 
     /// `tokenizer_config.json`: special tokens as strings, `add_bos_token`, the chat template.
