@@ -62,3 +62,11 @@ fi
 
 echo "fetch-model: converting $GGUF -> $OUT ($DTYPE)"
 cargo run --release --quiet -- convert-gguf "$GGUF" "$OUT" --dtype "$DTYPE"
+
+for f in config.json model.safetensors tokenizer.json; do
+    if [[ ! -f "$OUT/$f" ]]; then
+        echo "fetch-model: convert-gguf finished but $OUT/$f is missing" >&2
+        exit 1
+    fi
+done
+echo "fetch-model: done: $OUT"

@@ -291,12 +291,42 @@ pub(crate) fn unpermute_rows(
 }
 
 /// Writes `out_dir/name` through a temporary file in the same directory, synced and renamed.
+/// The files a conversion writes.
+const OUTPUT_FILES: [&str; 5] = [
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "config.json",
+];
+
+/// The temporary name `name` is written under before the rename.
+fn partial_name(name: &str) -> String {
+    format!(".{name}.partial-{}", std::process::id())
+}
+
+/// Removes temporary files a crashed earlier conversion left in `out_dir` (only ours, by name).
+fn remove_stale_partials(out_dir: &Path) -> Result<(), GgufError> {
+    let entries = fs::read_dir(out_dir).map_err(|e| GgufError::io(out_dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if OUTPUT_FILES
+            .iter()
+            .any(|f| name.starts_with(&format!(".{f}.partial-")))
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
 fn write_atomic(
     out_dir: &Path,
     name: &str,
     write: impl FnOnce(&mut BufWriter<File>) -> Result<(), GgufError>,
 ) -> Result<(), GgufError> {
-    let tmp = out_dir.join(format!(".{name}.partial-{}", std::process::id()));
+    let tmp = out_dir.join(partial_name(name));
     let dst = out_dir.join(name);
     let result = (|| {
         let file = File::create(&tmp).map_err(|e| GgufError::io(&tmp, e))?;
@@ -420,6 +450,7 @@ pub fn convert_file(
     });
 
     fs::create_dir_all(out_dir).map_err(|e| GgufError::io(out_dir, e))?;
+    remove_stale_partials(out_dir)?;
     let (tensors_written, parameters, bytes_written) =
         write_safetensors(g, out_dir, &planned, opts.dtype)?;
     write_json(out_dir, "tokenizer.json", &tokenizer, false)?;

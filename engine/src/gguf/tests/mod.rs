@@ -156,7 +156,9 @@ fn converts_tiny_llama() {
         g.dequantize("token_embd.weight").unwrap()
     );
 
-    // No temporary files left, and a second run (F16) overwrites in place.
+    // No temporary files left, and a second run (F16) overwrites in place and clears the
+    // leftovers of a crashed run.
+    std::fs::write(out.join(".model.safetensors.partial-1"), b"half a file").unwrap();
     let s2 = convert_file(&g, &out, &ConvertOptions::default()).unwrap();
     assert_eq!(s2.dtype, OutDtype::F16);
     let mut files: Vec<String> = std::fs::read_dir(&out)
