@@ -1,7 +1,7 @@
 //! The plain KV cache: per layer, one K and one V buffer of `capacity x kv_width` rows in
 //! backend memory, grown geometrically (so appending `T` tokens one by one costs `O(T)` copies).
 
-use farsight_kernels::{Backend, DType, KernelError, Result};
+use farsight_kernels::{Backend, CausalAttn, DType, KernelError, Result};
 
 use crate::KvStore;
 
@@ -44,6 +44,12 @@ impl<B: Backend> DenseKvCache<B> {
     /// The KV element type.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Layer `layer`'s K and V buffers (rows `0 .. len()` committed).
+    pub fn layer(&self, layer: usize) -> (&B::Cache, &B::Cache) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
     }
 }
 
@@ -102,9 +108,22 @@ impl<B: Backend> KvStore<B> for DenseKvCache<B> {
         self.len = self.len.min(len);
     }
 
-    fn layer(&self, layer: usize) -> (&B::Cache, &B::Cache) {
+    fn attend(
+        &self,
+        backend: &B,
+        layer: usize,
+        args: &CausalAttn,
+        q: &B::Tensor,
+        out: &mut B::Tensor,
+    ) -> Result<()> {
+        if args.n_past != self.len {
+            return Err(KernelError::Shape(format!(
+                "attention after {} tokens, cache holds {}",
+                args.n_past, self.len
+            )));
+        }
         let (k, v) = &self.layers[layer];
-        (k, v)
+        backend.attention(args, q, k, v, out)
     }
 
     fn bytes(&self) -> usize {

@@ -8,7 +8,7 @@ mod dense;
 
 pub use dense::DenseKvCache;
 
-use farsight_kernels::{Backend, Result};
+use farsight_kernels::{Backend, CausalAttn, Result};
 
 /// A sequence's KV rows, for every layer.
 ///
@@ -41,8 +41,17 @@ pub trait KvStore<B: Backend> {
     fn commit(&mut self, n: usize);
     /// Forgets every token after the first `len` (keeps the memory).
     fn truncate(&mut self, len: usize);
-    /// Layer `layer`'s K and V rows, `0 .. len() + n` valid after a write of `n`.
-    fn layer(&self, layer: usize) -> (&B::Cache, &B::Cache);
+    /// Attention of new queries over layer `layer`'s stored rows (`args.n_past` committed
+    /// tokens plus the `args.n_q` just written). The store decides which rows attention reads
+    /// and how they reach the backend; the dense cache reads them all.
+    fn attend(
+        &self,
+        backend: &B,
+        layer: usize,
+        args: &CausalAttn,
+        q: &B::Tensor,
+        out: &mut B::Tensor,
+    ) -> Result<()>;
     /// Bytes held (capacity, not just the used part).
     fn bytes(&self) -> usize;
 }
