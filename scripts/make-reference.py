@@ -186,8 +186,9 @@ def fix_pre_tokenizer(tok):
     ByteLevel pre-tokenizer, because it has no entry for the file's
     `tokenizer.ggml.pre = "smollm"`. The model's own tokenizer.json (and
     llama.cpp's "smollm" pre-tokenizer) first splits every \\p{N} character on
-    its own and only then applies the GPT-2 regex. Byte-pair merges never join
-    digits, so this only changes whitespace in front of digits, e.g. "a  1":
+    its own and only then applies the GPT-2 regex. The vocabulary has no token
+    joining a digit to anything, so this only changes how whitespace in front
+    of a \\p{N} character is split (" ½", "x  2"), e.g. "a  1":
     GPT-2 regex gives ["a", " ", " 1"] -> [a, Ġ, Ġ, 1]; the model's splitter
     gives ["a  ", "1"] -> [a, ĠĠ, 1].
     """
@@ -247,6 +248,11 @@ def main():
         pass
 
     gguf_dir, gguf_name = os.path.split(os.path.abspath(args.gguf))
+    from gguf import GGUFReader
+
+    pre = GGUFReader(args.gguf).fields["tokenizer.ggml.pre"].contents()
+    if pre != "smollm":
+        sys.exit(f"error: tokenizer.ggml.pre is {pre!r}; this script's pre-tokenizer fix is for 'smollm'")
     t0 = time.time()
     print(f"loading tokenizer from {args.gguf} ...", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)

@@ -18,21 +18,18 @@ pub enum BenchCommand {
     Cpu(CpuBenchArgs),
 }
 
-fn parse_list(s: &str) -> Result<Vec<usize>, String> {
-    s.split(',')
-        .map(|p| {
-            let p = p.trim().to_ascii_lowercase();
-            let (num, mul) = match p.strip_suffix('k') {
-                Some(n) => (n.to_string(), 1024),
-                None => (p.clone(), 1),
-            };
-            num.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .map(|n| n * mul)
-                .ok_or_else(|| format!("`{p}` is not a positive token count"))
-        })
-        .collect()
+/// A token count: `512`, `4k` (= 4096), `256K`.
+pub fn parse_count(s: &str) -> Result<usize, String> {
+    let p = s.trim().to_ascii_lowercase();
+    let (num, mul) = match p.strip_suffix('k') {
+        Some(n) => (n.to_string(), 1024),
+        None => (p.clone(), 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .filter(|&n| n > 0)
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("`{s}` is not a positive token count"))
 }
 
 #[derive(Args, Debug)]
@@ -43,7 +40,7 @@ pub struct CpuBenchArgs {
     #[arg(long)]
     pub text: PathBuf,
     /// Context lengths (comma-separated; `4k` = 4096).
-    #[arg(long, default_value = "512,4096", value_parser = parse_list)]
+    #[arg(long, default_value = "512,4096", value_delimiter = ',', value_parser = parse_count)]
     pub context: Vec<usize>,
     /// Tokens decoded after the context (greedy, EOS ignored).
     #[arg(long, default_value_t = 64)]

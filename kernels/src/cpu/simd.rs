@@ -104,6 +104,25 @@ mod x86 {
                 pub unsafe fn dot4(w: [*const $t; 4], x: *const f32, k: usize) -> [f32; 4] {
                     let mut a = [_mm256_setzero_ps(); 4];
                     let mut i = 0;
+                    // Stream ahead: one prefetch per 64-byte line of each row.
+                    const AHEAD: usize = 4096;
+                    let esz = std::mem::size_of::<$t>();
+                    let per_line = 64 / esz;
+                    while i + per_line <= k {
+                        for r in 0..4 {
+                            _mm_prefetch(w[r].add(i + AHEAD / esz) as *const i8, _MM_HINT_T0);
+                        }
+                        let mut j = 0;
+                        while j < per_line {
+                            let xv = _mm256_loadu_ps(x.add(i + j));
+                            a[0] = _mm256_fmadd_ps(load8!($tag, w[0].add(i + j)), xv, a[0]);
+                            a[1] = _mm256_fmadd_ps(load8!($tag, w[1].add(i + j)), xv, a[1]);
+                            a[2] = _mm256_fmadd_ps(load8!($tag, w[2].add(i + j)), xv, a[2]);
+                            a[3] = _mm256_fmadd_ps(load8!($tag, w[3].add(i + j)), xv, a[3]);
+                            j += 8;
+                        }
+                        i += per_line;
+                    }
                     while i + 8 <= k {
                         let xv = _mm256_loadu_ps(x.add(i));
                         a[0] = _mm256_fmadd_ps(load8!($tag, w[0].add(i)), xv, a[0]);
