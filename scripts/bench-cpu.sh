@@ -8,7 +8,7 @@
 #        TEXT (default /usr/share/common-licenses/GPL-3), PYTHON (python3 used to make the venv)
 #
 # On first use it builds llama-cpp-python 0.3.36 from source into .venv-bench
-# (GGML_NATIVE=ON, 2 jobs; about 30-40 minutes on 2 cores). The venv is rebuilt
+# (GGML_NATIVE=ON, 2 jobs; about 30-45 minutes on 2 cores). The venv is rebuilt
 # when the CPU it was built for differs from this one (native code).
 set -euo pipefail
 
@@ -131,7 +131,7 @@ def ratio(a, b):
 lines = []
 lines.append("# farsight vs llama.cpp, CPU")
 lines.append("")
-lines.append(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+lines.append(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} (llama.cpp run started {ll['date']})")
 lines.append(f"- machine: {cpu()}, nproc {os.cpu_count()}, {platform.platform()}")
 lines.append(f"- threads: {threads}; text: {ll['settings']['text']} (no BOS), first N tokens; "
              f"{ll['settings']['new_tokens']} greedy new tokens; {ll['settings']['repeats']} repeats after 1 warm-up")
