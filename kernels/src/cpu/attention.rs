@@ -1,7 +1,14 @@
 //! Exact causal softmax attention on the CPU over a dense KV cache (f32, f16 or bf16 rows).
 //!
-//! One task per (query row, query head); a task scores its keys into a scratch vector, takes the
-//! softmax and accumulates the values. GQA: query head `h` reads KV head `h / group`.
+//! Two schedules over the same arithmetic:
+//! - many queries (prefill): one task per (query row, query head); a task scores its keys into a
+//!   scratch vector, takes the softmax and accumulates the values;
+//! - few queries (decode): one task per (KV head, chunk of keys) computing every query head of
+//!   the group against the chunk (each key row is read once for the whole group), keeping a
+//!   partial max, sum and weighted value sum; the partials are merged exactly afterwards
+//!   (split-K, as flash-decoding does), so two cores share even a single KV head's context.
+//!
+//! GQA: query head `h` reads KV head `h / group`.
 
 use rayon::prelude::*;
 
@@ -28,6 +35,9 @@ pub fn causal<E: Elem>(
     out: &mut [f32],
     out_cols: usize,
 ) {
+    if a.n_q <= SPLIT_MAX_QUERIES {
+        return split_keys(a, q, q_cols, k, v, kv_cols, out, out_cols);
+    }
     let s = a.shape;
     let d = s.head_dim;
     let group = s.group();
@@ -65,4 +75,97 @@ pub fn causal<E: Elem>(
             E::axpy(o, p * inv, &v[j * kv_cols + g * d..][..d]);
         }
     });
+}
+
+/// At most this many new queries use the split-over-keys schedule.
+const SPLIT_MAX_QUERIES: usize = 4;
+/// Keys per split-K task (at least; fewer chunks for short contexts).
+const KEY_CHUNK: usize = 256;
+
+/// Partial softmax state of one (query row, head) over one chunk of keys.
+struct Partial {
+    max: f32,
+    sum: f32,
+    acc: Vec<f32>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn split_keys<E: Elem>(
+    a: &CausalAttn,
+    q: &[f32],
+    q_cols: usize,
+    k: &[E],
+    v: &[E],
+    kv_cols: usize,
+    out: &mut [f32],
+    out_cols: usize,
+) {
+    let s = a.shape;
+    let d = s.head_dim;
+    let group = s.group();
+    let total = a.n_past + a.n_q;
+    let chunks = total.div_ceil(KEY_CHUNK).max(1);
+    // Task (g, c): KV head g, keys [c*KEY_CHUNK, ..); result: for each (query row i, head in
+    // group) a Partial (empty when the chunk lies wholly outside that query's range).
+    let tasks: Vec<(usize, usize)> = (0..s.n_kv_heads).flat_map(|g| (0..chunks).map(move |c| (g, c))).collect();
+    let partials: Vec<Vec<Option<Partial>>> = tasks
+        .par_iter()
+        .map(|&(g, c)| {
+            let lo = c * KEY_CHUNK;
+            let hi = ((c + 1) * KEY_CHUNK).min(total);
+            let mut res = Vec::with_capacity(a.n_q * group);
+            let mut scores = vec![0.0f32; hi.saturating_sub(lo)];
+            for i in 0..a.n_q {
+                let end = a.n_past + i + 1;
+                let start = s.window.map_or(0, |w| end.saturating_sub(w));
+                let (from, to) = (lo.max(start), hi.min(end));
+                for hh in 0..group {
+                    if from >= to {
+                        res.push(None);
+                        continue;
+                    }
+                    let h = g * group + hh;
+                    let qv = &q[(a.q_row0 + i) * q_cols + a.q_col0 + h * d..][..d];
+                    let sc = &mut scores[..to - from];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, o) in (from..to).zip(sc.iter_mut()) {
+                        *o = E::dot(&k[j * kv_cols + g * d..][..d], qv) * a.scale;
+                        max = max.max(*o);
+                    }
+                    let mut sum = 0.0f32;
+                    let mut acc = vec![0.0f32; d];
+                    for (j, p) in (from..to).zip(sc.iter()) {
+                        let e = (p - max).exp();
+                        sum += e;
+                        E::axpy(&mut acc, e, &v[j * kv_cols + g * d..][..d]);
+                    }
+                    res.push(Some(Partial { max, sum, acc }));
+                }
+            }
+            res
+        })
+        .collect();
+    // Merge: out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) sum_c.
+    for i in 0..a.n_q {
+        for g in 0..s.n_kv_heads {
+            for hh in 0..group {
+                let h = g * group + hh;
+                let idx = i * group + hh;
+                let parts = (0..chunks).filter_map(|c| partials[g * chunks + c][idx].as_ref());
+                let m = parts.clone().fold(f32::NEG_INFINITY, |m, p| m.max(p.max));
+                let o = &mut out[(a.out_row0 + i) * out_cols + h * d..][..d];
+                o.fill(0.0);
+                let mut z = 0.0f32;
+                for p in parts {
+                    let w = (p.max - m).exp();
+                    z += w * p.sum;
+                    for (o, x) in o.iter_mut().zip(&p.acc) {
+                        *o += w * x;
+                    }
+                }
+                let inv = 1.0 / z;
+                o.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    }
 }

@@ -4,9 +4,9 @@
 //! - few rows (decode, small batches): each weight row is streamed from memory once and dotted
 //!   with every activation row while it is in L1 (`dot4` on four weight rows at a time). Batch-1
 //!   decode is bound by reading the weights, so this path reads them as stored (2 bytes each).
-//! - many rows (prefill): the weights are converted to f32 one tile of output columns at a time
-//!   (the tile stays in L2) and the `gemm` crate multiplies the whole activation block by it.
-//!   The conversion is amortised over every activation row.
+//! - many rows (prefill): the weight matrix is converted to f32 into a per-thread scratch buffer
+//!   and the `gemm` crate multiplies the whole activation block by it, parallel over the whole
+//!   problem. The conversion is amortised over every activation row.
 
 use rayon::prelude::*;
 
@@ -16,7 +16,7 @@ use super::simd::Elem;
 pub const STREAM_MAX_ROWS: usize = 8;
 /// Output columns (weight rows) per parallel task on the streaming path.
 const STREAM_BLOCK: usize = 32;
-/// Output columns per converted tile on the gemm path.
+/// Weight rows per parallel conversion task on the gemm path.
 const TILE: usize = 64;
 
 /// A raw output pointer shared by tasks that write disjoint elements.
@@ -71,34 +71,38 @@ fn stream<E: Elem>(x: &[f32], m: usize, k: usize, w: &[E], n: usize, out: &mut [
 }
 
 fn tiled<E: Elem>(x: &[f32], m: usize, k: usize, w: &[E], n: usize, out: &mut [f32]) {
-    let optr = OutPtr(out.as_mut_ptr());
-    let tiles = n.div_ceil(TILE);
-    (0..tiles).into_par_iter().for_each_init(Vec::<f32>::new, |buf, t| {
-        let optr = optr;
-        let j0 = t * TILE;
-        let nb = TILE.min(n - j0);
-        let tile: &[f32] = if let Some(w32) = as_f32(&w[j0 * k..(j0 + nb) * k]) {
-            w32
-        } else {
-            buf.clear();
-            buf.extend(w[j0 * k..(j0 + nb) * k].iter().map(|v| v.to_f32()));
-            buf
+    // Whole-matrix conversion to f32 (in parallel), then one gemm call that parallelises over the
+    // whole problem: the conversion reads each weight once per call, amortised over m >= 9 rows.
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let w32: &[f32] = match as_f32(w) {
+            Some(w32) => w32,
+            None => {
+                buf.resize(n * k, 0.0);
+                buf.par_chunks_mut(TILE * k).zip(w.par_chunks(TILE * k)).for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d = s.to_f32();
+                    }
+                });
+                &buf[..n * k]
+            }
         };
-        // SAFETY: dst is columns j0..j0+nb of every row of `out` (row stride n), written by this
-        // task only; lhs is x (m x k, row-major); rhs(i, j) = tile[j * k + i] (k x nb).
+        let threads = rayon::current_num_threads();
+        // SAFETY: dst is `out` (m x n, row-major), lhs is x (m x k, row-major),
+        // rhs(i, j) = w32[j * k + i] (k x n); all in bounds by the assert in `matmul`.
         unsafe {
             gemm::gemm(
                 m,
-                nb,
+                n,
                 k,
-                optr.0.add(j0),
+                out.as_mut_ptr(),
                 1,
                 n as isize,
                 false,
                 x.as_ptr(),
                 1,
                 k as isize,
-                tile.as_ptr(),
+                w32.as_ptr(),
                 k as isize,
                 1,
                 0.0f32,
@@ -106,10 +110,15 @@ fn tiled<E: Elem>(x: &[f32], m: usize, k: usize, w: &[E], n: usize, out: &mut [f
                 false,
                 false,
                 false,
-                gemm::Parallelism::None,
+                if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
             );
         }
     });
+}
+
+thread_local! {
+    /// f32 copy of the weight matrix being multiplied (grows to the largest matrix).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The slice itself when `E` is f32.

@@ -62,6 +62,11 @@ fn attention_matches_naive_with_gqa_window_and_offsets() {
         (Some(4), 6, 4, DType::F32, 1e-5),
         (None, 9, 1, DType::F16, 2e-3),
         (None, 3, 2, DType::BF16, 2e-2),
+        // several key chunks in the split-K decode schedule, with and without a window
+        (None, 700, 1, DType::F32, 1e-5),
+        (Some(300), 650, 2, DType::F32, 1e-5),
+        (None, 1000, 4, DType::F16, 2e-3),
+        (Some(3), 600, 6, DType::F32, 1e-5),
     ] {
         let s = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 16, window };
         let total = n_past + n_q;
