@@ -171,11 +171,7 @@ variant_tests! {
     llama3_rope_sharded => "llama3-rope-sharded",
     llama_yarn => "llama-yarn",
     llama_linear => "llama-linear",
-    #[ignore = "farsight refuses a prompt past max_position_embeddings (PromptTooLong: 48 tokens, \
-                context 32), so dynamic NTK never scales for a transformers-written config"]
     llama_dynamic => "llama-dynamic",
-    #[ignore = "farsight ignores model.layers.*.self_attn.o_proj.bias, which Llama's \
-                attention_bias adds (rel L2 0.548, exactly the zeroed-o_proj.bias logits)"]
     llama_bias => "llama-bias",
     llama_headdim => "llama-headdim",
     mistral_window => "mistral-window",
@@ -261,8 +257,6 @@ fn wrong_tensor_shape_is_named() {
 const VICTIM: &str = "model.layers.1.self_attn.o_proj.weight";
 
 #[test]
-#[ignore = "farsight reads tensor names from the shard headers and uses the index only for the \
-            file list, so a tensor the index does not name still loads"]
 fn tensor_missing_from_the_index_is_named() {
     let t = copy_model("llama3-rope-sharded");
     edit_json(&t.path().join("model.safetensors.index.json"), |v| {

@@ -25,8 +25,10 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    /// q/k/v projections carry a bias (Qwen2, or Llama with `attention_bias`).
+    /// q/k/v projections carry a bias (Qwen2, or Llama/Mistral with `attention_bias`).
     pub qkv_bias: bool,
+    /// The output projection carries a bias (Llama/Mistral with `attention_bias`).
+    pub o_bias: bool,
     /// Mistral's sliding window, when it is in force.
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
@@ -183,7 +185,9 @@ impl ModelConfig {
             }
         }
 
-        let qkv_bias = model_type == "qwen2" || get_bool(m, "attention_bias", path)? == Some(true);
+        let attention_bias = get_bool(m, "attention_bias", path)? == Some(true);
+        let qkv_bias = model_type == "qwen2" || attention_bias;
+        let o_bias = model_type != "qwen2" && attention_bias;
         let sliding_window = match model_type.as_str() {
             "mistral" => get_usize(m, "sliding_window", path)?,
             "qwen2" if get_bool(m, "use_sliding_window", path)? == Some(true) => {
@@ -212,11 +216,23 @@ impl ModelConfig {
             max_position_embeddings,
             tie_word_embeddings: get_bool(m, "tie_word_embeddings", path)?.unwrap_or(false),
             qkv_bias,
+            o_bias,
             sliding_window,
             bos_token_id: token_ids(m.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(m.get("eos_token_id")),
             dtype,
         })
+    }
+
+    /// Tokens a sequence may hold: `max_position_embeddings`, stretched by the factor of dynamic
+    /// NTK scaling (which exists to run past it).
+    pub fn context_length(&self) -> usize {
+        match self.rope_scaling {
+            RopeScaling::Dynamic { factor, .. } if factor > 1.0 => {
+                (self.max_position_embeddings as f64 * factor) as usize
+            }
+            _ => self.max_position_embeddings,
+        }
     }
 
     /// Width of one token's K (or V) over all KV heads.

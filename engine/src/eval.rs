@@ -41,7 +41,7 @@ pub fn perplexity<B: Backend>(
             tokens.len()
         )));
     }
-    let context = model.cfg.max_position_embeddings;
+    let context = model.cfg.context_length();
     if tokens.len() > context {
         return Err(EngineError::PromptTooLong { tokens: tokens.len(), context });
     }

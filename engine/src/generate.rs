@@ -136,7 +136,7 @@ impl StopFilter<'_> {
 /// A dense KV cache sized for `model`.
 pub fn new_cache<B: Backend>(model: &Model<B>, dtype: DType) -> Result<DenseKvCache<B>> {
     let c = &model.cfg;
-    Ok(DenseKvCache::new(&model.backend, c.num_layers, c.kv_width(), dtype, c.max_position_embeddings)?)
+    Ok(DenseKvCache::new(&model.backend, c.num_layers, c.kv_width(), dtype, c.context_length())?)
 }
 
 /// Runs `prompt` through `model` into `kv` in chunks, reporting `(done, total)` after each;
@@ -174,7 +174,7 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(EngineError::EmptyPrompt);
     }
-    let context = model.cfg.max_position_embeddings;
+    let context = model.cfg.context_length();
     if prompt.len() > context {
         return Err(EngineError::PromptTooLong { tokens: prompt.len(), context });
     }

@@ -22,6 +22,7 @@ struct Layer<B: Backend> {
     qkv: B::Matrix,
     qkv_bias: Option<B::Tensor>,
     o: B::Matrix,
+    o_bias: Option<B::Tensor>,
     mlp_norm: B::Tensor,
     /// `[gate; up]` rows: `2 intermediate x hidden`.
     gate_up: B::Matrix,
@@ -138,6 +139,14 @@ impl<B: Backend> Model<B> {
             } else {
                 None
             };
+            let o_bias = if cfg.o_bias {
+                let b = w.vector(&format!("{p}.self_attn.o_proj.bias"), hd)?;
+                let mut t = backend.tensor(1, hd)?;
+                backend.write_tensor(&mut t, 0, &b)?;
+                Some(t)
+            } else {
+                None
+            };
             let (bytes, rows, cols, dtype) = fuse(
                 &[
                     w.matrix(&format!("{p}.mlp.gate_proj.weight"), inter, hd)?,
@@ -151,6 +160,7 @@ impl<B: Backend> Model<B> {
                 qkv,
                 qkv_bias,
                 o: backend.upload_matrix(w.matrix(&format!("{p}.self_attn.o_proj.weight"), hd, qw)?)?,
+                o_bias,
                 mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"))?,
                 gate_up,
                 down: backend.upload_matrix(w.matrix(&format!("{p}.mlp.down_proj.weight"), hd, inter)?)?,
@@ -241,10 +251,10 @@ impl<B: Backend> Model<B> {
         let mut positions = Vec::with_capacity(n);
         let mut row0 = Vec::with_capacity(segs.len());
         for s in segs.iter_mut() {
-            if s.kv.len() + s.tokens.len() > c.max_position_embeddings {
+            if s.kv.len() + s.tokens.len() > c.context_length() {
                 return Err(EngineError::PromptTooLong {
                     tokens: s.kv.len() + s.tokens.len(),
-                    context: c.max_position_embeddings,
+                    context: c.context_length(),
                 });
             }
             row0.push(ids.len());
@@ -290,7 +300,7 @@ impl<B: Backend> Model<B> {
                 };
                 s.kv.attend(be, l, &args, &ws.qkv, &mut ws.attn)?;
             }
-            be.matmul(&ws.attn, &layer.o, None, &mut ws.proj, n)?;
+            be.matmul(&ws.attn, &layer.o, layer.o_bias.as_ref(), &mut ws.proj, n)?;
             be.add(&mut ws.h, &ws.proj, n)?;
             // MLP block.
             be.rms_norm(&ws.h, &layer.mlp_norm, c.rms_norm_eps, &mut ws.xn, n)?;

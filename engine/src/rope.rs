@@ -12,7 +12,9 @@ use serde_json::{Map, Value};
 pub enum RopeScaling {
     None,
     Linear { factor: f64 },
-    /// Dynamic NTK: the base grows once the sequence passes `original_max`.
+    /// Dynamic NTK: the base grows once the sequence passes `original_max` (the config's
+    /// `max_position_embeddings`); the frequencies of a forward call follow its longest position,
+    /// and cached keys keep the rotation they were written with, as in transformers.
     Dynamic { factor: f64, original_max: usize },
     Yarn {
         factor: f64,
@@ -58,17 +60,17 @@ impl RopeScaling {
         Ok(match ty {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear { factor: factor()? },
-            "dynamic" => RopeScaling::Dynamic {
-                factor: factor()?,
-                original_max: original_max.unwrap_or(max_position_embeddings),
-            },
+            // transformers 5 starts scaling past `max_position_embeddings` (an
+            // `original_max_position_embeddings` key is ignored for this type).
+            "dynamic" => RopeScaling::Dynamic { factor: factor()?, original_max: max_position_embeddings },
             "yarn" => {
-                let mut factor = factor()?;
                 let orig = original_max.unwrap_or(max_position_embeddings);
-                // transformers: with an explicit original length, the factor is implied by it.
-                if original_max.is_some() && orig > 0 && max_position_embeddings > orig {
-                    factor = max_position_embeddings as f64 / orig as f64;
-                }
+                // transformers 5: `factor` as given; derived from the lengths only when absent.
+                let factor = match num(o, "factor") {
+                    Some(f) => f,
+                    None if orig > 0 => max_position_embeddings as f64 / orig as f64,
+                    None => return Err("rope_scaling `yarn` needs `factor`".into()),
+                };
                 let attention_factor = match num(o, "attention_factor") {
                     Some(a) => a,
                     None => match (num(o, "mscale"), num(o, "mscale_all_dim")) {
@@ -226,7 +228,7 @@ mod tests {
         // seq 200 with factor 2 over 100: base * (2*2 - 1)^(8/6)
         let b = 10000.0 * 3f64.powf(8.0 / 6.0);
         let got = rope_for(10000.0, 8, &dynm, 200).inv_freq[1];
-        assert!((got as f64 - 1.0 / b.powf(0.25)).abs() < 1e-9);
+        assert!((got as f64 - 1.0 / b.powf(0.25)).abs() < 1e-7);
         let yarn = RopeScaling::from_json(Some(&obj(r#"{"rope_type":"yarn","factor":4.0}"#)), 4096).unwrap();
         let r = rope_for(10000.0, 64, &yarn, 1);
         let base = rope_for(10000.0, 64, &RopeScaling::None, 1);

@@ -39,6 +39,8 @@ impl Weights {
     pub fn open(dir: &Path) -> Result<Weights> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
+        // With an index: tensor name -> shard file name, checked against the shards' headers.
+        let mut index_map: Vec<(String, String)> = Vec::new();
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
@@ -47,10 +49,11 @@ impl Weights {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| werr(&index, "no `weight_map` object"))?;
-            let mut names: Vec<String> = map
-                .values()
-                .map(|f| f.as_str().map(str::to_string).ok_or_else(|| werr(&index, "non-string shard name")))
-                .collect::<Result<_>>()?;
+            for (t, f) in map {
+                let f = f.as_str().ok_or_else(|| werr(&index, format!("non-string shard name for `{t}`")))?;
+                index_map.push((t.clone(), f.to_string()));
+            }
+            let mut names: Vec<String> = index_map.iter().map(|(_, f)| f.clone()).collect();
             names.sort();
             names.dedup();
             for n in &names {
@@ -91,6 +94,15 @@ impl Weights {
                 );
             }
             out.files.push((path, map));
+        }
+        for (t, f) in &index_map {
+            let in_shard = out.entries.get(t).map(|e| &out.files[e.file].0).and_then(|p| p.file_name());
+            if in_shard.and_then(|n| n.to_str()) != Some(f.as_str()) {
+                return Err(werr(
+                    &index,
+                    format!("the index places tensor `{t}` in {f}, which does not contain it"),
+                ));
+            }
         }
         Ok(out)
     }

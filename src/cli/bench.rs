@@ -105,10 +105,10 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
             ids.len()
         )));
     }
-    if longest + a.new_tokens > model.cfg.max_position_embeddings {
+    if longest + a.new_tokens > model.cfg.context_length() {
         return Err(CliError::Usage(format!(
             "--context {longest} + --new-tokens {} exceeds the model's context of {}",
-            a.new_tokens, model.cfg.max_position_embeddings
+            a.new_tokens, model.cfg.context_length()
         )));
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -46,7 +46,7 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
     let text = read_text(&a.text)?;
     let loaded = a.model.load()?;
     let mut ids = loaded.tok.encode(&text)?;
-    let limit = if a.max_tokens == 0 { loaded.model.cfg.max_position_embeddings } else { a.max_tokens };
+    let limit = if a.max_tokens == 0 { loaded.model.cfg.context_length() } else { a.max_tokens };
     ids.truncate(limit);
     eprintln!(
         "eval ppl: model {}, {} tokens of {}, device {}, kv {}, attention dense",
