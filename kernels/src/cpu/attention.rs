@@ -52,28 +52,21 @@ pub fn causal<E: Elem>(
         let qrow = a.q_row0 + i;
         let qv = &q[qrow * q_cols + a.q_col0 + h * d..][..d];
         scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in start..end {
-            let kr = &k[j * kv_cols + g * d..][..d];
-            let sc = E::dot(kr, qv) * a.scale;
-            max = max.max(sc);
-            scores.push(sc);
-        }
+        scores.resize(end - start, 0.0);
+        key_scores(qv, k, kv_cols, g * d, start, scores, a.scale);
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut sum = 0.0f32;
         for sc in scores.iter_mut() {
             *sc = (*sc - max).exp();
             sum += *sc;
         }
         let inv = 1.0 / sum;
+        scores.iter_mut().for_each(|p| *p *= inv);
         // SAFETY: row out_row0+i, columns h*d..(h+1)*d are written by this task only.
         let o = unsafe {
             std::slice::from_raw_parts_mut(optr.0.add((a.out_row0 + i) * out_cols + h * d), d)
         };
-        o.fill(0.0);
-        for (jj, p) in scores.iter().enumerate() {
-            let j = start + jj;
-            E::axpy(o, p * inv, &v[j * kv_cols + g * d..][..d]);
-        }
+        E::weighted_rows(o, scores, &v[start * kv_cols + g * d..], kv_cols);
     });
 }
 
@@ -127,18 +120,15 @@ fn split_keys<E: Elem>(
                     let h = g * group + hh;
                     let qv = &q[(a.q_row0 + i) * q_cols + a.q_col0 + h * d..][..d];
                     let sc = &mut scores[..to - from];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, o) in (from..to).zip(sc.iter_mut()) {
-                        *o = E::dot(&k[j * kv_cols + g * d..][..d], qv) * a.scale;
-                        max = max.max(*o);
-                    }
+                    key_scores(qv, k, kv_cols, g * d, from, sc, a.scale);
+                    let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                     let mut sum = 0.0f32;
-                    let mut acc = vec![0.0f32; d];
-                    for (j, p) in (from..to).zip(sc.iter()) {
-                        let e = (p - max).exp();
-                        sum += e;
-                        E::axpy(&mut acc, e, &v[j * kv_cols + g * d..][..d]);
+                    for x in sc.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
                     }
+                    let mut acc = vec![0.0f32; d];
+                    E::weighted_rows(&mut acc, sc, &v[from * kv_cols + g * d..], kv_cols);
                     res.push(Some(Partial { max, sum, acc }));
                 }
             }
@@ -167,5 +157,24 @@ fn split_keys<E: Elem>(
                 o.iter_mut().for_each(|x| *x *= inv);
             }
         }
+    }
+}
+
+/// `out[j] = scale * q . k[(from + j) * kv_cols + col ..][..d]`, four keys at a time.
+fn key_scores<E: Elem>(q: &[f32], k: &[E], kv_cols: usize, col: usize, from: usize, out: &mut [f32], scale: f32) {
+    let d = q.len();
+    let row = |j: usize| &k[(from + j) * kv_cols + col..][..d];
+    let n = out.len();
+    let mut j = 0;
+    while j + 4 <= n {
+        let s = E::dot4([row(j), row(j + 1), row(j + 2), row(j + 3)], q);
+        for t in 0..4 {
+            out[j + t] = s[t] * scale;
+        }
+        j += 4;
+    }
+    while j < n {
+        out[j] = E::dot(row(j), q) * scale;
+        j += 1;
     }
 }

@@ -17,6 +17,9 @@ pub trait Elem: Copy + Send + Sync + Default + 'static {
     fn dot4(w: [&[Self]; 4], x: &[f32]) -> [f32; 4];
     /// `out[i] += a * v[i]`.
     fn axpy(out: &mut [f32], a: f32, v: &[Self]);
+    /// `out[c] = sum_j w[j] * v[j * stride + c]` for `c < out.len()`: a weighted sum of rows
+    /// (attention's value accumulation), accumulated in registers.
+    fn weighted_rows(out: &mut [f32], w: &[f32], v: &[Self], stride: usize);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -142,6 +145,44 @@ mod x86 {
                     s
                 }
 
+                /// `out[0..64] = sum_j w[j] * v[j * stride .. + 64]`, eight accumulators in registers.
+                ///
+                /// # Safety
+                /// 1. The CPU supports AVX2, FMA and F16C.
+                /// 2. `out` is valid for 64 writes, `w` for `n` reads, and `v` for rows
+                ///    `j * stride .. j * stride + 64` for every `j < n`.
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub unsafe fn wsum64(out: *mut f32, w: *const f32, v: *const $t, stride: usize, n: usize) {
+                    let mut a0 = _mm256_setzero_ps();
+                    let mut a1 = _mm256_setzero_ps();
+                    let mut a2 = _mm256_setzero_ps();
+                    let mut a3 = _mm256_setzero_ps();
+                    let mut a4 = _mm256_setzero_ps();
+                    let mut a5 = _mm256_setzero_ps();
+                    let mut a6 = _mm256_setzero_ps();
+                    let mut a7 = _mm256_setzero_ps();
+                    for j in 0..n {
+                        let wj = _mm256_set1_ps(*w.add(j));
+                        let r = v.add(j * stride);
+                        a0 = _mm256_fmadd_ps(wj, load8!($tag, r), a0);
+                        a1 = _mm256_fmadd_ps(wj, load8!($tag, r.add(8)), a1);
+                        a2 = _mm256_fmadd_ps(wj, load8!($tag, r.add(16)), a2);
+                        a3 = _mm256_fmadd_ps(wj, load8!($tag, r.add(24)), a3);
+                        a4 = _mm256_fmadd_ps(wj, load8!($tag, r.add(32)), a4);
+                        a5 = _mm256_fmadd_ps(wj, load8!($tag, r.add(40)), a5);
+                        a6 = _mm256_fmadd_ps(wj, load8!($tag, r.add(48)), a6);
+                        a7 = _mm256_fmadd_ps(wj, load8!($tag, r.add(56)), a7);
+                    }
+                    _mm256_storeu_ps(out, a0);
+                    _mm256_storeu_ps(out.add(8), a1);
+                    _mm256_storeu_ps(out.add(16), a2);
+                    _mm256_storeu_ps(out.add(24), a3);
+                    _mm256_storeu_ps(out.add(32), a4);
+                    _mm256_storeu_ps(out.add(40), a5);
+                    _mm256_storeu_ps(out.add(48), a6);
+                    _mm256_storeu_ps(out.add(56), a7);
+                }
+
                 /// # Safety
                 /// 1. The CPU supports AVX2, FMA and F16C.
                 /// 2. `out` and `v` are valid for `k` elements and do not overlap.
@@ -222,6 +263,28 @@ macro_rules! impl_elem {
                 }
                 axpy_scalar(out, a, v)
             }
+            #[inline]
+            fn weighted_rows(out: &mut [f32], w: &[f32], v: &[Self], stride: usize) {
+                let d = out.len();
+                if let Some(last) = w.len().checked_sub(1) {
+                    assert!(d <= stride && last * stride + d <= v.len());
+                }
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() && d % 64 == 0 {
+                    for b in (0..d).step_by(64) {
+                        // SAFETY: features checked; rows j*stride + b .. + 64 lie inside `v`
+                        // (asserted above, b + 64 <= d); out[b..b + 64] is in bounds.
+                        unsafe {
+                            x86::$m::wsum64(out.as_mut_ptr().add(b), w.as_ptr(), v.as_ptr().add(b), stride, w.len())
+                        };
+                    }
+                    return;
+                }
+                out.fill(0.0);
+                for (j, &wj) in w.iter().enumerate() {
+                    axpy_scalar(out, wj, &v[j * stride..j * stride + d]);
+                }
+            }
         }
     };
 }
@@ -262,6 +325,29 @@ mod tests {
         T::axpy(&mut out, 0.5, &rows[0]);
         for i in 0..k {
             assert!((out[i] - (x[i] + 0.5 * rows[0][i].to_f32())).abs() < 1e-5);
+        }
+    }
+
+    fn check_weighted<T: Elem>(d: usize, stride: usize, n: usize) {
+        let v: Vec<T> = data(n * stride, 3).into_iter().map(T::from_f32).collect();
+        let w = data(n, 4);
+        let mut want = vec![0.0f32; d];
+        for j in 0..n {
+            axpy_scalar(&mut want, w[j], &v[j * stride..j * stride + d]);
+        }
+        let mut got = vec![f32::NAN; d];
+        T::weighted_rows(&mut got, &w, &v, stride);
+        for c in 0..d {
+            assert!((got[c] - want[c]).abs() <= 1e-4 * n as f32, "d={d} n={n}");
+        }
+    }
+
+    #[test]
+    fn weighted_rows_match_scalar() {
+        for (d, stride, n) in [(64, 192, 37), (128, 256, 5), (80, 80, 9), (64, 64, 0)] {
+            check_weighted::<f32>(d, stride, n);
+            check_weighted::<f16>(d, stride, n);
+            check_weighted::<bf16>(d, stride, n);
         }
     }
 
