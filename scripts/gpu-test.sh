@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds the CUDA parity tests here (no CUDA needed to build) and stages them for the lent GPU.
+#
+#   scripts/gpu-test.sh [DEST]     DEST defaults to <repo root>/.gpu (ignored by git)
+#
+# The device tool copies the session's main checkout, so when working in another worktree pass
+# the main checkout's .gpu (e.g. /work/main/.gpu) and name `.gpu` in the call's `carry`.
+# On the GPU machine: `bash .gpu/run-tests.sh [TEST FILTER]` (CUDA's lib64 is put on
+# LD_LIBRARY_PATH; the log also goes to $OUT/parity.log when $OUT is set).
+set -euo pipefail
+root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+dest=${1:-$root/.gpu}
+cd "$root"
+
+log=$(cargo test -p farsight-kernels --release --no-run 2>&1) || { echo "$log"; exit 1; }
+bin=$(echo "$log" | grep -o 'target/release/deps/cuda_parity-[0-9a-f]*' | tail -1)
+[ -n "$bin" ] || { echo "$log"; echo "no cuda_parity test binary found" >&2; exit 1; }
+
+mkdir -p "$dest"
+cp "$bin" "$dest/cuda_parity"
+strip --strip-debug "$dest/cuda_parity" 2>/dev/null || true
+cat > "$dest/run-tests.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the CUDA parity tests on the GPU machine. Arguments go to the test binary (a filter).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/farsight-cache}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+logf=${OUT:+$OUT/parity.log}
+logf=${logf:-/dev/null}
+"$here/cuda_parity" --nocapture "$@" 2>&1 | tee "$logf"
+rc=${PIPESTATUS[0]}
+echo "== summary: $(grep -c '^parity ' "$logf" 2>/dev/null) parity lines (full log: parity.log)"
+grep -E '^test result|FAILED|panicked' "$logf" 2>/dev/null | head -40
+ls "$XDG_CACHE_HOME/farsight/ptx" 2>/dev/null | sed 's/^/ptx cache: /'
+exit $rc
+RUN
+chmod +x "$dest/run-tests.sh"
+du -sh "$dest"
+rel=$(realpath --relative-to="$(dirname "$dest")" "$dest")
+echo
+echo "staged $(du -h "$dest/cuda_parity" | cut -f1) test binary in $dest"
+echo "device call: run(command=\"bash $rel/run-tests.sh\", carry=[\"$rel\"])"
