@@ -6,19 +6,21 @@
 # The device tool copies the session's main checkout, so when working in another worktree pass
 # the main checkout's .gpu (e.g. /work/main/.gpu) and name `.gpu` in the call's `carry`.
 # On the GPU machine: `bash .gpu/run-tests.sh [TEST FILTER]` (CUDA's lib64 is put on
-# LD_LIBRARY_PATH; the log also goes to $OUT/parity.log when $OUT is set).
+# LD_LIBRARY_PATH; the log also goes to $OUT/parity.log when $OUT is set), and
+# `bash .gpu/run-tests.sh --timing` for the rough kernel timings (cuda_timing.rs).
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 dest=${1:-$root/.gpu}
 cd "$root"
 
 log=$(cargo test -p farsight-kernels --release --no-run 2>&1) || { echo "$log"; exit 1; }
-bin=$(echo "$log" | grep -o 'target/release/deps/cuda_parity-[0-9a-f]*' | tail -1)
-[ -n "$bin" ] || { echo "$log"; echo "no cuda_parity test binary found" >&2; exit 1; }
-
 mkdir -p "$dest"
-cp "$bin" "$dest/cuda_parity"
-strip --strip-debug "$dest/cuda_parity" 2>/dev/null || true
+for t in cuda_parity cuda_timing; do
+    bin=$(echo "$log" | grep -o "target/release/deps/$t-[0-9a-f]*" | tail -1)
+    [ -n "$bin" ] || { echo "$log"; echo "no $t test binary found" >&2; exit 1; }
+    cp "$bin" "$dest/$t"
+    strip --strip-debug "$dest/$t" 2>/dev/null || true
+done
 cat > "$dest/run-tests.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the CUDA parity tests on the GPU machine. Arguments go to the test binary (a filter).
@@ -27,8 +29,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/farsight-cache}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+if [ "${1:-}" = "--timing" ]; then
+    shift
+    "$here/cuda_timing" --ignored --nocapture "$@" 2>&1 | tee ${OUT:+$OUT/timing.log}
+    exit "${PIPESTATUS[0]}"
+fi
 logf=${OUT:+$OUT/parity.log}
-logf=${logf:-/dev/null}
+logf=${logf:-/tmp/parity.log}
 "$here/cuda_parity" --nocapture "$@" 2>&1 | tee "$logf"
 rc=${PIPESTATUS[0]}
 echo "== summary: $(grep -c '^parity ' "$logf" 2>/dev/null) parity lines (full log: parity.log)"

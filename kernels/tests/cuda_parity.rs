@@ -21,7 +21,7 @@ fn cuda() -> Option<&'static CudaBackend> {
     static BE: OnceLock<Option<CudaBackend>> = OnceLock::new();
     let be = BE.get_or_init(|| match CudaBackend::new(0) {
         Ok(be) => {
-            eprintln!("using {}", be.name());
+            eprintln!("using {} (PTX from cache: {})", be.name(), be.ptx_from_cache());
             Some(be)
         }
         Err(e) => {
@@ -63,7 +63,9 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
         num += (g as f64 - w as f64).powi(2);
         den += (w as f64).powi(2);
     }
-    (num / den.max(1e-300)).sqrt()
+    // Never compare against zeros: they hide unwritten outputs.
+    assert!(den > 0.0, "reference output is all zeros");
+    (num / den).sqrt()
 }
 
 fn tol(d: DType) -> f64 {
@@ -75,7 +77,12 @@ fn tol(d: DType) -> f64 {
 
 fn check(op: &str, case: &str, got: &[f32], want: &[f32], tol: f64) {
     let r = rel_l2(got, want);
-    println!("parity op={op} case={case} rel_l2={r:.3e} tol={tol:.0e}");
+    let norm = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().sqrt();
+    let diffs = got.iter().zip(want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+    println!(
+        "parity op={op} case={case} rel_l2={r:.3e} tol={tol:.0e} (|ref|={norm:.3e}, {diffs}/{} differ)",
+        want.len()
+    );
     assert!(r < tol, "{op} {case}: rel L2 {r:.3e} >= {tol:.0e}");
 }
 

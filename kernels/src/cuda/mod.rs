@@ -84,6 +84,7 @@ pub struct CudaBackend {
     scratch: Mutex<Option<CudaSlice<u8>>>,
     name: String,
     arch: String,
+    ptx_from_cache: bool,
 }
 
 fn dev_err(what: &str, e: impl std::fmt::Debug) -> KernelError {
@@ -176,9 +177,10 @@ impl CudaBackend {
         let dev_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
 
         let src = compile::source();
-        let module = match compile::read_cached(&src, &arch)
-            .and_then(|ptx| ctx.load_module(Ptx::from_src(ptx)).ok())
-        {
+        let cached = compile::read_cached(&src, &arch)
+            .and_then(|ptx| ctx.load_module(Ptx::from_src(ptx)).ok());
+        let ptx_from_cache = cached.is_some();
+        let module = match cached {
             Some(m) => m,
             None => {
                 let ptx = compile::compile(&src, &arch).map_err(KernelError::Device)?;
@@ -198,12 +200,18 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             name: format!("cuda:{ordinal} ({dev_name}, {arch})"),
             arch,
+            ptx_from_cache,
         })
     }
 
     /// The architecture the kernels were compiled for (`sm_90` on Hopper).
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// Whether the kernels came from the on-disk PTX cache (else NVRTC compiled them).
+    pub fn ptx_from_cache(&self) -> bool {
+        self.ptx_from_cache
     }
 
     /// Waits for all queued work.
