@@ -404,6 +404,7 @@ fn attention_case(
     q_row0: usize,
     out_row0: usize,
     seed: u64,
+    label: &str,
 ) {
     let shape = AttnShape { n_heads: m.heads, n_kv_heads: m.kv_heads, head_dim: m.head_dim, window };
     let (qw, kvw) = (shape.q_width(), shape.kv_width());
@@ -438,7 +439,7 @@ fn attention_case(
     let got = cu.read_rows(&og, out_row0, n_q).unwrap();
     let want = &oc.data[out_row0 * qw..(out_row0 + n_q) * qw];
     let case = format!(
-        "{} {dt} past={n_past} q={n_q}{}",
+        "{} {dt} past={n_past} q={n_q}{}{label}",
         m.name,
         window.map_or(String::new(), |w| format!(" window={w}"))
     );
@@ -461,7 +462,36 @@ fn attention_matches_cpu() {
                 (4095, 1, Some(4096), 0, 0),  // window exactly the context
             ] {
                 seed += 7;
-                attention_case(cu, &m, dt, n_past, n_q, window, q_row0, out_row0, seed);
+                attention_case(cu, &m, dt, n_past, n_q, window, q_row0, out_row0, seed, "");
+            }
+        }
+    }
+}
+
+/// Split-K forced to small chunks (many splits, some of them empty for the early queries of a
+/// prefill), on a backend of its own so that the setting does not leak into other tests.
+#[test]
+fn attention_split_k_matches_cpu() {
+    if cuda().is_none() {
+        return;
+    }
+    let cu = CudaBackend::new(0).unwrap();
+    let mut seed = 12_000;
+    for chunk in [64usize, 100] {
+        cu.set_attention_chunk(Some(chunk));
+        let label = format!(" chunk={chunk}");
+        for m in [SMOL, LLAMA] {
+            for &dt in &DTYPES {
+                for (n_past, n_q, window, q_row0, out_row0) in [
+                    (0, 300, None, 0, 0),        // splits past the early queries' keys are empty
+                    (300, 37, None, 2, 3),
+                    (4000, 1, None, 0, 0),
+                    (500, 20, Some(128), 1, 0),
+                    (63, 1, None, 0, 0),         // one key short of a whole chunk
+                ] {
+                    seed += 7;
+                    attention_case(&cu, &m, dt, n_past, n_q, window, q_row0, out_row0, seed, &label);
+                }
             }
         }
     }
@@ -471,7 +501,8 @@ fn attention_matches_cpu() {
 fn attention_long_decode_matches_cpu() {
     let Some(cu) = cuda() else { return };
     for &dt in &[DType::BF16, DType::F16] {
-        attention_case(cu, &LLAMA, dt, 32_767, 1, None, 0, 0, 77);
-        attention_case(cu, &SMOL, dt, 32_767, 2, None, 0, 0, 78);
+        attention_case(cu, &LLAMA, dt, 32_767, 1, None, 0, 0, 77, "");
+        attention_case(cu, &SMOL, dt, 32_767, 2, None, 0, 0, 78, "");
+        attention_case(cu, &LLAMA, dt, 131_071, 1, None, 0, 0, 79, "");
     }
 }

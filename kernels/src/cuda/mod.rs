@@ -9,6 +9,7 @@
 mod compile;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -72,6 +73,7 @@ const KERNELS: &[&str] = &[
     "attention_f32",
     "attention_f16",
     "attention_bf16",
+    "attention_combine",
 ];
 
 /// The CUDA backend on one device.
@@ -82,6 +84,11 @@ pub struct CudaBackend {
     funcs: HashMap<&'static str, CudaFunction>,
     /// Activations cast to 16 bits for cuBLAS (grown on demand; ops are ordered on one stream).
     scratch: Mutex<Option<CudaSlice<u8>>>,
+    /// Split-K partials of attention (grown on demand).
+    attn_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// Keys per attention split; 0 = chosen from the SM count.
+    attn_chunk: AtomicUsize,
+    sm_count: usize,
     name: String,
     arch: String,
     ptx_from_cache: bool,
@@ -175,6 +182,10 @@ impl CudaBackend {
             ctx.compute_capability().map_err(|e| dev_err("reading the compute capability", e))?;
         let arch = format!("sm_{major}{minor}");
         let dev_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| dev_err("reading the SM count", e))?
+            .max(1) as usize;
 
         let src = compile::source();
         let cached = compile::read_cached(&src, &arch)
@@ -198,6 +209,9 @@ impl CudaBackend {
             blas,
             funcs,
             scratch: Mutex::new(None),
+            attn_scratch: Mutex::new(None),
+            attn_chunk: AtomicUsize::new(0),
+            sm_count,
             name: format!("cuda:{ordinal} ({dev_name}, {arch})"),
             arch,
             ptx_from_cache,
@@ -212,6 +226,28 @@ impl CudaBackend {
     /// Whether the kernels came from the on-disk PTX cache (else NVRTC compiled them).
     pub fn ptx_from_cache(&self) -> bool {
         self.ptx_from_cache
+    }
+
+    /// Fixes the number of keys per attention split (split-K), or `None` for the automatic
+    /// choice (enough splits for about 4 blocks per SM, at least 256 keys each). A tuning and
+    /// testing knob: the result is the same function either way.
+    pub fn set_attention_chunk(&self, keys: Option<usize>) {
+        self.attn_chunk.store(keys.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// `(n_split, chunk)` for an attention call: `n_split` blocks per (query, head), each over at
+    /// most `chunk` consecutive keys of that query's range (at most `max_keys` long).
+    fn attention_split(&self, n_q: usize, n_heads: usize, max_keys: usize) -> (usize, usize) {
+        let max_keys = max_keys.max(1);
+        let forced = self.attn_chunk.load(Ordering::Relaxed);
+        let n_split = if forced > 0 {
+            max_keys.div_ceil(forced)
+        } else {
+            let want = (4 * self.sm_count).div_ceil((n_q * n_heads).max(1));
+            want.min(max_keys.div_ceil(256)).max(1)
+        }
+        .min(65_535);
+        (n_split, max_keys.div_ceil(n_split))
     }
 
     /// Waits for all queued work.
@@ -736,6 +772,8 @@ impl Backend for CudaBackend {
             DType::F16 => "attention_f16",
             DType::BF16 => "attention_bf16",
         };
+        let max_keys = s.window.map_or(total, |w| w.min(total));
+        let (n_split, chunk) = self.attention_split(a.n_q, s.n_heads, max_keys);
         let args = [
             int(q.cols, "q cols")?,
             int(a.q_row0, "q_row0")?,
@@ -748,18 +786,40 @@ impl Backend for CudaBackend {
             int(s.group(), "group")?,
             int(s.head_dim, "head_dim")?,
             int(s.window.unwrap_or(0), "window")?,
+            int(n_split, "n_split")?,
+            int(chunk, "chunk")?,
         ];
+        let mut guard = self.attn_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let need = if n_split > 1 { a.n_q * s.n_heads * n_split * (s.head_dim + 2) } else { 1 };
+        if guard.as_ref().map_or(true, |p| p.len() < need) {
+            *guard = None;
+            *guard = Some(self.alloc::<f32>(need, "attention partials")?);
+        }
+        let part = guard.as_mut().expect("allocated above");
         let mut b = self.stream.launch_builder(self.f(name));
         b.arg(&q.data).arg(&args[0]).arg(&args[1]).arg(&args[2]);
         b.arg(&k.data).arg(&v.data).arg(&args[3]);
         b.arg(&mut out.data).arg(&args[4]).arg(&args[5]);
         b.arg(&args[6]).arg(&args[7]).arg(&args[8]).arg(&args[9]).arg(&args[10]).arg(&a.scale);
+        b.arg(&args[11]).arg(&args[12]).arg(&mut *part);
         let cfg = LaunchConfig {
-            grid_dim: (a.n_q as u32, s.n_heads as u32, 1),
+            grid_dim: (a.n_q as u32, s.n_heads as u32, n_split as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+        if n_split > 1 {
+            let name = "attention_combine";
+            let mut b = self.stream.launch_builder(self.f(name));
+            b.arg(&*part).arg(&mut out.data).arg(&args[4]).arg(&args[5]);
+            b.arg(&args[7]).arg(&args[9]).arg(&args[11]);
+            let cfg = LaunchConfig {
+                grid_dim: (a.n_q as u32, s.n_heads as u32, 1),
+                block_dim: (s.head_dim.div_ceil(32).clamp(1, 8) as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+        }
         Ok(())
     }
 }

@@ -1,11 +1,15 @@
-// Causal attention over a dense KV cache, one block per (query row, query head).
+// Causal attention over a dense KV cache, one block per (query row, query head, key split).
 //
-// ATTN_WARPS warps per block; warp w takes keys start + w, start + w + ATTN_WARPS, ...; the
-// lanes split the head dimension (dim = lane + 32 t, t < ceil(D / 32) <= 8) and reduce the dot
-// product with shuffles. Each warp keeps an online softmax (running max m, sum l, accumulator
-// acc) and the warps are merged through shared memory at the end. f32 throughout; K/V rows are
-// f32, f16 or bf16. GQA: query head h reads KV head h / group. Sliding window: keys in
-// (p - window, p] for a query at position p.
+// ATTN_WARPS warps per block; warp w takes keys kb + w, kb + w + ATTN_WARPS, ... of the block's
+// key range; the lanes split the head dimension (dim = lane + 32 t, t < ceil(D / 32) <= 8) and
+// reduce the dot product with shuffles. Each warp keeps an online softmax (running max m, sum l,
+// accumulator acc) and the warps are merged through shared memory at the end. f32 throughout;
+// K/V rows are f32, f16 or bf16. GQA: query head h reads KV head h / group. Sliding window: keys
+// in (p - window, p] for a query at position p.
+//
+// Split-K (flash-decoding): with n_split > 1 the query's key range is cut into chunks of `chunk`
+// keys, block z taking chunk z; each block writes its unnormalised partial (acc[D], m, l) to
+// `part` and attention_combine merges the splits. With n_split == 1 the block writes the output.
 //
 // This file is compiled together with ops.cu (which defines to_f32, warp_sum, ...).
 
@@ -17,12 +21,14 @@ template <typename T>
 __device__ void attention(const float* q, int q_cols, int q_row0, int q_col0, const T* k,
                           const T* v, int kv_cols, float* out, int out_cols, int out_row0,
                           int n_past, int n_heads, int group, int head_dim, int window,
-                          float scale) {
-    int i = blockIdx.x, h = blockIdx.y;
+                          float scale, int n_split, int chunk, float* part) {
+    int i = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = h / group;
     int end = n_past + i + 1;
     int start = (window > 0 && end > window) ? end - window : 0;
+    int kb = start + split * chunk;
+    int ke = min(end, kb + chunk);
 
     const float* qp = q + (size_t)(q_row0 + i) * q_cols + q_col0 + (size_t)h * head_dim;
     float qr[ATTN_MAX_T], acc[ATTN_MAX_T];
@@ -33,7 +39,7 @@ __device__ void attention(const float* q, int q_cols, int q_row0, int q_col0, co
         acc[t] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (int j = start + warp; j < end; j += ATTN_WARPS) {
+    for (int j = kb + warp; j < ke; j += ATTN_WARPS) {
         const T* kr = k + (size_t)j * kv_cols + (size_t)g * head_dim;
         float s = 0.0f;
         #pragma unroll
@@ -72,6 +78,22 @@ __device__ void attention(const float* q, int q_cols, int q_row0, int q_col0, co
         f[w] = sm_l[w] > 0.0f ? expf(sm_m[w] - mm) : 0.0f;  // a warp with no keys adds nothing
         lt += sm_l[w] * f[w];
     }
+    if (n_split > 1) {
+        // Partial of this split, relative to its own max mm (l = 0 and m = -inf when empty).
+        float* pp = part + ((size_t)(i * n_heads + h) * n_split + split) * (head_dim + 2);
+        #pragma unroll
+        for (int t = 0; t < ATTN_MAX_T; t++) {
+            int d = lane + 32 * t;
+            if (d < head_dim) {
+                float o = 0.0f;
+                #pragma unroll
+                for (int w = 0; w < ATTN_WARPS; w++) o += sm_acc[w][d] * f[w];
+                pp[d] = o;
+            }
+        }
+        if (lane == 0) { pp[head_dim] = mm; pp[head_dim + 1] = lt; }
+        return;
+    }
     float inv = 1.0f / lt;
     float* op = out + (size_t)(out_row0 + i) * out_cols + (size_t)h * head_dim;
     #pragma unroll
@@ -86,13 +108,38 @@ __device__ void attention(const float* q, int q_cols, int q_row0, int q_col0, co
     }
 }
 
+// Merges the n_split partials of each (query row, head): grid (n_q, n_heads), threads over D.
+extern "C" __global__ void attention_combine(const float* part, float* out, int out_cols,
+                                             int out_row0, int n_heads, int head_dim,
+                                             int n_split) {
+    int i = blockIdx.x, h = blockIdx.y;
+    const float* pp = part + (size_t)(i * n_heads + h) * n_split * (head_dim + 2);
+    int stride = head_dim + 2;
+    float mm = NEG_INF;
+    for (int s = 0; s < n_split; s++)
+        if (pp[s * stride + head_dim + 1] > 0.0f) mm = fmaxf(mm, pp[s * stride + head_dim]);
+    float* op = out + (size_t)(out_row0 + i) * out_cols + (size_t)h * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        for (int s = 0; s < n_split; s++) {
+            float l = pp[s * stride + head_dim + 1];
+            if (l > 0.0f) {
+                float f = expf(pp[s * stride + head_dim] - mm);
+                num += pp[s * stride + d] * f;
+                den += l * f;
+            }
+        }
+        op[d] = num / den;
+    }
+}
+
 #define ATTN_ARGS(T)                                                                        \
     const float *q, int q_cols, int q_row0, int q_col0, const T *k, const T *v, int kv_cols, \
         float *out, int out_cols, int out_row0, int n_past, int n_heads, int group,          \
-        int head_dim, int window, float scale
+        int head_dim, int window, float scale, int n_split, int chunk, float *part
 #define ATTN_CALL                                                                            \
     attention(q, q_cols, q_row0, q_col0, k, v, kv_cols, out, out_cols, out_row0, n_past,     \
-              n_heads, group, head_dim, window, scale)
+              n_heads, group, head_dim, window, scale, n_split, chunk, part)
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_f32(ATTN_ARGS(float)) { ATTN_CALL; }
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_f16(ATTN_ARGS(f16_t)) { ATTN_CALL; }
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_bf16(ATTN_ARGS(bf16_t)) { ATTN_CALL; }
