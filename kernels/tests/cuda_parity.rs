@@ -469,7 +469,8 @@ fn attention_matches_cpu() {
 }
 
 /// Split-K forced to small chunks (many splits, some of them empty for the early queries of a
-/// prefill), on a backend of its own so that the setting does not leak into other tests.
+/// prefill), with each attention kernel (GQA key-per-lane and per-head), on a backend of its own
+/// so that the settings do not leak into other tests.
 #[test]
 fn attention_split_k_matches_cpu() {
     if cuda().is_none() {
@@ -477,9 +478,10 @@ fn attention_split_k_matches_cpu() {
     }
     let cu = CudaBackend::new(0).unwrap();
     let mut seed = 12_000;
-    for chunk in [64usize, 100] {
+    for (chunk, gqa) in [(64usize, true), (100, true), (64, false), (100, false)] {
         cu.set_attention_chunk(Some(chunk));
-        let label = format!(" chunk={chunk}");
+        cu.set_attention_gqa(gqa);
+        let label = format!(" chunk={chunk} {}", if gqa { "gqa-kernel" } else { "per-head-kernel" });
         for m in [SMOL, LLAMA] {
             for &dt in &DTYPES {
                 for (n_past, n_q, window, q_row0, out_row0) in [

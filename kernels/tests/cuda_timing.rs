@@ -98,13 +98,17 @@ fn timings() {
                 out_row0: 0,
                 scale: 1.0 / (128f32).sqrt(),
             };
-            let s = time(&be, if n_q > 1 { 3 } else { 20 }, || be.attention(&a, &q, &k, &v, &mut o).unwrap());
-            let kv_bytes = (2 * ctx * kvw * 2) as f64;
-            println!(
-                "timing op=attention llama bf16 ctx={ctx} n_q={n_q}: {:.1} us ({:.0} GB/s of KV read once)",
-                s * 1e6,
-                kv_bytes / s / 1e9
-            );
+            for gqa in [true, false] {
+                be.set_attention_gqa(gqa);
+                let s = time(&be, if n_q > 1 { 3 } else { 20 }, || be.attention(&a, &q, &k, &v, &mut o).unwrap());
+                let kv_bytes = (2 * ctx * kvw * 2) as f64;
+                println!(
+                    "timing op=attention llama bf16 ctx={ctx} n_q={n_q} {}: {:.1} us ({:.0} GB/s of KV read once)",
+                    if gqa { "gqa-kernel" } else { "per-head-kernel" },
+                    s * 1e6,
+                    kv_bytes / s / 1e9
+                );
+            }
         }
     }
 }

@@ -9,7 +9,7 @@
 mod compile;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -53,6 +53,10 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// Largest head dimension the attention kernel handles (`ATTN_MAX_T * 32` in attention.cu).
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
 
+/// Limits of the GQA key-per-lane attention kernel (`GQA_MAX_GROUP`, `GQA_MAX_D`).
+pub const GQA_MAX_GROUP: usize = 8;
+pub const GQA_MAX_HEAD_DIM: usize = 128;
+
 const KERNELS: &[&str] = &[
     "embedding_f32",
     "embedding_f16",
@@ -74,6 +78,9 @@ const KERNELS: &[&str] = &[
     "attention_f16",
     "attention_bf16",
     "attention_combine",
+    "attention_gqa_f32",
+    "attention_gqa_f16",
+    "attention_gqa_bf16",
 ];
 
 /// The CUDA backend on one device.
@@ -88,6 +95,8 @@ pub struct CudaBackend {
     attn_scratch: Mutex<Option<CudaSlice<f32>>>,
     /// Keys per attention split; 0 = chosen from the SM count.
     attn_chunk: AtomicUsize,
+    /// Use the GQA key-per-lane attention kernel where the shape allows.
+    attn_gqa: AtomicBool,
     sm_count: usize,
     name: String,
     arch: String,
@@ -211,6 +220,7 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             attn_scratch: Mutex::new(None),
             attn_chunk: AtomicUsize::new(0),
+            attn_gqa: AtomicBool::new(true),
             sm_count,
             name: format!("cuda:{ordinal} ({dev_name}, {arch})"),
             arch,
@@ -235,15 +245,22 @@ impl CudaBackend {
         self.attn_chunk.store(keys.unwrap_or(0), Ordering::Relaxed);
     }
 
+    /// Chooses between the GQA key-per-lane attention kernel (the default, used where
+    /// `group <= 8`, `head_dim % 32 == 0` and `head_dim <= 128`) and the general one-block-per-head
+    /// kernel. A testing knob: both compute the same function.
+    pub fn set_attention_gqa(&self, on: bool) {
+        self.attn_gqa.store(on, Ordering::Relaxed);
+    }
+
     /// `(n_split, chunk)` for an attention call: `n_split` blocks per (query, head), each over at
     /// most `chunk` consecutive keys of that query's range (at most `max_keys` long).
-    fn attention_split(&self, n_q: usize, n_heads: usize, max_keys: usize) -> (usize, usize) {
+    fn attention_split(&self, n_q: usize, n_blocks_heads: usize, max_keys: usize) -> (usize, usize) {
         let max_keys = max_keys.max(1);
         let forced = self.attn_chunk.load(Ordering::Relaxed);
         let n_split = if forced > 0 {
             max_keys.div_ceil(forced)
         } else {
-            let want = (4 * self.sm_count).div_ceil((n_q * n_heads).max(1));
+            let want = (4 * self.sm_count).div_ceil((n_q * n_blocks_heads).max(1));
             want.min(max_keys.div_ceil(256)).max(1)
         }
         .min(65_535);
@@ -767,13 +784,21 @@ impl Backend for CudaBackend {
         if a.n_q == 0 || s.n_heads == 0 || s.head_dim == 0 {
             return Ok(());
         }
-        let name = match k.dtype {
-            DType::F32 => "attention_f32",
-            DType::F16 => "attention_f16",
-            DType::BF16 => "attention_bf16",
+        let gqa = self.attn_gqa.load(Ordering::Relaxed)
+            && s.group() <= GQA_MAX_GROUP
+            && s.head_dim % 32 == 0
+            && s.head_dim <= GQA_MAX_HEAD_DIM;
+        let name = match (gqa, k.dtype) {
+            (false, DType::F32) => "attention_f32",
+            (false, DType::F16) => "attention_f16",
+            (false, DType::BF16) => "attention_bf16",
+            (true, DType::F32) => "attention_gqa_f32",
+            (true, DType::F16) => "attention_gqa_f16",
+            (true, DType::BF16) => "attention_gqa_bf16",
         };
+        let heads_per_block = if gqa { s.n_kv_heads } else { s.n_heads };
         let max_keys = s.window.map_or(total, |w| w.min(total));
-        let (n_split, chunk) = self.attention_split(a.n_q, s.n_heads, max_keys);
+        let (n_split, chunk) = self.attention_split(a.n_q, heads_per_block, max_keys);
         let args = [
             int(q.cols, "q cols")?,
             int(a.q_row0, "q_row0")?,
@@ -803,7 +828,7 @@ impl Backend for CudaBackend {
         b.arg(&args[6]).arg(&args[7]).arg(&args[8]).arg(&args[9]).arg(&args[10]).arg(&a.scale);
         b.arg(&args[11]).arg(&args[12]).arg(&mut *part);
         let cfg = LaunchConfig {
-            grid_dim: (a.n_q as u32, s.n_heads as u32, n_split as u32),
+            grid_dim: (a.n_q as u32, heads_per_block as u32, n_split as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
