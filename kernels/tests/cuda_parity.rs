@@ -21,7 +21,11 @@ fn cuda() -> Option<&'static CudaBackend> {
     static BE: OnceLock<Option<CudaBackend>> = OnceLock::new();
     let be = BE.get_or_init(|| match CudaBackend::new(0) {
         Ok(be) => {
-            eprintln!("using {} (PTX from cache: {})", be.name(), be.ptx_from_cache());
+            eprintln!(
+                "using {} (PTX from cache: {})",
+                be.name(),
+                be.ptx_from_cache()
+            );
             Some(be)
         }
         Err(e) => {
@@ -42,7 +46,9 @@ fn cpu() -> &'static CpuBackend {
 
 /// Deterministic pseudo-random values in [-1, 1) (a different stream per seed).
 fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x2545_F491_4F6C_DD1D);
+    let mut s = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x2545_F491_4F6C_DD1D);
     (0..n)
         .map(|_| {
             s ^= s << 13;
@@ -58,7 +64,10 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite(), "CUDA output [{i}] = {g} (unwritten or overflow)");
+        assert!(
+            g.is_finite(),
+            "CUDA output [{i}] = {g} (unwritten or overflow)"
+        );
         assert!(w.is_finite(), "CPU output [{i}] = {w}");
         num += (g as f64 - w as f64).powi(2);
         den += (w as f64).powi(2);
@@ -78,7 +87,11 @@ fn tol(d: DType) -> f64 {
 fn check(op: &str, case: &str, got: &[f32], want: &[f32], tol: f64) {
     let r = rel_l2(got, want);
     let norm = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().sqrt();
-    let diffs = got.iter().zip(want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+    let diffs = got
+        .iter()
+        .zip(want)
+        .filter(|(g, w)| g.to_bits() != w.to_bits())
+        .count();
     println!(
         "parity op={op} case={case} rel_l2={r:.3e} tol={tol:.0e} (|ref|={norm:.3e}, {diffs}/{} differ)",
         want.len()
@@ -89,7 +102,10 @@ fn check(op: &str, case: &str, got: &[f32], want: &[f32], tol: f64) {
 /// `rows x cols` weights in `dtype` as little-endian bytes.
 fn weight_bytes(rows: usize, cols: usize, dtype: DType, seed: u64) -> Vec<u8> {
     let scale = 1.0 / (cols as f32).sqrt();
-    let v: Vec<f32> = vals(rows * cols, seed).into_iter().map(|x| x * scale).collect();
+    let v: Vec<f32> = vals(rows * cols, seed)
+        .into_iter()
+        .map(|x| x * scale)
+        .collect();
     match dtype {
         DType::F32 => bytemuck::cast_slice(&v).to_vec(),
         DType::F16 => {
@@ -104,7 +120,12 @@ fn weight_bytes(rows: usize, cols: usize, dtype: DType, seed: u64) -> Vec<u8> {
 }
 
 /// A tensor on each backend holding the same data.
-fn both(cu: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> (
+fn both(
+    cu: &CudaBackend,
+    rows: usize,
+    cols: usize,
+    data: &[f32],
+) -> (
     farsight_kernels::cpu::CpuTensor,
     farsight_kernels::cuda::CudaTensor,
 ) {
@@ -116,7 +137,11 @@ fn both(cu: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> (
 }
 
 /// A NaN-filled tensor on each backend.
-fn poisoned(cu: &CudaBackend, rows: usize, cols: usize) -> (
+fn poisoned(
+    cu: &CudaBackend,
+    rows: usize,
+    cols: usize,
+) -> (
     farsight_kernels::cpu::CpuTensor,
     farsight_kernels::cuda::CudaTensor,
 ) {
@@ -172,7 +197,10 @@ fn no_device_is_an_error_not_a_panic() {
     match CudaBackend::new(0) {
         Ok(be) => {
             // On a GPU machine: an absent ordinal is a clean error too.
-            assert!(matches!(CudaBackend::new(4096), Err(KernelError::Device(_))));
+            assert!(matches!(
+                CudaBackend::new(4096),
+                Err(KernelError::Device(_))
+            ));
             println!("device present: {}", be.name());
         }
         Err(e) => {
@@ -189,8 +217,16 @@ fn embedding_matches_cpu() {
         let rows = m.vocab_subset.min(8192);
         for (di, &dt) in DTYPES.iter().enumerate() {
             let bytes = weight_bytes(rows, m.hidden, dt, 100 + (mi * 3 + di) as u64);
-            let hm = HostMatrix { rows, cols: m.hidden, dtype: dt, bytes: &bytes };
-            let (wc, wg) = (cpu().upload_matrix(hm).unwrap(), cu.upload_matrix(hm).unwrap());
+            let hm = HostMatrix {
+                rows,
+                cols: m.hidden,
+                dtype: dt,
+                bytes: &bytes,
+            };
+            let (wc, wg) = (
+                cpu().upload_matrix(hm).unwrap(),
+                cu.upload_matrix(hm).unwrap(),
+            );
             let ids: Vec<u32> = vals(37, 7 + di as u64)
                 .iter()
                 .map(|v| (((v + 1.0) * 0.5 * rows as f32) as u32).min(rows as u32 - 1))
@@ -200,14 +236,30 @@ fn embedding_matches_cpu() {
             cpu().embedding(&wc, &ids, &mut oc).unwrap();
             cu.embedding(&wg, &ids, &mut og).unwrap();
             let got = cu.read_rows(&og, 0, ids.len()).unwrap();
-            check("embedding", &format!("{} {dt}", m.name), &got, &oc.data, tol(dt));
+            check(
+                "embedding",
+                &format!("{} {dt}", m.name),
+                &got,
+                &oc.data,
+                tol(dt),
+            );
         }
     }
     // An id outside the table is a shape error, not a fault.
     let bytes = weight_bytes(4, 8, DType::F32, 1);
-    let w = cu.upload_matrix(HostMatrix { rows: 4, cols: 8, dtype: DType::F32, bytes: &bytes }).unwrap();
+    let w = cu
+        .upload_matrix(HostMatrix {
+            rows: 4,
+            cols: 8,
+            dtype: DType::F32,
+            bytes: &bytes,
+        })
+        .unwrap();
     let mut o = cu.tensor(1, 8).unwrap();
-    assert!(matches!(cu.embedding(&w, &[4], &mut o), Err(KernelError::Shape(_))));
+    assert!(matches!(
+        cu.embedding(&w, &[4], &mut o),
+        Err(KernelError::Shape(_))
+    ));
 }
 
 #[test]
@@ -215,7 +267,10 @@ fn rms_norm_matches_cpu() {
     let Some(cu) = cuda() else { return };
     for m in [SMOL, LLAMA] {
         for n in [1usize, 7, 130] {
-            let x: Vec<f32> = vals(n * m.hidden, 11 + n as u64).iter().map(|v| v * 3.0).collect();
+            let x: Vec<f32> = vals(n * m.hidden, 11 + n as u64)
+                .iter()
+                .map(|v| v * 3.0)
+                .collect();
             let w: Vec<f32> = vals(m.hidden, 12).iter().map(|v| 1.0 + 0.5 * v).collect();
             let (xc, xg) = both(cu, n, m.hidden, &x);
             let (wc, wg) = both(cu, 1, m.hidden, &w);
@@ -223,16 +278,40 @@ fn rms_norm_matches_cpu() {
             cpu().rms_norm(&xc, &wc, 1e-5, &mut oc, n).unwrap();
             cu.rms_norm(&xg, &wg, 1e-5, &mut og, n).unwrap();
             let got = cu.read_rows(&og, 0, n).unwrap();
-            check("rms_norm", &format!("{} n={n}", m.name), &got, &oc.data, 1e-4);
+            check(
+                "rms_norm",
+                &format!("{} n={n}", m.name),
+                &got,
+                &oc.data,
+                1e-4,
+            );
         }
     }
 }
 
 /// One matmul case: `n` rows through a `out x inp` weight of `dt`, optional bias.
-fn matmul_case(cu: &CudaBackend, label: &str, n: usize, inp: usize, out: usize, dt: DType, bias: bool, seed: u64) {
+#[allow(clippy::too_many_arguments)]
+fn matmul_case(
+    cu: &CudaBackend,
+    label: &str,
+    n: usize,
+    inp: usize,
+    out: usize,
+    dt: DType,
+    bias: bool,
+    seed: u64,
+) {
     let bytes = weight_bytes(out, inp, dt, seed);
-    let hm = HostMatrix { rows: out, cols: inp, dtype: dt, bytes: &bytes };
-    let (wc, wg) = (cpu().upload_matrix(hm).unwrap(), cu.upload_matrix(hm).unwrap());
+    let hm = HostMatrix {
+        rows: out,
+        cols: inp,
+        dtype: dt,
+        bytes: &bytes,
+    };
+    let (wc, wg) = (
+        cpu().upload_matrix(hm).unwrap(),
+        cu.upload_matrix(hm).unwrap(),
+    );
     assert_eq!(cu.matrix_bytes(&wg), bytes.len());
     // A few spare rows past n, so that reading past n would show.
     let x = vals((n + 2) * inp, seed + 1);
@@ -240,7 +319,11 @@ fn matmul_case(cu: &CudaBackend, label: &str, n: usize, inp: usize, out: usize, 
     let b = vals(out, seed + 2);
     let (bc, bg) = both(cu, 1, out, &b);
     let (mut oc, mut og) = poisoned(cu, n, out);
-    let (bcr, bgr) = if bias { (Some(&bc), Some(&bg)) } else { (None, None) };
+    let (bcr, bgr) = if bias {
+        (Some(&bc), Some(&bg))
+    } else {
+        (None, None)
+    };
     cpu().matmul(&xc, &wc, bcr, &mut oc, n).unwrap();
     cu.matmul(&xg, &wg, bgr, &mut og, n).unwrap();
     let got = cu.read_rows(&og, 0, n).unwrap();
@@ -249,10 +332,17 @@ fn matmul_case(cu: &CudaBackend, label: &str, n: usize, inp: usize, out: usize, 
         _ if n <= GEMV_MAX_ROWS => "gemv",
         _ => "cublas-cast",
     };
-    let case = format!("{label} {dt} n={n} {out}x{inp} {path}{}", if bias { " +bias" } else { "" });
+    let case = format!(
+        "{label} {dt} n={n} {out}x{inp} {path}{}",
+        if bias { " +bias" } else { "" }
+    );
     // f32 paths and the GEMV (exact weights, f32 activations) meet the f32 bound; the cuBLAS path
     // for 16-bit weights rounds the activations to the weight dtype.
-    let t = if dt == DType::F32 || n <= GEMV_MAX_ROWS { 1e-4 } else { tol(dt) };
+    let t = if dt == DType::F32 || n <= GEMV_MAX_ROWS {
+        1e-4
+    } else {
+        tol(dt)
+    };
     check("matmul", &case, &got, &oc.data, t);
 }
 
@@ -273,7 +363,16 @@ fn matmul_smollm2_shapes_match_cpu() {
         for &dt in &DTYPES {
             for n in [1usize, 3, 8, 9, 64, 257] {
                 seed += 10;
-                matmul_case(cu, &format!("{} {label}", m.name), n, inp, out, dt, bias, seed);
+                matmul_case(
+                    cu,
+                    &format!("{} {label}", m.name),
+                    n,
+                    inp,
+                    out,
+                    dt,
+                    bias,
+                    seed,
+                );
             }
         }
     }
@@ -295,7 +394,16 @@ fn matmul_llama_shapes_match_cpu() {
         for &dt in &DTYPES {
             for n in [1usize, 8, 33] {
                 seed += 10;
-                matmul_case(cu, &format!("{} {label}", m.name), n, inp, out, dt, bias, seed);
+                matmul_case(
+                    cu,
+                    &format!("{} {label}", m.name),
+                    n,
+                    inp,
+                    out,
+                    dt,
+                    bias,
+                    seed,
+                );
             }
         }
     }
@@ -306,21 +414,34 @@ fn rope_matches_cpu() {
     let Some(cu) = cuda() else { return };
     for m in [SMOL, LLAMA] {
         let half = m.head_dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / m.theta.powf(2.0 * i as f32 / m.head_dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / m.theta.powf(2.0 * i as f32 / m.head_dim as f32))
+            .collect();
         let qw = m.heads * m.head_dim;
         let width = qw + 2 * m.kv_heads * m.head_dim;
         for (start, n, scaling) in [(0u32, 17usize, 1.0f32), (4000, 5, 1.0), (131_000, 3, 1.25)] {
-            let rope = Rope { inv_freq: inv_freq.clone(), attention_scaling: scaling };
+            let rope = Rope {
+                inv_freq: inv_freq.clone(),
+                attention_scaling: scaling,
+            };
             let x = vals(n * width, start as u64 + 3);
             let (mut xc, mut xg) = both(cu, n, width, &x);
             let pos: Vec<u32> = (0..n as u32).map(|i| start + 3 * i).collect();
             for (col0, heads) in [(0, m.heads), (qw, m.kv_heads)] {
-                cpu().rope(&mut xc, col0, heads, m.head_dim, &pos, &rope).unwrap();
-                cu.rope(&mut xg, col0, heads, m.head_dim, &pos, &rope).unwrap();
+                cpu()
+                    .rope(&mut xc, col0, heads, m.head_dim, &pos, &rope)
+                    .unwrap();
+                cu.rope(&mut xg, col0, heads, m.head_dim, &pos, &rope)
+                    .unwrap();
             }
             let got = cu.read_rows(&xg, 0, n).unwrap();
-            check("rope", &format!("{} pos={start}.. n={n} scale={scaling}", m.name), &got, &xc.data, 1e-4);
+            check(
+                "rope",
+                &format!("{} pos={start}.. n={n} scale={scaling}", m.name),
+                &got,
+                &xc.data,
+                1e-4,
+            );
         }
     }
 }
@@ -331,12 +452,23 @@ fn silu_mul_and_add_match_cpu() {
     for m in [SMOL, LLAMA] {
         let n = 9;
         let gu: Vec<f32> = vals(n * 2 * m.ffn, 21).iter().map(|v| v * 8.0).collect();
-        let (gc, gg) = both(cu, n + 1, 2 * m.ffn, &[gu.clone(), vals(2 * m.ffn, 22)].concat());
+        let (gc, gg) = both(
+            cu,
+            n + 1,
+            2 * m.ffn,
+            &[gu.clone(), vals(2 * m.ffn, 22)].concat(),
+        );
         let (mut oc, mut og) = poisoned(cu, n, m.ffn);
         cpu().silu_mul(&gc, &mut oc, n).unwrap();
         cu.silu_mul(&gg, &mut og, n).unwrap();
         let got = cu.read_rows(&og, 0, n).unwrap();
-        check("silu_mul", &format!("{} n={n}", m.name), &got, &oc.data, 1e-4);
+        check(
+            "silu_mul",
+            &format!("{} n={n}", m.name),
+            &got,
+            &oc.data,
+            1e-4,
+        );
 
         let x = vals((n + 1) * m.hidden, 23);
         let y = vals((n + 1) * m.hidden, 24);
@@ -359,7 +491,13 @@ fn gather_rows_matches_cpu() {
     cpu().gather_rows(&sc, &pick, &mut dc, 2).unwrap();
     cu.gather_rows(&sg, &pick, &mut dg, 2).unwrap();
     let got = cu.read_rows(&dg, 0, 8).unwrap();
-    check("gather_rows", "20x4096 pick 5 at row 2", &got, &dc.data, 1e-7);
+    check(
+        "gather_rows",
+        "20x4096 pick 5 at row 2",
+        &got,
+        &dc.data,
+        1e-7,
+    );
     assert!(cu.gather_rows(&sg, &[20], &mut dg, 0).is_err());
 }
 
@@ -380,13 +518,21 @@ fn cache_write_and_grow_match_cpu() {
             cpu().cache_grow(&mut cc, 40).unwrap();
             cu.cache_grow(&mut cg, 40).unwrap();
             assert_eq!(cu.cache_capacity(&cg), 40);
-            cpu().cache_write(&mut cc, 10, &sc, 0, kc0 + kvw, 12).unwrap();
+            cpu()
+                .cache_write(&mut cc, 10, &sc, 0, kc0 + kvw, 12)
+                .unwrap();
             cu.cache_write(&mut cg, 10, &sg, 0, kc0 + kvw, 12).unwrap();
             cpu().cache_write(&mut cc, 39, &sc, 11, 0, 1).unwrap();
             cu.cache_write(&mut cg, 39, &sg, 11, 0, 1).unwrap();
             let got = cu.read_cache(&cg).unwrap();
             // Rounding to the cache dtype is round-to-nearest-even on both sides: bit-exact.
-            check("cache_write", &format!("{} {dt} grow 16->40", m.name), &got, &cpu_cache_f32(&cc), 1e-7);
+            check(
+                "cache_write",
+                &format!("{} {dt} grow 16->40", m.name),
+                &got,
+                &cpu_cache_f32(&cc),
+                1e-7,
+            );
             assert!(cu.cache_write(&mut cg, 39, &sg, 0, 0, 2).is_err());
         }
     }
@@ -406,11 +552,19 @@ fn attention_case(
     seed: u64,
     label: &str,
 ) {
-    let shape = AttnShape { n_heads: m.heads, n_kv_heads: m.kv_heads, head_dim: m.head_dim, window };
+    let shape = AttnShape {
+        n_heads: m.heads,
+        n_kv_heads: m.kv_heads,
+        head_dim: m.head_dim,
+        window,
+    };
     let (qw, kvw) = (shape.q_width(), shape.kv_width());
     let total = n_past + n_q;
     // Keys scaled so that the softmax is peaked enough to matter.
-    let kv: Vec<f32> = vals(total * 2 * kvw, seed).iter().map(|v| v * 2.0).collect();
+    let kv: Vec<f32> = vals(total * 2 * kvw, seed)
+        .iter()
+        .map(|v| v * 2.0)
+        .collect();
     let (kvc, kvg) = both(cu, total, 2 * kvw, &kv);
     let mut kc = cpu().cache(total + 3, kvw, dt).unwrap();
     let mut vc = cpu().cache(total + 3, kvw, dt).unwrap();
@@ -454,12 +608,12 @@ fn attention_matches_cpu() {
         for &dt in &DTYPES {
             // (n_past, n_q, window, q_row0, out_row0)
             for (n_past, n_q, window, q_row0, out_row0) in [
-                (0, 64, None, 0, 0),          // prefill from scratch
-                (300, 37, None, 2, 3),        // a later prefill chunk, offset rows
-                (4000, 1, None, 0, 0),        // decode
-                (2, 1, None, 0, 0),           // decode, fewer keys than warps
-                (500, 20, Some(128), 1, 0),   // sliding window
-                (4095, 1, Some(4096), 0, 0),  // window exactly the context
+                (0, 64, None, 0, 0),         // prefill from scratch
+                (300, 37, None, 2, 3),       // a later prefill chunk, offset rows
+                (4000, 1, None, 0, 0),       // decode
+                (2, 1, None, 0, 0),          // decode, fewer keys than warps
+                (500, 20, Some(128), 1, 0),  // sliding window
+                (4095, 1, Some(4096), 0, 0), // window exactly the context
             ] {
                 seed += 7;
                 attention_case(cu, &m, dt, n_past, n_q, window, q_row0, out_row0, seed, "");
@@ -481,18 +635,23 @@ fn attention_split_k_matches_cpu() {
     for (chunk, gqa) in [(64usize, true), (100, true), (64, false), (100, false)] {
         cu.set_attention_chunk(Some(chunk));
         cu.set_attention_gqa(gqa);
-        let label = format!(" chunk={chunk} {}", if gqa { "gqa-kernel" } else { "per-head-kernel" });
+        let label = format!(
+            " chunk={chunk} {}",
+            if gqa { "gqa-kernel" } else { "per-head-kernel" }
+        );
         for m in [SMOL, LLAMA] {
             for &dt in &DTYPES {
                 for (n_past, n_q, window, q_row0, out_row0) in [
-                    (0, 300, None, 0, 0),        // splits past the early queries' keys are empty
+                    (0, 300, None, 0, 0), // splits past the early queries' keys are empty
                     (300, 37, None, 2, 3),
                     (4000, 1, None, 0, 0),
                     (500, 20, Some(128), 1, 0),
-                    (63, 1, None, 0, 0),         // one key short of a whole chunk
+                    (63, 1, None, 0, 0), // one key short of a whole chunk
                 ] {
                     seed += 7;
-                    attention_case(&cu, &m, dt, n_past, n_q, window, q_row0, out_row0, seed, &label);
+                    attention_case(
+                        &cu, &m, dt, n_past, n_q, window, q_row0, out_row0, seed, &label,
+                    );
                 }
             }
         }

@@ -9,7 +9,9 @@ use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, HostMatrix};
 
 fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x2545_F491_4F6C_DD1D);
+    let mut s = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x2545_F491_4F6C_DD1D);
     (0..n)
         .map(|_| {
             s ^= s << 13;
@@ -41,7 +43,10 @@ fn time(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn bf16_weights(rows: usize, cols: usize) -> Vec<u8> {
-    let v: Vec<half::bf16> = vals(rows * cols, 3).iter().map(|&x| half::bf16::from_f32(x * 0.02)).collect();
+    let v: Vec<half::bf16> = vals(rows * cols, 3)
+        .iter()
+        .map(|&x| half::bf16::from_f32(x * 0.02))
+        .collect();
     bytemuck::cast_slice(&v).to_vec()
 }
 
@@ -55,16 +60,29 @@ fn timings() {
             return;
         }
     };
-    println!("using {} (PTX from cache: {})", be.name(), be.ptx_from_cache());
+    println!(
+        "using {} (PTX from cache: {})",
+        be.name(),
+        be.ptx_from_cache()
+    );
     // Matmul, Llama-3.1-8B gate_up and down, bf16 weights.
     for (out, inp) in [(28672usize, 4096usize), (4096, 14336)] {
         let bytes = bf16_weights(out, inp);
-        let w = be.upload_matrix(HostMatrix { rows: out, cols: inp, dtype: DType::BF16, bytes: &bytes }).unwrap();
+        let w = be
+            .upload_matrix(HostMatrix {
+                rows: out,
+                cols: inp,
+                dtype: DType::BF16,
+                bytes: &bytes,
+            })
+            .unwrap();
         for n in [1usize, 8, 512] {
             let mut x = be.tensor(n, inp).unwrap();
             be.write_tensor(&mut x, 0, &vals(n * inp, 5)).unwrap();
             let mut o = be.tensor(n, out).unwrap();
-            let s = time(&be, if n > 8 { 10 } else { 50 }, || be.matmul(&x, &w, None, &mut o, n).unwrap());
+            let s = time(&be, if n > 8 { 10 } else { 50 }, || {
+                be.matmul(&x, &w, None, &mut o, n).unwrap()
+            });
             let gbs = bytes.len() as f64 / s / 1e9;
             let tflops = 2.0 * (n * out * inp) as f64 / s / 1e12;
             println!(
@@ -74,7 +92,12 @@ fn timings() {
         }
     }
     // Decode attention, Llama-3.1-8B one layer (32/8 heads, D 128), bf16 KV.
-    let shape = AttnShape { n_heads: 32, n_kv_heads: 8, head_dim: 128, window: None };
+    let shape = AttnShape {
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        window: None,
+    };
     for ctx in [4096usize, 32768] {
         let kvw = shape.kv_width();
         let mut src = be.tensor(1024, kvw).unwrap();
@@ -87,7 +110,8 @@ fn timings() {
         }
         for n_q in [1usize, 512] {
             let mut q = be.tensor(n_q, shape.q_width()).unwrap();
-            be.write_tensor(&mut q, 0, &vals(n_q * shape.q_width(), 10)).unwrap();
+            be.write_tensor(&mut q, 0, &vals(n_q * shape.q_width(), 10))
+                .unwrap();
             let mut o = be.tensor(n_q, shape.q_width()).unwrap();
             let a = CausalAttn {
                 shape,
@@ -100,7 +124,9 @@ fn timings() {
             };
             for gqa in [true, false] {
                 be.set_attention_gqa(gqa);
-                let s = time(&be, if n_q > 1 { 3 } else { 20 }, || be.attention(&a, &q, &k, &v, &mut o).unwrap());
+                let s = time(&be, if n_q > 1 { 3 } else { 20 }, || {
+                    be.attention(&a, &q, &k, &v, &mut o).unwrap()
+                });
                 let kv_bytes = (2 * ctx * kvw * 2) as f64;
                 println!(
                     "timing op=attention llama bf16 ctx={ctx} n_q={n_q} {}: {:.1} us ({:.0} GB/s of KV read once)",

@@ -67,7 +67,10 @@ pub(crate) fn read_cached(src: &str, arch: &str) -> Option<String> {
 
 /// Compiles `src` for `arch` and stores the PTX in the cache (best effort).
 pub(crate) fn compile(src: &str, arch: &str) -> Result<String, String> {
-    let opts = CompileOptions { options: options(arch), ..Default::default() };
+    let opts = CompileOptions {
+        options: options(arch),
+        ..Default::default()
+    };
     let ptx: Ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| match e {
         cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. } => {
             format!("NVRTC failed ({nvrtc:?}):\n{}", log.to_string_lossy())
@@ -117,7 +120,10 @@ mod tests {
         std::fs::write(&path, ".version 8.0\n.target sm_90\n").unwrap(); // no end mark
         assert!(read_cached(src, "sm_90").is_none());
         write_cached(src, "sm_90", ".version 8.0\n.target sm_90\n").unwrap();
-        assert_eq!(read_cached(src, "sm_90").unwrap(), ".version 8.0\n.target sm_90\n");
+        assert_eq!(
+            read_cached(src, "sm_90").unwrap(),
+            ".version 8.0\n.target sm_90\n"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

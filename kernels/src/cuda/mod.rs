@@ -111,11 +111,14 @@ fn shape_err(msg: String) -> KernelError {
     KernelError::Shape(msg)
 }
 
-
 /// A 1-D launch over `total` elements (grid-stride kernels).
 fn flat(total: usize) -> LaunchConfig {
     let blocks = total.div_ceil(256).clamp(1, 65_536) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// A launch of `rows` row-blocks (grid y), columns spread over grid x.
@@ -123,16 +126,24 @@ fn flat(total: usize) -> LaunchConfig {
 fn per_row(rows: usize, cols: usize) -> LaunchConfig {
     let bx = cols.div_ceil(256).clamp(1, 1024) as u32;
     let by = rows.clamp(1, 65_535) as u32;
-    LaunchConfig { grid_dim: (bx, by, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (bx, by, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn int(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| shape_err(format!("{what} = {v} exceeds the kernels' 32-bit range")))
+    i32::try_from(v)
+        .map_err(|_| shape_err(format!("{what} = {v} exceeds the kernels' 32-bit range")))
 }
 
 fn check_rows(t: &CudaTensor, n: usize, what: &str) -> Result<()> {
     if n > t.rows {
-        return Err(shape_err(format!("{what}: {n} rows requested, tensor has {}", t.rows)));
+        return Err(shape_err(format!(
+            "{what}: {n} rows requested, tensor has {}",
+            t.rows
+        )));
     }
     Ok(())
 }
@@ -185,14 +196,19 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("creating the CUDA context", e))?;
         // One stream, so cudarc's per-buffer event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(|e| dev_err("creating a stream", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| dev_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("creating cuBLAS", e))?;
-        let (major, minor) =
-            ctx.compute_capability().map_err(|e| dev_err("reading the compute capability", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| dev_err("reading the compute capability", e))?;
         let arch = format!("sm_{major}{minor}");
         let dev_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sm_count = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
             .map_err(|e| dev_err("reading the SM count", e))?
             .max(1) as usize;
 
@@ -204,12 +220,15 @@ impl CudaBackend {
             Some(m) => m,
             None => {
                 let ptx = compile::compile(&src, &arch).map_err(KernelError::Device)?;
-                ctx.load_module(Ptx::from_src(ptx)).map_err(|e| dev_err("loading the kernels", e))?
+                ctx.load_module(Ptx::from_src(ptx))
+                    .map_err(|e| dev_err("loading the kernels", e))?
             }
         };
         let mut funcs = HashMap::new();
         for &k in KERNELS {
-            let f = module.load_function(k).map_err(|e| dev_err(&format!("kernel {k}"), e))?;
+            let f = module
+                .load_function(k)
+                .map_err(|e| dev_err(&format!("kernel {k}"), e))?;
             funcs.insert(k, f);
         }
         Ok(CudaBackend {
@@ -254,7 +273,12 @@ impl CudaBackend {
 
     /// `(n_split, chunk)` for an attention call: `n_split` blocks per (query, head), each over at
     /// most `chunk` consecutive keys of that query's range (at most `max_keys` long).
-    fn attention_split(&self, n_q: usize, n_blocks_heads: usize, max_keys: usize) -> (usize, usize) {
+    fn attention_split(
+        &self,
+        n_q: usize,
+        n_blocks_heads: usize,
+        max_keys: usize,
+    ) -> (usize, usize) {
         let max_keys = max_keys.max(1);
         let forced = self.attn_chunk.load(Ordering::Relaxed);
         let n_split = if forced > 0 {
@@ -269,7 +293,9 @@ impl CudaBackend {
 
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| dev_err("synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
     }
 
     /// Reads a whole KV cache to the host as f32 (for tests and debugging).
@@ -306,19 +332,30 @@ impl CudaBackend {
         what: &str,
     ) -> Result<CudaSlice<T>> {
         // Zero-length allocations are not allowed by the driver; keep one element.
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| self.alloc_err(e, what, n))
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(|e| self.alloc_err(e, what, n))
     }
 
     fn alloc_err(&self, e: DriverError, what: &str, n: usize) -> KernelError {
         if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            KernelError::OutOfMemory { device: self.name.clone(), what: format!("{what} ({n} elements)") }
+            KernelError::OutOfMemory {
+                device: self.name.clone(),
+                what: format!("{what} ({n} elements)"),
+            }
         } else {
             dev_err(what, e)
         }
     }
 
-    fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(data).map_err(|e| self.alloc_err(e, what, data.len()))
+    fn upload<T: cudarc::driver::DeviceRepr>(
+        &self,
+        data: &[T],
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(data)
+            .map_err(|e| self.alloc_err(e, what, data.len()))
     }
 
     fn launch_err(name: &str) -> impl Fn(DriverError) -> KernelError + '_ {
@@ -377,7 +414,11 @@ impl Backend for CudaBackend {
     }
 
     fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        Ok(CudaTensor { rows, cols, data: self.alloc::<f32>(rows * cols, "tensor")? })
+        Ok(CudaTensor {
+            rows,
+            cols,
+            data: self.alloc::<f32>(rows * cols, "tensor")?,
+        })
     }
 
     fn tensor_shape(&self, t: &CudaTensor) -> (usize, usize) {
@@ -398,7 +439,9 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut dst = t.data.slice_mut(start..start + data.len());
-        self.stream.memcpy_htod(data, &mut dst).map_err(|e| dev_err("write_tensor", e))
+        self.stream
+            .memcpy_htod(data, &mut dst)
+            .map_err(|e| dev_err("write_tensor", e))
     }
 
     fn read_rows(&self, t: &CudaTensor, row0: usize, n: usize) -> Result<Vec<f32>> {
@@ -422,7 +465,10 @@ impl Backend for CudaBackend {
         dst_row0: usize,
     ) -> Result<()> {
         if src.cols != dst.cols {
-            return Err(shape_err(format!("gather_rows: widths {} and {}", src.cols, dst.cols)));
+            return Err(shape_err(format!(
+                "gather_rows: widths {} and {}",
+                src.cols, dst.cols
+            )));
         }
         check_rows(dst, dst_row0 + src_rows.len(), "gather_rows dst")?;
         let mut rows = Vec::with_capacity(src_rows.len());
@@ -436,7 +482,10 @@ impl Backend for CudaBackend {
         let c = src.cols;
         let idx = self.upload(&rows, "gather_rows indices")?;
         let mut d = dst.data.slice_mut(dst_row0 * c..);
-        let (ci, ni) = (int(c, "gather_rows cols")?, int(rows.len(), "gather_rows rows")?);
+        let (ci, ni) = (
+            int(c, "gather_rows cols")?,
+            int(rows.len(), "gather_rows rows")?,
+        );
         let name = "gather_rows";
         let mut b = self.stream.launch_builder(self.f(name));
         b.arg(&src.data).arg(&idx).arg(&mut d).arg(&ci).arg(&ni);
@@ -447,7 +496,12 @@ impl Backend for CudaBackend {
     fn upload_matrix(&self, m: HostMatrix<'_>) -> Result<CudaMatrix> {
         m.validate()?;
         let data = self.upload(m.bytes, "matrix")?;
-        Ok(CudaMatrix { rows: m.rows, cols: m.cols, dtype: m.dtype, data })
+        Ok(CudaMatrix {
+            rows: m.rows,
+            cols: m.cols,
+            dtype: m.dtype,
+            data,
+        })
     }
 
     fn matrix_shape(&self, m: &CudaMatrix) -> (usize, usize) {
@@ -460,7 +514,12 @@ impl Backend for CudaBackend {
 
     fn cache(&self, capacity: usize, cols: usize, dtype: DType) -> Result<CudaCache> {
         let data = self.alloc::<u8>(capacity * cols * dtype.size(), "KV cache")?;
-        Ok(CudaCache { capacity, cols, dtype, data })
+        Ok(CudaCache {
+            capacity,
+            cols,
+            dtype,
+            data,
+        })
     }
 
     fn cache_capacity(&self, c: &CudaCache) -> usize {
@@ -521,7 +580,10 @@ impl Backend for CudaBackend {
     fn embedding(&self, table: &CudaMatrix, ids: &[u32], out: &mut CudaTensor) -> Result<()> {
         check_rows(out, ids.len(), "embedding")?;
         if out.cols != table.cols {
-            return Err(shape_err(format!("embedding width {} vs {}", table.cols, out.cols)));
+            return Err(shape_err(format!(
+                "embedding width {} vs {}",
+                table.cols, out.cols
+            )));
         }
         for &id in ids {
             if id as usize >= table.rows {
@@ -543,7 +605,11 @@ impl Backend for CudaBackend {
             DType::BF16 => "embedding_bf16",
         };
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&table.data).arg(&idx).arg(&mut out.data).arg(&c).arg(&ni);
+        b.arg(&table.data)
+            .arg(&idx)
+            .arg(&mut out.data)
+            .arg(&c)
+            .arg(&ni);
         unsafe { b.launch(per_row(ids.len(), table.cols)) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
@@ -571,7 +637,11 @@ impl Backend for CudaBackend {
         let ci = int(c, "rms_norm cols")?;
         let name = "rms_norm";
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&x.data).arg(&weight.data).arg(&mut out.data).arg(&ci).arg(&eps);
+        b.arg(&x.data)
+            .arg(&weight.data)
+            .arg(&mut out.data)
+            .arg(&ci)
+            .arg(&eps);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -600,7 +670,10 @@ impl Backend for CudaBackend {
         let (k, nn) = (w.cols, w.rows);
         if let Some(b) = bias {
             if b.rows * b.cols != nn {
-                return Err(shape_err(format!("bias of {} for {nn} outputs", b.rows * b.cols)));
+                return Err(shape_err(format!(
+                    "bias of {} for {nn} outputs",
+                    b.rows * b.cols
+                )));
             }
         }
         if n == 0 || nn == 0 {
@@ -617,13 +690,31 @@ impl Backend for CudaBackend {
                     let (wp, _g1) = w.data.device_ptr(&self.stream);
                     let (xp, _g2) = x.data.device_ptr(&self.stream);
                     let (op, _g3) = out.data.device_ptr_mut(&self.stream);
-                    self.gemm(wp, cudaDataType::CUDA_R_32F, xp, cudaDataType::CUDA_R_32F, op, n, k, nn)?;
+                    self.gemm(
+                        wp,
+                        cudaDataType::CUDA_R_32F,
+                        xp,
+                        cudaDataType::CUDA_R_32F,
+                        op,
+                        n,
+                        k,
+                        nn,
+                    )?;
                 }
                 DType::F16 | DType::BF16 if n <= GEMV_MAX_ROWS => {
-                    let name = if w.dtype == DType::F16 { "gemv_f16" } else { "gemv_bf16" };
+                    let name = if w.dtype == DType::F16 {
+                        "gemv_f16"
+                    } else {
+                        "gemv_bf16"
+                    };
                     let (ni, ki, mi) = (int(n, "rows")?, int(k, "in")?, int(nn, "out")?);
                     let mut b = self.stream.launch_builder(self.f(name));
-                    b.arg(&x.data).arg(&w.data).arg(&mut out.data).arg(&ni).arg(&ki).arg(&mi);
+                    b.arg(&x.data)
+                        .arg(&w.data)
+                        .arg(&mut out.data)
+                        .arg(&ni)
+                        .arg(&ki)
+                        .arg(&mi);
                     // 8 warps per block, one output column per warp.
                     let cfg = LaunchConfig {
                         grid_dim: (nn.div_ceil(8) as u32, 1, 1),
@@ -694,11 +785,21 @@ impl Backend for CudaBackend {
         }
         let pos = self.upload(positions, "rope positions")?;
         let freq = self.upload(&rope.inv_freq, "rope frequencies")?;
-        let (ci, c0, hd) = (int(x.cols, "cols")?, int(col0, "col0")?, int(head_dim, "head_dim")?);
+        let (ci, c0, hd) = (
+            int(x.cols, "cols")?,
+            int(col0, "col0")?,
+            int(head_dim, "head_dim")?,
+        );
         let scaling = rope.attention_scaling;
         let name = "rope";
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&mut x.data).arg(&ci).arg(&c0).arg(&hd).arg(&pos).arg(&freq).arg(&scaling);
+        b.arg(&mut x.data)
+            .arg(&ci)
+            .arg(&c0)
+            .arg(&hd)
+            .arg(&pos)
+            .arg(&freq)
+            .arg(&scaling);
         let threads = half.div_ceil(32).clamp(1, 8) as u32 * 32;
         let cfg = LaunchConfig {
             grid_dim: (positions.len() as u32, n_heads as u32, 1),
@@ -714,7 +815,10 @@ impl Backend for CudaBackend {
         check_rows(out, n, "silu_mul out")?;
         let i = out.cols;
         if gate_up.cols != 2 * i {
-            return Err(shape_err(format!("silu_mul: {} columns for {i} outputs", gate_up.cols)));
+            return Err(shape_err(format!(
+                "silu_mul: {} columns for {i} outputs",
+                gate_up.cols
+            )));
         }
         if n * i == 0 {
             return Ok(());
@@ -756,7 +860,10 @@ impl Backend for CudaBackend {
         let s = a.shape;
         let total = a.n_past + a.n_q;
         if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
-            return Err(shape_err(format!("{} heads over {} KV heads", s.n_heads, s.n_kv_heads)));
+            return Err(shape_err(format!(
+                "{} heads over {} KV heads",
+                s.n_heads, s.n_kv_heads
+            )));
         }
         if total > k.capacity || total > v.capacity || k.cols != s.kv_width() || v.cols != k.cols {
             return Err(shape_err(format!(
@@ -770,7 +877,10 @@ impl Backend for CudaBackend {
             return Err(shape_err("attention: q/out columns".into()));
         }
         if k.dtype != v.dtype {
-            return Err(shape_err(format!("K cache {} vs V cache {}", k.dtype, v.dtype)));
+            return Err(shape_err(format!(
+                "K cache {} vs V cache {}",
+                k.dtype, v.dtype
+            )));
         }
         if s.head_dim > ATTN_MAX_HEAD_DIM {
             return Err(shape_err(format!(
@@ -815,7 +925,11 @@ impl Backend for CudaBackend {
             int(chunk, "chunk")?,
         ];
         let mut guard = self.attn_scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let need = if n_split > 1 { a.n_q * s.n_heads * n_split * (s.head_dim + 2) } else { 1 };
+        let need = if n_split > 1 {
+            a.n_q * s.n_heads * n_split * (s.head_dim + 2)
+        } else {
+            1
+        };
         if guard.as_ref().map_or(true, |p| p.len() < need) {
             *guard = None;
             *guard = Some(self.alloc::<f32>(need, "attention partials")?);
@@ -825,7 +939,12 @@ impl Backend for CudaBackend {
         b.arg(&q.data).arg(&args[0]).arg(&args[1]).arg(&args[2]);
         b.arg(&k.data).arg(&v.data).arg(&args[3]);
         b.arg(&mut out.data).arg(&args[4]).arg(&args[5]);
-        b.arg(&args[6]).arg(&args[7]).arg(&args[8]).arg(&args[9]).arg(&args[10]).arg(&a.scale);
+        b.arg(&args[6])
+            .arg(&args[7])
+            .arg(&args[8])
+            .arg(&args[9])
+            .arg(&args[10])
+            .arg(&a.scale);
         b.arg(&args[11]).arg(&args[12]).arg(&mut *part);
         let cfg = LaunchConfig {
             grid_dim: (a.n_q as u32, heads_per_block as u32, n_split as u32),
