@@ -15,7 +15,7 @@ cd "$root"
 
 log=$(cargo test -p farsight-kernels --release --no-run 2>&1) || { echo "$log"; exit 1; }
 mkdir -p "$dest"
-for t in cuda_parity cuda_timing; do
+for t in cuda_parity cuda_forward cuda_timing; do
     bin=$(echo "$log" | grep -o "target/release/deps/$t-[0-9a-f]*" | tail -1)
     [ -n "$bin" ] || { echo "$log"; echo "no $t test binary found" >&2; exit 1; }
     cp "$bin" "$dest/$t"
@@ -38,6 +38,8 @@ logf=${OUT:+$OUT/parity.log}
 logf=${logf:-/tmp/parity.log}
 "$here/cuda_parity" --nocapture "$@" 2>&1 | tee "$logf"
 rc=${PIPESTATUS[0]}
+"$here/cuda_forward" --nocapture 2>&1 | tee -a "$logf"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
 echo "== summary: $(grep -c '^parity ' "$logf" 2>/dev/null) parity lines (full log: parity.log)"
 grep -E '^test result|FAILED|panicked' "$logf" 2>/dev/null | head -40
 ls "$XDG_CACHE_HOME/farsight/ptx" 2>/dev/null | sed 's/^/ptx cache: /'
