@@ -1,0 +1,140 @@
+//! Rough timings of the first CUDA kernels (not the benchmarks of issue 4): host clock around
+//! `reps` launches after a warm-up, synchronized, median of 5 such batches. Prints `timing`
+//! lines; skipped without a CUDA device. Run with `--ignored` (it is slow on the CPU-less path
+//! only in that it allocates large buffers).
+
+use std::time::Instant;
+
+use farsight_kernels::cuda::CudaBackend;
+use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, HostMatrix};
+
+fn vals(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x2545_F491_4F6C_DD1D);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Median over 5 batches of the per-call seconds of `f`, after 3 warm-up calls.
+fn time(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    be.synchronize().unwrap();
+    let mut t: Vec<f64> = (0..5)
+        .map(|_| {
+            let s = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            be.synchronize().unwrap();
+            s.elapsed().as_secs_f64() / reps as f64
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[2]
+}
+
+fn bf16_weights(rows: usize, cols: usize) -> Vec<u8> {
+    let v: Vec<half::bf16> = vals(rows * cols, 3)
+        .iter()
+        .map(|&x| half::bf16::from_f32(x * 0.02))
+        .collect();
+    bytemuck::cast_slice(&v).to_vec()
+}
+
+#[test]
+#[ignore]
+fn timings() {
+    let be = match CudaBackend::new(0) {
+        Ok(be) => be,
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    println!(
+        "using {} (PTX from cache: {})",
+        be.name(),
+        be.ptx_from_cache()
+    );
+    // Matmul, Llama-3.1-8B gate_up and down, bf16 weights.
+    for (out, inp) in [(28672usize, 4096usize), (4096, 14336)] {
+        let bytes = bf16_weights(out, inp);
+        let w = be
+            .upload_matrix(HostMatrix {
+                rows: out,
+                cols: inp,
+                dtype: DType::BF16,
+                bytes: &bytes,
+            })
+            .unwrap();
+        for n in [1usize, 8, 512] {
+            let mut x = be.tensor(n, inp).unwrap();
+            be.write_tensor(&mut x, 0, &vals(n * inp, 5)).unwrap();
+            let mut o = be.tensor(n, out).unwrap();
+            let s = time(&be, if n > 8 { 10 } else { 50 }, || {
+                be.matmul(&x, &w, None, &mut o, n).unwrap()
+            });
+            let gbs = bytes.len() as f64 / s / 1e9;
+            let tflops = 2.0 * (n * out * inp) as f64 / s / 1e12;
+            println!(
+                "timing op=matmul bf16 {out}x{inp} n={n}: {:.1} us, {gbs:.0} GB/s of weights, {tflops:.1} TFLOP/s",
+                s * 1e6
+            );
+        }
+    }
+    // Decode attention, Llama-3.1-8B one layer (32/8 heads, D 128), bf16 KV.
+    let shape = AttnShape {
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        window: None,
+    };
+    for ctx in [4096usize, 32768] {
+        let kvw = shape.kv_width();
+        let mut src = be.tensor(1024, kvw).unwrap();
+        be.write_tensor(&mut src, 0, &vals(1024 * kvw, 9)).unwrap();
+        let mut k = be.cache(ctx, kvw, DType::BF16).unwrap();
+        let mut v = be.cache(ctx, kvw, DType::BF16).unwrap();
+        for r in (0..ctx).step_by(1024) {
+            be.cache_write(&mut k, r, &src, 0, 0, 1024).unwrap();
+            be.cache_write(&mut v, r, &src, 0, 0, 1024).unwrap();
+        }
+        for n_q in [1usize, 512] {
+            let mut q = be.tensor(n_q, shape.q_width()).unwrap();
+            be.write_tensor(&mut q, 0, &vals(n_q * shape.q_width(), 10))
+                .unwrap();
+            let mut o = be.tensor(n_q, shape.q_width()).unwrap();
+            let a = CausalAttn {
+                shape,
+                q_row0: 0,
+                q_col0: 0,
+                n_q,
+                n_past: ctx - n_q,
+                out_row0: 0,
+                scale: 1.0 / (128f32).sqrt(),
+            };
+            for gqa in [true, false] {
+                be.set_attention_gqa(gqa);
+                let s = time(&be, if n_q > 1 { 3 } else { 20 }, || {
+                    be.attention(&a, &q, &k, &v, &mut o).unwrap()
+                });
+                let kv_bytes = (2 * ctx * kvw * 2) as f64;
+                println!(
+                    "timing op=attention llama bf16 ctx={ctx} n_q={n_q} {}: {:.1} us ({:.0} GB/s of KV read once)",
+                    if gqa { "gqa-kernel" } else { "per-head-kernel" },
+                    s * 1e6,
+                    kv_bytes / s / 1e9
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the CUDA parity tests here (no CUDA needed to build) and stages them for the lent GPU.
+#
+#   scripts/gpu-test.sh [DEST]     DEST defaults to <repo root>/.gpu (ignored by git)
+#
+# The device tool copies the session's main checkout, so when working in another worktree pass
+# the main checkout's .gpu (e.g. /work/main/.gpu) and name `.gpu` in the call's `carry`.
+# On the GPU machine: `bash .gpu/run-tests.sh [TEST FILTER]` (CUDA's lib64 is put on
+# LD_LIBRARY_PATH; the log also goes to $OUT/parity.log when $OUT is set), and
+# `bash .gpu/run-tests.sh --timing` for the rough kernel timings (cuda_timing.rs).
+set -euo pipefail
+root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+dest=${1:-$root/.gpu}
+cd "$root"
+
+log=$(cargo test -p farsight-kernels --release --no-run 2>&1) || { echo "$log"; exit 1; }
+mkdir -p "$dest"
+for t in cuda_parity cuda_forward cuda_timing; do
+    bin=$(echo "$log" | grep -o "target/release/deps/$t-[0-9a-f]*" | tail -1)
+    [ -n "$bin" ] || { echo "$log"; echo "no $t test binary found" >&2; exit 1; }
+    cp "$bin" "$dest/$t"
+    strip --strip-debug "$dest/$t" 2>/dev/null || true
+done
+cat > "$dest/run-tests.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the CUDA parity tests on the GPU machine. Arguments go to the test binary (a filter).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/farsight-cache}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+if [ "${1:-}" = "--timing" ]; then
+    shift
+    "$here/cuda_timing" --ignored --nocapture "$@" 2>&1 | tee ${OUT:+$OUT/timing.log}
+    exit "${PIPESTATUS[0]}"
+fi
+logf=${OUT:+$OUT/parity.log}
+logf=${logf:-/tmp/parity.log}
+"$here/cuda_parity" --nocapture "$@" 2>&1 | tee "$logf"
+rc=${PIPESTATUS[0]}
+"$here/cuda_forward" --nocapture 2>&1 | tee -a "$logf"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+echo "== summary: $(grep -c '^parity ' "$logf" 2>/dev/null) parity lines (full log: parity.log)"
+grep -E '^test result|FAILED|panicked' "$logf" 2>/dev/null | head -40
+ls "$XDG_CACHE_HOME/farsight/ptx" 2>/dev/null | sed 's/^/ptx cache: /'
+exit $rc
+RUN
+chmod +x "$dest/run-tests.sh"
+du -sh "$dest"
+rel=$(realpath --relative-to="$(dirname "$dest")" "$dest")
+echo
+echo "staged $(du -h "$dest/cuda_parity" | cut -f1) test binary in $dest"
+echo "device call: run(command=\"bash $rel/run-tests.sh\", carry=[\"$rel\"])"
