@@ -1,0 +1,170 @@
+//! Causal attention of the CUDA backend: the choice between the general and the GQA kernel, the
+//! split-K of long key ranges, its partials scratch and the combine pass (`attention.cu`).
+
+use std::sync::atomic::Ordering;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{check_rows, int, shape_err, CudaBackend, CudaCache, CudaTensor};
+use crate::backend::{CausalAttn, DType, Result};
+
+/// Largest head dimension the attention kernel handles (`ATTN_MAX_T * 32` in attention.cu).
+pub const ATTN_MAX_HEAD_DIM: usize = 256;
+
+/// Limits of the GQA key-per-lane attention kernel (`GQA_MAX_GROUP`, `GQA_MAX_D`).
+pub const GQA_MAX_GROUP: usize = 8;
+pub const GQA_MAX_HEAD_DIM: usize = 128;
+
+impl CudaBackend {
+    /// Fixes the number of keys per attention split (split-K), or `None` for the automatic
+    /// choice (enough splits for about 4 blocks per SM, at least 256 keys each). A tuning and
+    /// testing knob: the result is the same function either way.
+    pub fn set_attention_chunk(&self, keys: Option<usize>) {
+        self.attn_chunk.store(keys.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Chooses between the GQA key-per-lane attention kernel (the default, used where
+    /// `group <= 8`, `head_dim % 32 == 0` and `head_dim <= 128`) and the general one-block-per-head
+    /// kernel. A testing knob: both compute the same function.
+    pub fn set_attention_gqa(&self, on: bool) {
+        self.attn_gqa.store(on, Ordering::Relaxed);
+    }
+
+    /// `(n_split, chunk)` for an attention call: `n_split` blocks per (query, head), each over at
+    /// most `chunk` consecutive keys of that query's range (at most `max_keys` long).
+    fn attention_split(
+        &self,
+        n_q: usize,
+        n_blocks_heads: usize,
+        max_keys: usize,
+    ) -> (usize, usize) {
+        let max_keys = max_keys.max(1);
+        let forced = self.attn_chunk.load(Ordering::Relaxed);
+        let n_split = if forced > 0 {
+            max_keys.div_ceil(forced)
+        } else {
+            let want = (4 * self.sm_count).div_ceil((n_q * n_blocks_heads).max(1));
+            want.min(max_keys.div_ceil(256)).max(1)
+        }
+        .min(65_535);
+        (n_split, max_keys.div_ceil(n_split))
+    }
+
+    pub(super) fn attention_impl(
+        &self,
+        a: &CausalAttn,
+        q: &CudaTensor,
+        k: &CudaCache,
+        v: &CudaCache,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let s = a.shape;
+        let total = a.n_past + a.n_q;
+        if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+            return Err(shape_err(format!(
+                "{} heads over {} KV heads",
+                s.n_heads, s.n_kv_heads
+            )));
+        }
+        if total > k.capacity || total > v.capacity || k.cols != s.kv_width() || v.cols != k.cols {
+            return Err(shape_err(format!(
+                "attention over {total} rows: cache {}x{}",
+                k.capacity, k.cols
+            )));
+        }
+        check_rows(q, a.q_row0 + a.n_q, "attention q")?;
+        check_rows(out, a.out_row0 + a.n_q, "attention out")?;
+        if a.q_col0 + s.q_width() > q.cols || out.cols < s.q_width() {
+            return Err(shape_err("attention: q/out columns".into()));
+        }
+        if k.dtype != v.dtype {
+            return Err(shape_err(format!(
+                "K cache {} vs V cache {}",
+                k.dtype, v.dtype
+            )));
+        }
+        if s.head_dim > ATTN_MAX_HEAD_DIM {
+            return Err(shape_err(format!(
+                "attention: head_dim {} above the kernel's {ATTN_MAX_HEAD_DIM}",
+                s.head_dim
+            )));
+        }
+        if s.window == Some(0) {
+            return Err(shape_err("attention: sliding window of 0".into()));
+        }
+        if a.n_q == 0 || s.n_heads == 0 || s.head_dim == 0 {
+            return Ok(());
+        }
+        let gqa = self.attn_gqa.load(Ordering::Relaxed)
+            && s.group() <= GQA_MAX_GROUP
+            && s.head_dim % 32 == 0
+            && s.head_dim <= GQA_MAX_HEAD_DIM;
+        let name = match (gqa, k.dtype) {
+            (false, DType::F32) => "attention_f32",
+            (false, DType::F16) => "attention_f16",
+            (false, DType::BF16) => "attention_bf16",
+            (true, DType::F32) => "attention_gqa_f32",
+            (true, DType::F16) => "attention_gqa_f16",
+            (true, DType::BF16) => "attention_gqa_bf16",
+        };
+        let heads_per_block = if gqa { s.n_kv_heads } else { s.n_heads };
+        let max_keys = s.window.map_or(total, |w| w.min(total));
+        let (n_split, chunk) = self.attention_split(a.n_q, heads_per_block, max_keys);
+        let args = [
+            int(q.cols, "q cols")?,
+            int(a.q_row0, "q_row0")?,
+            int(a.q_col0, "q_col0")?,
+            int(k.cols, "kv cols")?,
+            int(out.cols, "out cols")?,
+            int(a.out_row0, "out_row0")?,
+            int(a.n_past, "n_past")?,
+            int(s.n_heads, "n_heads")?,
+            int(s.group(), "group")?,
+            int(s.head_dim, "head_dim")?,
+            int(s.window.unwrap_or(0), "window")?,
+            int(n_split, "n_split")?,
+            int(chunk, "chunk")?,
+        ];
+        let mut guard = self.attn_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let need = if n_split > 1 {
+            a.n_q * s.n_heads * n_split * (s.head_dim + 2)
+        } else {
+            1
+        };
+        if guard.as_ref().map_or(true, |p| p.len() < need) {
+            *guard = None;
+            *guard = Some(self.alloc::<f32>(need, "attention partials")?);
+        }
+        let part = guard.as_mut().expect("allocated above");
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&q.data).arg(&args[0]).arg(&args[1]).arg(&args[2]);
+        b.arg(&k.data).arg(&v.data).arg(&args[3]);
+        b.arg(&mut out.data).arg(&args[4]).arg(&args[5]);
+        b.arg(&args[6])
+            .arg(&args[7])
+            .arg(&args[8])
+            .arg(&args[9])
+            .arg(&args[10])
+            .arg(&a.scale);
+        b.arg(&args[11]).arg(&args[12]).arg(&mut *part);
+        let cfg = LaunchConfig {
+            grid_dim: (a.n_q as u32, heads_per_block as u32, n_split as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+        if n_split > 1 {
+            let name = "attention_combine";
+            let mut b = self.stream.launch_builder(self.f(name));
+            b.arg(&*part).arg(&mut out.data).arg(&args[4]).arg(&args[5]);
+            b.arg(&args[7]).arg(&args[9]).arg(&args[11]);
+            let cfg = LaunchConfig {
+                grid_dim: (a.n_q as u32, s.n_heads as u32, 1),
+                block_dim: (s.head_dim.div_ceil(32).clamp(1, 8) as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+        }
+        Ok(())
+    }
+}

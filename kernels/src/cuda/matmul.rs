@@ -1,0 +1,166 @@
+//! Matmuls of the CUDA backend: the GEMV kernel for few rows of 16-bit weights, else cuBLAS
+//! (`cublasGemmEx`, f32 accumulation) on f32 activations or on activations cast to 16 bits.
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::ops::flat;
+use super::{check_rows, dev_err, int, shape_err, CudaBackend, CudaMatrix, CudaTensor};
+use crate::backend::{DType, Result};
+
+/// Rows up to which a 16-bit-weight matmul runs the GEMV kernel (f32 activations, exact weights)
+/// instead of cuBLAS on activations cast to the weight dtype. Must match `GEMV_ROWS` in ops.cu.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+impl CudaBackend {
+    /// cuBLAS `out[0..n] = x[0..n] W^T` (row-major), everything f32 or W and `x16` 16-bit.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        &self,
+        w_ptr: u64,
+        w_type: cudaDataType,
+        x_ptr: u64,
+        x_type: cudaDataType,
+        out_ptr: u64,
+        n: usize,
+        k: usize,
+        nn: usize,
+    ) -> Result<()> {
+        // Column-major view: out^T (nn x n) = W^T' (W is k x nn col-major, transposed) * x^T.
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                int(nn, "matmul out")?,
+                int(n, "matmul rows")?,
+                int(k, "matmul in")?,
+                (&alpha) as *const f32 as *const _,
+                w_ptr as *const _,
+                w_type,
+                int(k, "lda")?,
+                x_ptr as *const _,
+                x_type,
+                int(k, "ldb")?,
+                (&beta) as *const f32 as *const _,
+                out_ptr as *mut _,
+                cudaDataType::CUDA_R_32F,
+                int(nn, "ldc")?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| dev_err("cublasGemmEx", e))
+    }
+
+    pub(super) fn matmul_impl(
+        &self,
+        x: &CudaTensor,
+        w: &CudaMatrix,
+        bias: Option<&CudaTensor>,
+        out: &mut CudaTensor,
+        n: usize,
+    ) -> Result<()> {
+        check_rows(x, n, "matmul x")?;
+        check_rows(out, n, "matmul out")?;
+        if x.cols != w.cols || out.cols != w.rows {
+            return Err(shape_err(format!(
+                "matmul: x {}x{}, W {}x{}, out {}x{}",
+                n, x.cols, w.rows, w.cols, n, out.cols
+            )));
+        }
+        let (k, nn) = (w.cols, w.rows);
+        if let Some(b) = bias {
+            if b.rows * b.cols != nn {
+                return Err(shape_err(format!(
+                    "bias of {} for {nn} outputs",
+                    b.rows * b.cols
+                )));
+            }
+        }
+        if n == 0 || nn == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            // Empty sum: zeros (then the bias).
+            self.stream
+                .memset_zeros(&mut out.data.slice_mut(..n * nn))
+                .map_err(|e| dev_err("matmul memset", e))?;
+        } else {
+            match w.dtype {
+                DType::F32 => {
+                    let (wp, _g1) = w.data.device_ptr(&self.stream);
+                    let (xp, _g2) = x.data.device_ptr(&self.stream);
+                    let (op, _g3) = out.data.device_ptr_mut(&self.stream);
+                    self.gemm(
+                        wp,
+                        cudaDataType::CUDA_R_32F,
+                        xp,
+                        cudaDataType::CUDA_R_32F,
+                        op,
+                        n,
+                        k,
+                        nn,
+                    )?;
+                }
+                DType::F16 | DType::BF16 if n <= GEMV_MAX_ROWS => {
+                    let name = if w.dtype == DType::F16 {
+                        "gemv_f16"
+                    } else {
+                        "gemv_bf16"
+                    };
+                    let (ni, ki, mi) = (int(n, "rows")?, int(k, "in")?, int(nn, "out")?);
+                    let mut b = self.stream.launch_builder(self.f(name));
+                    b.arg(&x.data)
+                        .arg(&w.data)
+                        .arg(&mut out.data)
+                        .arg(&ni)
+                        .arg(&ki)
+                        .arg(&mi);
+                    // 8 warps per block, one output column per warp.
+                    let cfg = LaunchConfig {
+                        grid_dim: (nn.div_ceil(8) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+                }
+                DType::F16 | DType::BF16 => {
+                    // Cast the activations to the weight dtype, then cuBLAS with f32 accumulation
+                    // and f32 output.
+                    let (cast, ty) = if w.dtype == DType::F16 {
+                        ("cast_f16", cudaDataType::CUDA_R_16F)
+                    } else {
+                        ("cast_bf16", cudaDataType::CUDA_R_16BF)
+                    };
+                    let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+                    let need = n * k * 2;
+                    if guard.as_ref().map_or(true, |s| s.len() < need) {
+                        *guard = None;
+                        *guard = Some(self.alloc::<u8>(need, "matmul scratch")?);
+                    }
+                    let scratch = guard.as_mut().expect("scratch allocated above");
+                    let total = (n * k) as i64;
+                    let ki = int(k, "in")?;
+                    let mut b = self.stream.launch_builder(self.f(cast));
+                    b.arg(&x.data).arg(&mut *scratch).arg(&ki).arg(&total);
+                    unsafe { b.launch(flat(n * k)) }.map_err(Self::launch_err(cast))?;
+                    let (wp, _g1) = w.data.device_ptr(&self.stream);
+                    let (xp, _g2) = scratch.device_ptr(&self.stream);
+                    let (op, _g3) = out.data.device_ptr_mut(&self.stream);
+                    self.gemm(wp, ty, xp, ty, op, n, k, nn)?;
+                }
+            }
+        }
+        if let Some(bias) = bias {
+            let total = (n * nn) as i64;
+            let ci = int(nn, "bias cols")?;
+            let name = "add_bias";
+            let mut b = self.stream.launch_builder(self.f(name));
+            b.arg(&mut out.data).arg(&bias.data).arg(&ci).arg(&total);
+            unsafe { b.launch(flat(n * nn)) }.map_err(Self::launch_err(name))?;
+        }
+        Ok(())
+    }
+}
