@@ -8,9 +8,10 @@ use farsight_kernels::Backend;
 use clap::{Args, Subcommand};
 use farsight_engine::generate::{new_cache, prefill};
 use farsight_engine::model::{Logits, Segment};
+use farsight_engine::Model;
 use farsight_engine::sampler::argmax;
 
-use super::common::{read_text, CliError, ModelArgs};
+use super::common::{read_text, with_model, CliError, ModelArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -83,6 +84,30 @@ impl Stats {
     }
 }
 
+/// One prefill of `prompt` then `new_tokens` greedy decode steps on a fresh cache; returns the
+/// prefill and decode seconds (logits are read back each step, which waits for the device).
+fn timed_run<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    kv_dtype: farsight_kernels::DType,
+    chunk: usize,
+    new_tokens: usize,
+) -> Result<(f64, f64), CliError> {
+    let mut kv = new_cache(model, kv_dtype)?;
+    let mut ws = model.workspace(chunk.min(prompt.len()), 1)?;
+    let t0 = Instant::now();
+    let logits = prefill(model, &mut ws, &mut kv, prompt, chunk, &mut |_, _| {})?;
+    let tp = t0.elapsed().as_secs_f64();
+    let mut next = argmax(&logits);
+    let t1 = Instant::now();
+    for _ in 0..new_tokens {
+        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut kv, logits: Logits::Last }];
+        let l = model.forward(&mut ws, &mut segs)?.swap_remove(0);
+        next = argmax(&l);
+    }
+    Ok((tp, t1.elapsed().as_secs_f64()))
+}
+
 pub fn run(c: BenchCommand) -> Result<(), CliError> {
     match c {
         BenchCommand::Cpu(a) => cpu(a),
@@ -105,10 +130,10 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
             ids.len()
         )));
     }
-    if longest + a.new_tokens > model.cfg.context_length() {
+    if longest + a.new_tokens > model.cfg().context_length() {
         return Err(CliError::Usage(format!(
             "--context {longest} + --new-tokens {} exceeds the model's context of {}",
-            a.new_tokens, model.cfg.context_length()
+            a.new_tokens, model.cfg().context_length()
         )));
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -117,19 +142,7 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
         let prompt = &ids[..n];
         let (mut pre, mut dec) = (Vec::new(), Vec::new());
         for r in 0..a.warmup + a.repeats {
-            let mut kv = new_cache(model, a.model.kv_dtype)?;
-            let mut ws = model.workspace(a.prefill_chunk.min(n), 1)?;
-            let t0 = Instant::now();
-            let logits = prefill(model, &mut ws, &mut kv, prompt, a.prefill_chunk, &mut |_, _| {})?;
-            let tp = t0.elapsed().as_secs_f64();
-            let mut next = argmax(&logits);
-            let t1 = Instant::now();
-            for _ in 0..a.new_tokens {
-                let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut kv, logits: Logits::Last }];
-                let l = model.forward(&mut ws, &mut segs)?.swap_remove(0);
-                next = argmax(&l);
-            }
-            let td = t1.elapsed().as_secs_f64();
+            let (tp, td) = with_model!(model, m => timed_run(m, prompt, a.model.kv_dtype, a.prefill_chunk, a.new_tokens))?;
             if r >= a.warmup {
                 pre.push(n as f64 / tp);
                 dec.push(a.new_tokens as f64 / td);
@@ -145,7 +158,7 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     let report = serde_json::json!({
         "command": command,
         "model": a.model.model,
-        "device": model.backend.name(),
+        "device": model.device_name(),
         "weights_dtype": model.weight_dtype().name(),
         "kv_dtype": a.model.kv_dtype.name(),
         "new_tokens": a.new_tokens,
@@ -163,7 +176,7 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
         };
         writeln!(out, "| {} | {} | {} |", r["context"], f("prefill_tok_s"), f("decode_tok_s")).map_err(CliError::Output)?;
     }
-    writeln!(out, "\n{} on {}, weights {}, KV {}; reproduce: `{command}`", a.model.model.display(), model.backend.name(), model.weight_dtype(), a.model.kv_dtype).map_err(CliError::Output)?;
+    writeln!(out, "\n{} on {}, weights {}, KV {}; reproduce: `{command}`", a.model.model.display(), model.device_name(), model.weight_dtype(), a.model.kv_dtype).map_err(CliError::Output)?;
     if let Some(p) = &a.json {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| CliError::io(dir, e))?;

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use farsight_engine::{EngineError, Model, TextTokenizer};
 use farsight_kernels::cpu::CpuBackend;
-use farsight_kernels::DType;
+use farsight_kernels::cuda::CudaBackend;
+use farsight_kernels::{Backend, DType};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// The embedded default model, made by `scripts/fetch-model.sh`.
@@ -76,9 +77,38 @@ pub struct ModelArgs {
     pub kv_dtype: DType,
 }
 
+/// A model on one of the backends.
+pub enum AnyModel {
+    Cpu(Model<CpuBackend>),
+    Cuda(Model<CudaBackend>),
+}
+
+/// Runs `$body` with `$m` bound to the concrete `&Model<B>` inside an [`AnyModel`].
+macro_rules! with_model {
+    ($any:expr, $m:ident => $body:expr) => {
+        match $any {
+            $crate::cli::common::AnyModel::Cpu($m) => $body,
+            $crate::cli::common::AnyModel::Cuda($m) => $body,
+        }
+    };
+}
+pub(crate) use with_model;
+
+impl AnyModel {
+    pub fn cfg(&self) -> &farsight_engine::ModelConfig {
+        with_model!(self, m => &m.cfg)
+    }
+    pub fn device_name(&self) -> String {
+        with_model!(self, m => m.backend.name())
+    }
+    pub fn weight_dtype(&self) -> DType {
+        with_model!(self, m => m.weight_dtype())
+    }
+}
+
 /// A loaded model and its tokenizer.
 pub struct Loaded {
-    pub model: Model<CpuBackend>,
+    pub model: AnyModel,
     pub tok: TextTokenizer,
 }
 
@@ -93,16 +123,15 @@ impl ModelArgs {
             };
             return Err(EngineError::MissingModel { path: self.model.clone(), hint }.into());
         }
-        let backend = match self.device {
-            Device::Cpu => CpuBackend::new(self.threads)?,
+        let model = match self.device {
+            Device::Cpu => AnyModel::Cpu(Model::load(&self.model, CpuBackend::new(self.threads)?)?),
             Device::Cuda(n) => {
-                return Err(CliError::Usage(format!(
-                    "--device cuda:{n}: this build of farsight has no CUDA backend yet; use --device cpu"
-                )))
+                let be = CudaBackend::new(n)
+                    .map_err(|e| CliError::Usage(format!("--device cuda:{n}: {e}")))?;
+                AnyModel::Cuda(Model::load(&self.model, be)?)
             }
         };
-        let model = Model::load(&self.model, backend)?;
-        let tok = TextTokenizer::from_dir(&self.model, &model.cfg.eos_token_ids)?;
+        let tok = TextTokenizer::from_dir(&self.model, &model.cfg().eos_token_ids)?;
         Ok(Loaded { model, tok })
     }
 }

@@ -3,11 +3,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use farsight_kernels::Backend;
 use clap::{Args, Subcommand};
 use farsight_engine::eval::perplexity;
 
-use super::common::{read_text, token_progress, CliError, ModelArgs};
+use super::common::{read_text, token_progress, with_model, CliError, ModelArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -46,18 +45,18 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
     let text = read_text(&a.text)?;
     let loaded = a.model.load()?;
     let mut ids = loaded.tok.encode(&text)?;
-    let limit = if a.max_tokens == 0 { loaded.model.cfg.context_length() } else { a.max_tokens };
+    let limit = if a.max_tokens == 0 { loaded.model.cfg().context_length() } else { a.max_tokens };
     ids.truncate(limit);
     eprintln!(
         "eval ppl: model {}, {} tokens of {}, device {}, kv {}, attention dense",
         a.model.model.display(),
         ids.len(),
         a.text.display(),
-        loaded.model.backend.name(),
+        loaded.model.device_name(),
         a.model.kv_dtype
     );
     let pb = token_progress(ids.len(), "eval", 2048);
-    let r = perplexity(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &mut |d, _| pb.set_position(d as u64))?;
+    let r = with_model!(&loaded.model, m => perplexity(m, &ids, a.chunk, a.model.kv_dtype, &mut |d, _| pb.set_position(d as u64)))?;
     pb.finish_and_clear();
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -70,7 +69,7 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
                 "model": a.model.model,
                 "text": a.text,
                 "max_tokens": a.max_tokens,
-                "device": loaded.model.backend.name(),
+                "device": loaded.model.device_name(),
                 "kv_dtype": a.model.kv_dtype.name(),
                 "attention": "dense",
             },

@@ -3,14 +3,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use farsight_kernels::Backend;
 use clap::Args;
 use farsight_engine::chat::Message;
 use farsight_engine::generate::{generate, GenerateOptions};
 use farsight_engine::sampler::SamplingParams;
 use farsight_engine::EngineError;
 
-use super::common::{read_text, token_progress, CliError, ModelArgs};
+use super::common::{read_text, token_progress, with_model, CliError, ModelArgs};
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_file"]))]
@@ -98,7 +97,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
     let stream = !a.json;
-    let g = generate(
+    let g = with_model!(model, model => generate(
         model,
         tok,
         &ids,
@@ -114,7 +113,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
                 }
             }
         },
-    )?;
+    ))?;
     pb.finish_and_clear();
     if let Some(e) = write_err {
         return Err(CliError::Output(e));
@@ -134,7 +133,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
             },
             "settings": {
                 "model": a.model.model,
-                "device": model.backend.name(),
+                "device": model.device_name(),
                 "kv_dtype": a.model.kv_dtype.name(),
                 "chat": a.chat,
                 "max_new_tokens": a.max_new_tokens,
