@@ -234,3 +234,95 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Tensor,
     ) -> Result<()>;
 }
+
+/// Shape checks shared by every backend: each op validates its operands' dimensions here before
+/// touching memory, so a caller's mistake is the same error on every device.
+pub mod checks {
+    use super::{CausalAttn, DType, Result, Rope};
+    use crate::error::KernelError;
+
+    fn err(msg: String) -> KernelError {
+        KernelError::Shape(msg)
+    }
+
+    /// `need` rows of a tensor with `rows` rows.
+    pub fn rows(rows: usize, need: usize, what: &str) -> Result<()> {
+        if need > rows {
+            return Err(err(format!("{what}: {need} rows requested, tensor has {rows}")));
+        }
+        Ok(())
+    }
+
+    /// `out[0..n] = x[0..n] W^T + bias`: x `(rows, cols)`, W `(out, in)`, out `(rows, cols)`.
+    pub fn matmul(
+        n: usize,
+        x: (usize, usize),
+        w: (usize, usize),
+        out: (usize, usize),
+        bias_len: Option<usize>,
+    ) -> Result<()> {
+        rows(x.0, n, "matmul x")?;
+        rows(out.0, n, "matmul out")?;
+        if x.1 != w.1 || out.1 != w.0 {
+            return Err(err(format!(
+                "matmul: x {n}x{}, W {}x{}, out {n}x{}",
+                x.1, w.0, w.1, out.1
+            )));
+        }
+        match bias_len {
+            Some(b) if b != w.0 => Err(err(format!("bias of {b} for {} outputs", w.0))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Rope on `n_pos` rows of x `(rows, cols)`, columns `col0 .. + n_heads * head_dim`.
+    pub fn rope(
+        x: (usize, usize),
+        n_pos: usize,
+        col0: usize,
+        n_heads: usize,
+        head_dim: usize,
+        r: &Rope,
+    ) -> Result<()> {
+        rows(x.0, n_pos, "rope")?;
+        if r.inv_freq.len() != head_dim / 2 || col0 + n_heads * head_dim > x.1 {
+            return Err(err(format!(
+                "rope: {} frequencies for head_dim {head_dim}, columns {col0}+{} of {}",
+                r.inv_freq.len(),
+                n_heads * head_dim,
+                x.1
+            )));
+        }
+        Ok(())
+    }
+
+    impl CausalAttn {
+        /// Checks the call against q and out `(rows, cols)` and the K and V caches
+        /// `(capacity, cols, dtype)`.
+        pub fn validate(
+            &self,
+            q: (usize, usize),
+            k: (usize, usize, DType),
+            v: (usize, usize, DType),
+            out: (usize, usize),
+        ) -> Result<()> {
+            let s = self.shape;
+            let total = self.n_past + self.n_q;
+            if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+                return Err(err(format!("{} heads over {} KV heads", s.n_heads, s.n_kv_heads)));
+            }
+            if total > k.0 || total > v.0 || k.1 != s.kv_width() || v.1 != k.1 {
+                return Err(err(format!("attention over {total} rows: cache {}x{}", k.0, k.1)));
+            }
+            rows(q.0, self.q_row0 + self.n_q, "attention q")?;
+            rows(out.0, self.out_row0 + self.n_q, "attention out")?;
+            if self.q_col0 + s.q_width() > q.1 || out.1 < s.q_width() {
+                return Err(err("attention: q/out columns".into()));
+            }
+            if k.2 != v.2 {
+                return Err(err(format!("K cache {} vs V cache {}", k.2, v.2)));
+            }
+            Ok(())
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::{Backend, CausalAttn, DType, HostMatrix, Result, Rope};
+use crate::backend::{checks, Backend, CausalAttn, DType, HostMatrix, Result, Rope};
 use crate::error::KernelError;
 use simd::Elem;
 
@@ -295,14 +295,7 @@ impl Backend for CpuBackend {
         out: &mut CpuTensor,
         n: usize,
     ) -> Result<()> {
-        check_rows(x, n, "matmul x")?;
-        check_rows(out, n, "matmul out")?;
-        if x.cols != w.cols || out.cols != w.rows {
-            return Err(shape_err(format!(
-                "matmul: x {}x{}, W {}x{}, out {}x{}",
-                n, x.cols, w.rows, w.cols, n, out.cols
-            )));
-        }
+        checks::matmul(n, (x.rows, x.cols), (w.rows, w.cols), (out.rows, out.cols), bias.map(|b| b.data.len()))?;
         let (k, nn) = (w.cols, w.rows);
         let xs = &x.data[..n * k];
         let os = &mut out.data[..n * nn];
@@ -310,9 +303,6 @@ impl Backend for CpuBackend {
             with_store!(&w.data, wv => matmul::matmul(xs, n, k, wv, nn, os))
         });
         if let Some(b) = bias {
-            if b.data.len() != nn {
-                return Err(shape_err(format!("bias of {} for {nn} outputs", b.data.len())));
-            }
             for row in os.chunks_mut(nn) {
                 for (o, bv) in row.iter_mut().zip(&b.data) {
                     *o += bv;
@@ -331,16 +321,8 @@ impl Backend for CpuBackend {
         positions: &[u32],
         rope: &Rope,
     ) -> Result<()> {
-        check_rows(x, positions.len(), "rope")?;
+        checks::rope((x.rows, x.cols), positions.len(), col0, n_heads, head_dim, rope)?;
         let half = head_dim / 2;
-        if rope.inv_freq.len() != half || col0 + n_heads * head_dim > x.cols {
-            return Err(shape_err(format!(
-                "rope: {} frequencies for head_dim {head_dim}, columns {col0}+{} of {}",
-                rope.inv_freq.len(),
-                n_heads * head_dim,
-                x.cols
-            )));
-        }
         let mut cos = vec![0.0f32; half];
         let mut sin = vec![0.0f32; half];
         let cols = x.cols;
@@ -404,25 +386,12 @@ impl Backend for CpuBackend {
         v: &CpuCache,
         out: &mut CpuTensor,
     ) -> Result<()> {
-        let s = a.shape;
-        let total = a.n_past + a.n_q;
-        if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
-            return Err(shape_err(format!("{} heads over {} KV heads", s.n_heads, s.n_kv_heads)));
-        }
-        if total > k.capacity || total > v.capacity || k.cols != s.kv_width() || v.cols != k.cols {
-            return Err(shape_err(format!(
-                "attention over {total} rows: cache {}x{}",
-                k.capacity, k.cols
-            )));
-        }
-        check_rows(q, a.q_row0 + a.n_q, "attention q")?;
-        check_rows(out, a.out_row0 + a.n_q, "attention out")?;
-        if a.q_col0 + s.q_width() > q.cols || out.cols < s.q_width() {
-            return Err(shape_err("attention: q/out columns".into()));
-        }
-        if k.data.dtype() != v.data.dtype() {
-            return Err(shape_err(format!("K cache {} vs V cache {}", k.data.dtype(), v.data.dtype())));
-        }
+        a.validate(
+            (q.rows, q.cols),
+            (k.capacity, k.cols, k.data.dtype()),
+            (v.capacity, v.cols, v.data.dtype()),
+            (out.rows, out.cols),
+        )?;
         let (qc, oc, kc) = (q.cols, out.cols, k.cols);
         let od = &mut out.data;
         self.pool.install(|| match (&k.data, &v.data) {

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{check_rows, int, shape_err, CudaBackend, CudaCache, CudaTensor};
+use super::{int, shape_err, CudaBackend, CudaCache, CudaTensor};
 use crate::backend::{CausalAttn, DType, Result};
 
 /// Largest head dimension the attention kernel handles (`ATTN_MAX_T * 32` in attention.cu).
@@ -58,31 +58,14 @@ impl CudaBackend {
         v: &CudaCache,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        a.validate(
+            (q.rows, q.cols),
+            (k.capacity, k.cols, k.dtype),
+            (v.capacity, v.cols, v.dtype),
+            (out.rows, out.cols),
+        )?;
         let s = a.shape;
         let total = a.n_past + a.n_q;
-        if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
-            return Err(shape_err(format!(
-                "{} heads over {} KV heads",
-                s.n_heads, s.n_kv_heads
-            )));
-        }
-        if total > k.capacity || total > v.capacity || k.cols != s.kv_width() || v.cols != k.cols {
-            return Err(shape_err(format!(
-                "attention over {total} rows: cache {}x{}",
-                k.capacity, k.cols
-            )));
-        }
-        check_rows(q, a.q_row0 + a.n_q, "attention q")?;
-        check_rows(out, a.out_row0 + a.n_q, "attention out")?;
-        if a.q_col0 + s.q_width() > q.cols || out.cols < s.q_width() {
-            return Err(shape_err("attention: q/out columns".into()));
-        }
-        if k.dtype != v.dtype {
-            return Err(shape_err(format!(
-                "K cache {} vs V cache {}",
-                k.dtype, v.dtype
-            )));
-        }
         if s.head_dim > ATTN_MAX_HEAD_DIM {
             return Err(shape_err(format!(
                 "attention: head_dim {} above the kernel's {ATTN_MAX_HEAD_DIM}",

@@ -1,11 +1,12 @@
 //! Matmuls of the CUDA backend: the GEMV kernel for few rows of 16-bit weights, else cuBLAS
 //! (`cublasGemmEx`, f32 accumulation) on f32 activations or on activations cast to 16 bits.
 
+use crate::backend::checks;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::ops::flat;
-use super::{check_rows, dev_err, int, shape_err, CudaBackend, CudaMatrix, CudaTensor};
+use super::{dev_err, int, CudaBackend, CudaMatrix, CudaTensor};
 use crate::backend::{DType, Result};
 
 /// Rows up to which a 16-bit-weight matmul runs the GEMV kernel (f32 activations, exact weights)
@@ -62,23 +63,14 @@ impl CudaBackend {
         out: &mut CudaTensor,
         n: usize,
     ) -> Result<()> {
-        check_rows(x, n, "matmul x")?;
-        check_rows(out, n, "matmul out")?;
-        if x.cols != w.cols || out.cols != w.rows {
-            return Err(shape_err(format!(
-                "matmul: x {}x{}, W {}x{}, out {}x{}",
-                n, x.cols, w.rows, w.cols, n, out.cols
-            )));
-        }
+        checks::matmul(
+            n,
+            (x.rows, x.cols),
+            (w.rows, w.cols),
+            (out.rows, out.cols),
+            bias.map(|b| b.rows * b.cols),
+        )?;
         let (k, nn) = (w.cols, w.rows);
-        if let Some(b) = bias {
-            if b.rows * b.cols != nn {
-                return Err(shape_err(format!(
-                    "bias of {} for {nn} outputs",
-                    b.rows * b.cols
-                )));
-            }
-        }
         if n == 0 || nn == 0 {
             return Ok(());
         }

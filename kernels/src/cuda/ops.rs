@@ -1,6 +1,7 @@
 //! Launch wrappers of the elementwise and row-wise kernels (`ops.cu`): row gathers, cache writes,
 //! embedding lookup, RMSNorm, RoPE, SiLU-gating and residual adds, with their launch geometry.
 
+use crate::backend::checks;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{check_rows, int, shape_err, CudaBackend, CudaCache, CudaMatrix, CudaTensor};
@@ -188,16 +189,8 @@ impl CudaBackend {
         positions: &[u32],
         rope: &Rope,
     ) -> Result<()> {
-        check_rows(x, positions.len(), "rope")?;
+        checks::rope((x.rows, x.cols), positions.len(), col0, n_heads, head_dim, rope)?;
         let half = head_dim / 2;
-        if rope.inv_freq.len() != half || col0 + n_heads * head_dim > x.cols {
-            return Err(shape_err(format!(
-                "rope: {} frequencies for head_dim {head_dim}, columns {col0}+{} of {}",
-                rope.inv_freq.len(),
-                n_heads * head_dim,
-                x.cols
-            )));
-        }
         if positions.is_empty() || n_heads == 0 || half == 0 {
             return Ok(());
         }
