@@ -253,6 +253,26 @@ pub mod checks {
         Ok(())
     }
 
+    /// `n` rows of src `(rows, cols)` from column `src_col0` into a cache `(capacity, cols)` at
+    /// row `dst_row0`.
+    pub fn cache_write(
+        cache: (usize, usize),
+        dst_row0: usize,
+        src: (usize, usize),
+        src_row0: usize,
+        src_col0: usize,
+        n: usize,
+    ) -> Result<()> {
+        rows(src.0, src_row0 + n, "cache_write src")?;
+        if dst_row0 + n > cache.0 || src_col0 + cache.1 > src.1 {
+            return Err(err(format!(
+                "cache_write of {n} rows at {dst_row0} (capacity {}), columns {src_col0}+{} of {}",
+                cache.0, cache.1, src.1
+            )));
+        }
+        Ok(())
+    }
+
     /// `out[0..n] = x[0..n] W^T + bias`: x `(rows, cols)`, W `(out, in)`, out `(rows, cols)`.
     pub fn matmul(
         n: usize,

@@ -5,35 +5,14 @@
 //! CPU and the CUDA backend: chunked prefill then decode steps, logits compared by relative L2
 //! after every step. Skipped without a CUDA device.
 
+mod common;
+
+use common::{rel_l2, vals};
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{cpu::CpuBackend, AttnShape, Backend, CausalAttn, DType, HostMatrix, Rope};
 use half::bf16;
 
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(0x2545_F491_4F6C_DD1D);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        assert!(g.is_finite() && w.is_finite(), "non-finite logits");
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    assert!(den > 0.0);
-    (num / den).sqrt()
-}
 
 #[derive(Clone, Copy)]
 struct Cfg {

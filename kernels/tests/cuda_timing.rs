@@ -5,22 +5,12 @@
 
 use std::time::Instant;
 
+mod common;
+
+use common::vals;
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, HostMatrix};
 
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(0x2545_F491_4F6C_DD1D);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// Median over 5 batches of the per-call seconds of `f`, after 3 warm-up calls.
 fn time(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {

@@ -75,13 +75,7 @@ impl CudaBackend {
         src_col0: usize,
         n: usize,
     ) -> Result<()> {
-        check_rows(src, src_row0 + n, "cache_write src")?;
-        if dst_row0 + n > c.capacity || src_col0 + c.cols > src.cols {
-            return Err(shape_err(format!(
-                "cache_write of {n} rows at {dst_row0} (capacity {}), columns {src_col0}+{} of {}",
-                c.capacity, c.cols, src.cols
-            )));
-        }
+        checks::cache_write((c.capacity, c.cols), dst_row0, (src.rows, src.cols), src_row0, src_col0, n)?;
         if n == 0 || c.cols == 0 {
             return Ok(());
         }
