@@ -253,6 +253,16 @@ pub mod checks {
         Ok(())
     }
 
+    /// RMS norm of `n` rows of x `(rows, cols)` with a `weight_len` weight into out `(rows, cols)`.
+    pub fn rms_norm(n: usize, x: (usize, usize), weight_len: usize, out: (usize, usize)) -> Result<()> {
+        rows(x.0, n, "rms_norm")?;
+        rows(out.0, n, "rms_norm out")?;
+        if weight_len != x.1 || out.1 != x.1 {
+            return Err(err(format!("rms_norm width {}, weight {weight_len}, out {}", x.1, out.1)));
+        }
+        Ok(())
+    }
+
     /// `n` rows of src `(rows, cols)` from column `src_col0` into a cache `(capacity, cols)` at
     /// row `dst_row0`.
     pub fn cache_write(

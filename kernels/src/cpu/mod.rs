@@ -263,12 +263,8 @@ impl Backend for CpuBackend {
         out: &mut CpuTensor,
         n: usize,
     ) -> Result<()> {
-        check_rows(x, n, "rms_norm")?;
-        check_rows(out, n, "rms_norm out")?;
+        checks::rms_norm(n, (x.rows, x.cols), weight.data.len(), (out.rows, out.cols))?;
         let c = x.cols;
-        if weight.data.len() != c || out.cols != c {
-            return Err(shape_err(format!("rms_norm width {c}, weight {}", weight.data.len())));
-        }
         for r in 0..n {
             let xr = &x.data[r * c..(r + 1) * c];
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / c as f32;

@@ -145,15 +145,8 @@ impl CudaBackend {
         out: &mut CudaTensor,
         n: usize,
     ) -> Result<()> {
-        check_rows(x, n, "rms_norm")?;
-        check_rows(out, n, "rms_norm out")?;
+        checks::rms_norm(n, (x.rows, x.cols), weight.rows * weight.cols, (out.rows, out.cols))?;
         let c = x.cols;
-        if weight.rows * weight.cols != c || out.cols != c {
-            return Err(shape_err(format!(
-                "rms_norm width {c}, weight {}",
-                weight.rows * weight.cols
-            )));
-        }
         if n == 0 || c == 0 {
             return Ok(());
         }
