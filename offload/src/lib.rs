@@ -5,8 +5,10 @@
 //! every layer's rows contiguously in backend memory (the plain cache).
 
 mod dense;
+pub mod tier;
 
 pub use dense::DenseKvCache;
+pub use tier::{KvTier, RowLayout};
 
 use farsight_kernels::{Backend, CausalAttn, Result};
 
