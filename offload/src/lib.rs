@@ -5,9 +5,11 @@
 //! every layer's rows contiguously in backend memory (the plain cache).
 
 mod dense;
+pub mod sparse;
 pub mod tier;
 
 pub use dense::DenseKvCache;
+pub use sparse::{SparseConfig, SparseKvStore};
 pub use tier::{KvTier, RowLayout};
 
 use farsight_kernels::{Backend, CausalAttn, Result};
@@ -56,4 +58,15 @@ pub trait KvStore<B: Backend> {
     ) -> Result<()>;
     /// Bytes held (capacity, not just the used part).
     fn bytes(&self) -> usize;
+    /// Layer-ahead prediction: the label channels (`[layer][kv_head]`) whose query values the
+    /// store wants predicted one layer early, or `None` when it wants no prediction.
+    fn ahead_channels(&self) -> Option<&[Vec<Vec<usize>>]> {
+        None
+    }
+    /// Receives layer `layer`'s predicted post-RoPE query values at its label channels for the
+    /// `n` new tokens (`n x n_heads x r`, query head `h` using KV head `h / group`'s channels),
+    /// made while the previous layer ran. Used by the next [`KvStore::attend`] of that layer.
+    fn predict(&mut self, _layer: usize, _q_hat: &[f32], _n: usize) -> Result<()> {
+        Ok(())
+    }
 }

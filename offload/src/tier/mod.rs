@@ -14,6 +14,10 @@
 //! are contiguous: a recent window, a sink block or a cluster of selected tokens is one run of
 //! bytes (what disk reads and PCIe gathers want).
 
+mod plain;
+
+pub use plain::PlainTier;
+
 use farsight_kernels::Result;
 
 /// Shape of the rows a tier stores.

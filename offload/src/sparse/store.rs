@@ -1,0 +1,414 @@
+//! [`SparseKvStore`]: a [`KvStore`] whose rows live in a [`KvTier`] (host memory or disk) and
+//! whose attention reads only the rows Double Sparsity selects.
+//!
+//! Per new token and layer, `write` stores every KV head's `[K | V]` row in the token's slot and
+//! its label (the post-RoPE key at the head's label channels). Per query, layer and KV head,
+//! `attend` scores every visible token's label against the group's summed query labels, keeps
+//! the sinks, the recent window and the top-scoring tokens up to the budget, gathers those rows
+//! from the tier and runs exact softmax attention over them. A query that sees no more tokens
+//! than its budget, a layer listed as dense, and (unless `sparse_prefill`) a multi-token call
+//! attend over every visible row.
+
+use std::sync::Mutex;
+
+use farsight_kernels::cpu::simd::Elem;
+use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, KernelError, Result};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::attend::attend_rows;
+use super::config::{Predict, SparseConfig};
+use super::labels::LabelCache;
+use super::stats::SparseStats;
+use super::ChannelRanking;
+use crate::tier::{KvTier, RowLayout};
+use crate::KvStore;
+
+/// Double Sparsity KV store over a tier.
+pub struct SparseKvStore {
+    cfg: SparseConfig,
+    shape: AttnShape,
+    layers: usize,
+    dtype: DType,
+    tier: Box<dyn KvTier>,
+    labels: LabelCache,
+    /// `channels[layer][kv_head]`: the `r` label channels, most important first.
+    channels: Vec<Vec<Vec<usize>>>,
+    /// Slot of every position: committed tokens, then the reserved ones.
+    slot_of: Vec<u32>,
+    /// Committed tokens.
+    len: usize,
+    /// Next never-used slot (slots are not reused yet: no token is freed before eviction).
+    next_slot: u32,
+    max_tokens: usize,
+    /// Layer-ahead predictions for the pending queries: `ahead[layer]` holds
+    /// `n_q x n_heads x r` post-RoPE query values at that layer's label channels.
+    ahead: Vec<Option<Vec<f32>>>,
+    stats: Mutex<SparseStats>,
+}
+
+/// The row layout a [`SparseKvStore`] of this shape needs from its tier.
+pub fn row_layout(layers: usize, shape: &AttnShape, dtype: DType) -> RowLayout {
+    RowLayout { layers, kv_heads: shape.n_kv_heads, row_bytes: 2 * shape.head_dim * dtype.size(), extent_slots: 1024 }
+}
+
+fn invalid(msg: String) -> KernelError {
+    KernelError::Shape(msg)
+}
+
+impl SparseKvStore {
+    /// A store for `layers` layers of `shape`, rows in `dtype`, in `tier`, choosing each
+    /// (layer, KV head)'s `cfg.label_channels` best channels from `ranking`.
+    pub fn new(
+        cfg: SparseConfig,
+        shape: AttnShape,
+        layers: usize,
+        dtype: DType,
+        ranking: &ChannelRanking,
+        tier: Box<dyn KvTier>,
+        max_tokens: usize,
+    ) -> Result<SparseKvStore> {
+        let r = cfg.label_channels;
+        if r == 0 || r > shape.head_dim {
+            return Err(invalid(format!(
+                "--label-channels {r}: must be between 1 and the head dimension {}",
+                shape.head_dim
+            )));
+        }
+        if let Some(&l) = cfg.dense_layers.iter().find(|&&l| l >= layers) {
+            return Err(invalid(format!("--dense-layers: layer {l} does not exist (the model has {layers})")));
+        }
+        let channels = ranking.top(r, layers, shape.n_kv_heads, shape.head_dim)?;
+        let want = row_layout(layers, &shape, dtype);
+        let got = *tier.layout();
+        if (got.layers, got.kv_heads, got.row_bytes) != (want.layers, want.kv_heads, want.row_bytes) {
+            return Err(invalid(format!("tier layout {got:?} does not fit rows {want:?}")));
+        }
+        Ok(SparseKvStore {
+            labels: LabelCache::new(layers, shape.n_kv_heads, r, cfg.label_bits),
+            stats: Mutex::new(SparseStats::new(layers)),
+            ahead: vec![None; layers],
+            cfg,
+            shape,
+            layers,
+            dtype,
+            tier,
+            channels,
+            slot_of: Vec::new(),
+            len: 0,
+            next_slot: 0,
+            max_tokens,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SparseConfig {
+        &self.cfg
+    }
+
+    /// Counters since creation (or the last [`SparseKvStore::reset_stats`]).
+    pub fn stats(&self) -> SparseStats {
+        self.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Zeroes the counters.
+    pub fn reset_stats(&self) {
+        *self.stats.lock().expect("stats lock") = SparseStats::new(self.layers);
+    }
+
+    /// The tier's description.
+    pub fn tier_name(&self) -> String {
+        self.tier.describe()
+    }
+
+    /// Bytes of labels (the per-token state a GPU would keep).
+    pub fn label_bytes(&self) -> usize {
+        self.labels.bytes()
+    }
+
+    /// Sum over the group of KV head `g` of the query heads' values at `g`'s label channels
+    /// (`q`: every head's full query, `head_dim` apart).
+    pub(crate) fn group_label_query(&self, layer: usize, g: usize, q: &[f32]) -> Vec<f32> {
+        let d = self.shape.head_dim;
+        let group = self.shape.group();
+        let ch = &self.channels[layer][g];
+        let mut out = vec![0.0f32; ch.len()];
+        for h in g * group..(g + 1) * group {
+            for (o, &c) in out.iter_mut().zip(ch) {
+                *o += q[h * d + c];
+            }
+        }
+        out
+    }
+
+    /// The same sum from a layer-ahead prediction (`q_hat`: `r` values per head).
+    fn group_predicted_query(&self, g: usize, q_hat: &[f32]) -> Vec<f32> {
+        let r = self.cfg.label_channels;
+        let group = self.shape.group();
+        let mut out = vec![0.0f32; r];
+        for h in g * group..(g + 1) * group {
+            for (o, &v) in out.iter_mut().zip(&q_hat[h * r..(h + 1) * r]) {
+                *o += v;
+            }
+        }
+        out
+    }
+
+    /// The positions attention reads for a query seeing `start..end`, in increasing order, and
+    /// how many of them were chosen by score.
+    pub(crate) fn select(&self, layer: usize, g: usize, qlab: &[f32], start: usize, end: usize, budget: usize) -> (Vec<usize>, usize) {
+        let sink_end = (start + self.cfg.sink).min(end);
+        let recent_start = end.saturating_sub(self.cfg.recent).max(sink_end);
+        let fixed = (sink_end - start) + (end - recent_start);
+        let middle = sink_end..recent_start;
+        let k = budget.saturating_sub(fixed).min(middle.len());
+        let mut chosen: Vec<usize> = if k == middle.len() {
+            middle.clone().collect()
+        } else if k == 0 {
+            Vec::new()
+        } else {
+            let slots = &self.slot_of[middle.clone()];
+            let mut scores = Vec::new();
+            self.labels.score(layer, g, qlab, slots, &mut scores);
+            let mut idx: Vec<u32> = (0..slots.len() as u32).collect();
+            let by_score = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+            idx.select_nth_unstable_by(k - 1, by_score);
+            idx.truncate(k);
+            idx.iter().map(|&i| middle.start + i as usize).collect()
+        };
+        chosen.sort_unstable();
+        let mut pos: Vec<usize> = (start..sink_end).collect();
+        pos.extend_from_slice(&chosen);
+        pos.extend(recent_start..end);
+        (pos, k)
+    }
+
+    /// Attention of query `i` (all heads of KV head `g`'s group) over `positions`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_positions<E: Elem + bytemuck::Pod>(
+        &self,
+        layer: usize,
+        g: usize,
+        positions: &[usize],
+        q: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let d = self.shape.head_dim;
+        let slots: Vec<u32> = positions.iter().map(|&p| self.slot_of[p]).collect();
+        let mut rows = vec![E::default(); slots.len() * 2 * d];
+        self.tier.read(layer, g, &slots, bytemuck::cast_slice_mut(&mut rows))?;
+        let mut scores = Vec::new();
+        let group = self.shape.group();
+        for j in 0..group {
+            let h = g * group + j;
+            attend_rows(&q[h * d..(h + 1) * d], &rows, d, scale, &mut scores, &mut out[j * d..(j + 1) * d]);
+        }
+        Ok(())
+    }
+
+    /// Attention for one (query, KV head) task: chooses the rows and attends over them.
+    fn attend_one<E: Elem + bytemuck::Pod>(
+        &self,
+        layer: usize,
+        a: &CausalAttn,
+        i: usize,
+        g: usize,
+        q: &[f32],
+        sparse: bool,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let end = a.n_past + i + 1;
+        let start = a.shape.window.map_or(0, |w| end.saturating_sub(w));
+        let budget = self.cfg.budget.tokens(end - start);
+        if !sparse || end - start <= budget {
+            let pos: Vec<usize> = (start..end).collect();
+            self.stats.lock().expect("stats lock").dense(pos.len());
+            return self.attend_positions::<E>(layer, g, &pos, q, a.scale, out);
+        }
+        let qlab = self.group_label_query(layer, g, q);
+        let (truth, k) = self.select(layer, g, &qlab, start, end, budget);
+        let pos = match (&self.cfg.predict, &self.ahead[layer]) {
+            (Predict::LayerAhead, Some(pred)) => {
+                let r = self.cfg.label_channels;
+                let stride = self.shape.n_heads * r;
+                let qhat = self.group_predicted_query(g, &pred[i * stride..(i + 1) * stride]);
+                let (guess, _) = self.select(layer, g, &qhat, start, end, budget);
+                let hits = overlap(&truth, &guess);
+                let fixed = truth.len() - k;
+                self.stats.lock().expect("stats lock").add_recall(layer, hits - fixed, k);
+                guess
+            }
+            _ => truth,
+        };
+        self.stats.lock().expect("stats lock").sparse(pos.len(), end - start);
+        self.attend_positions::<E>(layer, g, &pos, q, a.scale, out)
+    }
+
+    fn attend_typed<E: Elem + bytemuck::Pod>(
+        &self,
+        layer: usize,
+        a: &CausalAttn,
+        q: &[f32],
+        q_cols: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let s = self.shape;
+        let (d, group, qw) = (s.head_dim, s.group(), s.q_width());
+        let sparse = !self.cfg.dense_layers.contains(&layer) && (a.n_q == 1 || self.cfg.sparse_prefill);
+        let tasks: Vec<(usize, usize)> = (0..a.n_q).flat_map(|i| (0..s.n_kv_heads).map(move |g| (i, g))).collect();
+        let results: Vec<Result<Vec<f32>>> = tasks
+            .par_iter()
+            .map(|&(i, g)| {
+                let qrow = &q[i * q_cols + a.q_col0..][..qw];
+                let mut o = vec![0.0f32; group * d];
+                self.attend_one::<E>(layer, a, i, g, qrow, sparse, &mut o)?;
+                Ok(o)
+            })
+            .collect();
+        for (&(i, g), r) in tasks.iter().zip(results) {
+            let o = r?;
+            out[i * qw + g * group * d..][..group * d].copy_from_slice(&o);
+        }
+        Ok(())
+    }
+}
+
+/// Common elements of two increasing lists.
+fn overlap(a: &[usize], b: &[usize]) -> usize {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                n += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    n
+}
+
+fn encode(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    match dtype {
+        DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+        DType::F16 => {
+            for (c, &v) in src.iter().enumerate() {
+                dst[2 * c..2 * c + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, &v) in src.iter().enumerate() {
+                dst[2 * c..2 * c + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+            }
+        }
+    }
+}
+
+impl<B: Backend> KvStore<B> for SparseKvStore {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn reserve(&mut self, _backend: &B, n: usize) -> Result<()> {
+        let need = self.len + n;
+        if need > self.max_tokens {
+            return Err(invalid(format!("KV store holds at most {} tokens; {need} requested", self.max_tokens)));
+        }
+        self.slot_of.truncate(self.len);
+        for _ in 0..n {
+            self.slot_of.push(self.next_slot);
+            self.next_slot += 1;
+        }
+        self.tier.grow(self.next_slot as usize)?;
+        self.labels.grow(self.next_slot as usize);
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        backend: &B,
+        layer: usize,
+        src: &B::Tensor,
+        src_row0: usize,
+        k_col0: usize,
+        v_col0: usize,
+        n: usize,
+    ) -> Result<()> {
+        if self.len + n > self.slot_of.len() {
+            return Err(invalid(format!("write of {n} rows after {} without reserve", self.len)));
+        }
+        let cols = backend.tensor_shape(src).1;
+        let rows = backend.read_rows(src, src_row0, n)?;
+        let (d, g) = (self.shape.head_dim, self.shape.n_kv_heads);
+        let es = self.dtype.size();
+        let rb = 2 * d * es;
+        let mut buf = vec![0u8; g * rb];
+        let mut lab = Vec::with_capacity(self.cfg.label_channels);
+        for i in 0..n {
+            let slot = self.slot_of[self.len + i];
+            let row = &rows[i * cols..(i + 1) * cols];
+            for h in 0..g {
+                let k = &row[k_col0 + h * d..][..d];
+                encode(self.dtype, k, &mut buf[h * rb..][..d * es]);
+                encode(self.dtype, &row[v_col0 + h * d..][..d], &mut buf[h * rb + d * es..][..d * es]);
+                lab.clear();
+                lab.extend(self.channels[layer][h].iter().map(|&c| k[c]));
+                self.labels.write(layer, h, slot, &lab);
+            }
+            self.tier.write(layer, slot, &buf)?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, n: usize) {
+        assert!(self.len + n <= self.slot_of.len(), "commit past the reserved rows");
+        self.len += n;
+        self.ahead.iter_mut().for_each(|a| *a = None);
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        self.slot_of.truncate(self.len);
+    }
+
+    fn attend(&self, backend: &B, layer: usize, args: &CausalAttn, q: &B::Tensor, out: &mut B::Tensor) -> Result<()> {
+        if args.n_past != self.len || args.n_past + args.n_q > self.slot_of.len() {
+            return Err(invalid(format!(
+                "attention after {} tokens (+{}), store holds {} (+{} reserved)",
+                args.n_past,
+                args.n_q,
+                self.len,
+                self.slot_of.len() - self.len
+            )));
+        }
+        let q_cols = backend.tensor_shape(q).1;
+        let qrows = backend.read_rows(q, args.q_row0, args.n_q)?;
+        let mut o = vec![0.0f32; args.n_q * self.shape.q_width()];
+        match self.dtype {
+            DType::F32 => self.attend_typed::<f32>(layer, args, &qrows, q_cols, &mut o)?,
+            DType::F16 => self.attend_typed::<f16>(layer, args, &qrows, q_cols, &mut o)?,
+            DType::BF16 => self.attend_typed::<bf16>(layer, args, &qrows, q_cols, &mut o)?,
+        }
+        backend.write_tensor(out, args.out_row0, &o)
+    }
+
+    fn bytes(&self) -> usize {
+        self.tier.bytes() + self.labels.bytes()
+    }
+
+    fn ahead_channels(&self) -> Option<&[Vec<Vec<usize>>]> {
+        (self.cfg.predict == Predict::LayerAhead).then_some(&self.channels[..])
+    }
+
+    fn predict(&mut self, layer: usize, q_hat: &[f32], n: usize) -> Result<()> {
+        let want = n * self.shape.n_heads * self.cfg.label_channels;
+        if q_hat.len() != want || layer >= self.layers {
+            return Err(invalid(format!("layer-ahead prediction of {} values for layer {layer}, want {want}", q_hat.len())));
+        }
+        self.ahead[layer] = Some(q_hat.to_vec());
+        Ok(())
+    }
+}
