@@ -8,6 +8,7 @@ use farsight_kernels::{Backend, DType};
 use farsight_offload::{DenseKvCache, KvStore};
 
 use crate::error::{EngineError, Result};
+use crate::kv::{new_store, Attention};
 use crate::model::{Logits, Model, Segment, Workspace};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
@@ -22,6 +23,8 @@ pub struct GenerateOptions {
     /// Prompt tokens per prefill forward call.
     pub prefill_chunk: usize,
     pub kv_dtype: DType,
+    /// Dense, or Double Sparsity decode (prefill chunks attend densely).
+    pub attention: Attention,
 }
 
 impl Default for GenerateOptions {
@@ -32,6 +35,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             prefill_chunk: 512,
             kv_dtype: DType::F32,
+            attention: Attention::Dense,
         }
     }
 }
@@ -163,7 +167,7 @@ pub fn prefill<B: Backend>(
 }
 
 /// Generates a continuation of `prompt` (token ids).
-pub fn generate<B: Backend>(
+pub fn generate<B: Backend + 'static>(
     model: &Model<B>,
     tok: &TextTokenizer,
     prompt: &[u32],
@@ -179,14 +183,15 @@ pub fn generate<B: Backend>(
         return Err(EngineError::PromptTooLong { tokens: prompt.len(), context });
     }
     opts.sampling.validate()?;
-    let mut kv = new_cache(model, opts.kv_dtype)?;
+    let mut kv = new_store(model, opts.kv_dtype, &opts.attention)?;
+    let kv = kv.as_mut();
     let mut ws = model.workspace(opts.prefill_chunk.min(prompt.len()), 1)?;
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut stream = StreamDecoder::default();
     let mut filter = StopFilter { stops: &opts.stop, text: String::new(), emitted: 0 };
 
     let t0 = Instant::now();
-    let mut logits = prefill(model, &mut ws, &mut kv, prompt, opts.prefill_chunk, progress)?;
+    let mut logits = prefill(model, &mut ws, kv, prompt, opts.prefill_chunk, progress)?;
     let mut next = sampler.sample(&logits);
     let prefill_s = t0.elapsed().as_secs_f64();
 
@@ -212,7 +217,7 @@ pub fn generate<B: Backend>(
         if kv.len() >= context {
             break FinishReason::Context;
         }
-        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut kv, logits: Logits::Last }];
+        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut *kv, logits: Logits::Last }];
         logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         steps += 1;
         next = sampler.sample(&logits);

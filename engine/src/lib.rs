@@ -1,13 +1,17 @@
 //! farsight-engine: the model. Config and weights (safetensors, GGUF import), tokenizer and chat
 //! template, the Llama forward pass written once over a `Backend`, sampling and generation.
 
+pub mod ahead;
+pub mod calibrate;
 pub mod chat;
 pub mod config;
 pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
+pub mod kv;
 pub mod model;
+pub mod passkey;
 pub mod rope;
 pub mod sampler;
 pub mod tokenizer;

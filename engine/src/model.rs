@@ -10,6 +10,7 @@ use std::path::Path;
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, HostMatrix, Rope};
 use farsight_offload::KvStore;
 
+use crate::ahead::LayerAhead;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::rope::{rope_for, RopeScaling};
@@ -42,6 +43,8 @@ pub struct Model<B: Backend> {
     static_rope: Option<Rope>,
     weight_dtype: DType,
     weight_bytes: usize,
+    /// Label rows of `W_q` for stores that want layer-ahead predictions.
+    ahead: Option<LayerAhead<B>>,
 }
 
 /// Which logits a segment wants back.
@@ -75,6 +78,8 @@ pub struct Workspace<B: Backend> {
     act: B::Tensor,
     sel: B::Tensor,
     logits: B::Tensor,
+    /// Layer-ahead label-row outputs (allocated on first use).
+    ahead: Option<B::Tensor>,
 }
 
 fn fuse(parts: &[HostMatrix<'_>], what: &str) -> Result<(Vec<u8>, usize, usize, DType)> {
@@ -181,7 +186,64 @@ impl<B: Backend> Model<B> {
             layers,
             static_rope,
             weight_dtype,
+            ahead: None,
         })
+    }
+
+    /// Prepares layer-ahead prediction for stores whose label channels are `channels`
+    /// (`[layer][kv_head]`), cutting the rows out of the checkpoint in `dir`.
+    pub fn enable_layer_ahead(&mut self, dir: &Path, channels: &[Vec<Vec<usize>>]) -> Result<()> {
+        if self.ahead.as_ref().is_some_and(|a| a.channels == channels) {
+            return Ok(());
+        }
+        self.ahead = Some(LayerAhead::new(dir, &self.cfg, &self.backend, channels)?);
+        Ok(())
+    }
+
+    /// Predicts layer `next`'s query labels from `ws.xn` (the previous layer's normed input)
+    /// for every segment whose store asks for it.
+    fn predict_ahead(
+        &self,
+        ws: &mut Workspace<B>,
+        segs: &mut [Segment<'_, B>],
+        row0: &[usize],
+        positions: &[u32],
+        next: usize,
+        rope: &Rope,
+    ) -> Result<()> {
+        if next >= self.layers.len() || !segs.iter().any(|s| s.kv.ahead_channels().is_some()) {
+            return Ok(());
+        }
+        let ahead = self.ahead.as_ref().ok_or_else(|| {
+            EngineError::Invalid("layer-ahead prediction asked for, but the model has no label rows".into())
+        })?;
+        let Some(m) = ahead.rows(next) else { return Ok(()) };
+        let be = &self.backend;
+        let n: usize = segs.iter().map(|s| s.tokens.len()).sum();
+        let width = ahead.width(self.cfg.num_heads);
+        let fits = ws.ahead.as_ref().is_some_and(|t| be.tensor_shape(t).0 >= n);
+        if !fits {
+            ws.ahead = Some(be.tensor(ws.rows.max(n), width)?);
+        }
+        let out = ws.ahead.as_mut().expect("allocated above");
+        be.matmul(&ws.xn, m, None, out, n)?;
+        let raw = be.read_rows(out, 0, n)?;
+        for (s, &r0) in segs.iter_mut().zip(row0) {
+            match s.kv.ahead_channels() {
+                None => continue,
+                Some(ch) if ch != &ahead.channels[..] => {
+                    return Err(EngineError::Invalid("store and model disagree on the label channels".into()));
+                }
+                Some(_) => {}
+            }
+            let len = s.tokens.len();
+            let mut q_hat = Vec::with_capacity(len * self.cfg.num_heads * ahead.channels[next][0].len());
+            for i in r0..r0 + len {
+                ahead.rotate(&self.cfg, next, &raw[i * width..(i + 1) * width], positions[i], rope, &mut q_hat);
+            }
+            s.kv.predict(next, &q_hat, len)?;
+        }
+        Ok(())
     }
 
     /// Dtype of the stored weights.
@@ -222,6 +284,7 @@ impl<B: Backend> Model<B> {
             act: be.tensor(rows, c.intermediate_size)?,
             sel: be.tensor(logit_rows, c.hidden_size)?,
             logits: be.tensor(logit_rows, c.vocab_size)?,
+            ahead: None,
         })
     }
 
@@ -280,6 +343,7 @@ impl<B: Backend> Model<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
             be.rms_norm(&ws.h, &layer.attn_norm, c.rms_norm_eps, &mut ws.xn, n)?;
+            self.predict_ahead(ws, segs, &row0, &positions, l + 1, rope)?;
             be.matmul(&ws.xn, &layer.qkv, layer.qkv_bias.as_ref(), &mut ws.qkv, n)?;
             be.rope(&mut ws.qkv, 0, c.num_heads, c.head_dim, &positions, rope)?;
             be.rope(&mut ws.qkv, qw, c.num_kv_heads, c.head_dim, &positions, rope)?;

@@ -1,23 +1,37 @@
-//! `farsight eval`: accuracy measurements.
+//! `farsight eval`: accuracy measurements (perplexity, passkey retrieval, sparse-vs-dense
+//! agreement, and sweeps over the sparse settings). Every command prints the settings it ran.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use farsight_engine::eval::perplexity;
+use farsight_engine::eval::{agreement, perplexity_with, Perplexity};
+use farsight_engine::kv::{new_sparse_store, new_store, Attention};
+use farsight_engine::passkey::passkey_trial;
+use farsight_offload::sparse::{LabelBits, SparseStats, TokenBudget};
 
-use super::common::{read_text, token_progress, with_model, CliError, ModelArgs};
+use super::common::{read_text, token_progress, with_model, AnyModel, CliError, ModelArgs};
+use super::sparse::{AttentionKind, SparseArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
-    /// Perplexity of the first N tokens of a text file, teacher-forced.
+    /// Perplexity of the first N tokens of a text file, teacher-forced (with sparse attention,
+    /// every position attends as decode would).
     Ppl(PplArgs),
+    /// Passkey retrieval: a number hidden in filler at given lengths and depths.
+    Passkey(PasskeyArgs),
+    /// Top-1 agreement and mean KL of sparse vs dense logits over a text.
+    Agreement(PplArgs),
+    /// Perplexity over a grid of budgets x label channels x label bits, dense in the same table.
+    Sweep(SweepArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct PplArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub sparse: SparseArgs,
     /// The text file.
     #[arg(long)]
     pub text: PathBuf,
@@ -32,52 +46,309 @@ pub struct PplArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct PasskeyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sparse: SparseArgs,
+    /// Prompt lengths in tokens (comma-separated, k suffix allowed).
+    #[arg(long, default_value = "1k,2k,4k,6k", value_delimiter = ',', value_parser = super::bench::parse_count)]
+    pub lengths: Vec<usize>,
+    /// Depths of the key in the filler, 0..1 (comma-separated).
+    #[arg(long, default_value = "0.1,0.3,0.5,0.7,0.9", value_delimiter = ',')]
+    pub depths: Vec<f64>,
+    /// Keys tried per (length, depth).
+    #[arg(long, default_value_t = 2)]
+    pub trials: usize,
+    /// Also run dense attention on the same prompts, in the same table.
+    #[arg(long)]
+    pub compare_dense: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sparse: SparseArgs,
+    /// The text file.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Tokens to evaluate.
+    #[arg(long, default_value_t = 2048)]
+    pub max_tokens: usize,
+    /// Tokens per forward call.
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Budgets (comma-separated).
+    #[arg(long, default_value = "1/4,1/8,1/16,1/32", value_delimiter = ',')]
+    pub budgets: Vec<TokenBudget>,
+    /// Label channels (comma-separated).
+    #[arg(long, default_value = "4,8,16,32", value_delimiter = ',')]
+    pub channels: Vec<usize>,
+    /// Label bits (comma-separated).
+    #[arg(long, default_value = "16,4", value_delimiter = ',')]
+    pub bits: Vec<LabelBits>,
+    /// Markdown table file (also printed).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn run(c: EvalCommand) -> Result<(), CliError> {
     match c {
         EvalCommand::Ppl(a) => ppl(a),
+        EvalCommand::Passkey(a) => passkey(a),
+        EvalCommand::Agreement(a) => agree(a),
+        EvalCommand::Sweep(a) => sweep(a),
+    }
+}
+
+fn out_line(s: &str) -> Result<(), CliError> {
+    writeln!(std::io::stdout().lock(), "{s}").map_err(CliError::Output)
+}
+
+/// Loads the model and the text's first tokens.
+fn load_text(model: &ModelArgs, text: &PathBuf, max_tokens: usize, chunk: usize) -> Result<(super::common::Loaded, Vec<u32>), CliError> {
+    if chunk == 0 {
+        return Err(CliError::Usage("--chunk must be at least 1".into()));
+    }
+    let text = read_text(text)?;
+    let loaded = model.load()?;
+    let mut ids = loaded.tok.encode(&text)?;
+    let limit = if max_tokens == 0 { loaded.model.cfg().context_length() } else { max_tokens };
+    ids.truncate(limit);
+    Ok((loaded, ids))
+}
+
+/// Perplexity with `attention` (per position), and the sparse counters when sparse.
+fn run_ppl(model: &AnyModel, ids: &[u32], chunk: usize, kv_dtype: farsight_kernels::DType, attention: &Attention, label: &str) -> Result<(Perplexity, Option<SparseStats>), CliError> {
+    let pb = token_progress(ids.len(), label, 2048);
+    let mut progress = |d: usize, _| pb.set_position(d as u64);
+    let r = with_model!(model, m => match attention.per_position() {
+        Attention::Dense => {
+            let mut kv = new_store(m, kv_dtype, &Attention::Dense)?;
+            perplexity_with(m, ids, chunk, kv.as_mut(), &mut progress).map(|p| (p, None))
+        }
+        Attention::DoubleSparse(s) => {
+            let mut kv = new_sparse_store(m, kv_dtype, &s)?;
+            perplexity_with(m, ids, chunk, &mut kv, &mut progress).map(|p| (p, Some(kv.stats())))
+        }
+    })?;
+    pb.finish_and_clear();
+    Ok(r)
+}
+
+fn recall_json(st: &Option<SparseStats>) -> serde_json::Value {
+    match st {
+        Some(s) => serde_json::json!({
+            "read_fraction": s.read_fraction(),
+            "layer_ahead_recall": s.recall(),
+            "layer_ahead_recall_per_layer": s.recall_per_layer(),
+        }),
+        None => serde_json::Value::Null,
     }
 }
 
 fn ppl(a: PplArgs) -> Result<(), CliError> {
-    if a.chunk == 0 {
-        return Err(CliError::Usage("--chunk must be at least 1".into()));
-    }
-    let text = read_text(&a.text)?;
-    let loaded = a.model.load()?;
-    let mut ids = loaded.tok.encode(&text)?;
-    let limit = if a.max_tokens == 0 { loaded.model.cfg().context_length() } else { a.max_tokens };
-    ids.truncate(limit);
+    let (mut loaded, ids) = load_text(&a.model, &a.text, a.max_tokens, a.chunk)?;
+    let attention = a.sparse.attention(&a.model.model, &mut loaded.model)?;
     eprintln!(
-        "eval ppl: model {}, {} tokens of {}, device {}, kv {}, attention dense",
+        "eval ppl: model {}, {} tokens of {}, device {}, kv {}, attention {}",
         a.model.model.display(),
         ids.len(),
         a.text.display(),
         loaded.model.device_name(),
-        a.model.kv_dtype
+        a.model.kv_dtype,
+        attention.describe()
     );
-    let pb = token_progress(ids.len(), "eval", 2048);
-    let r = with_model!(&loaded.model, m => perplexity(m, &ids, a.chunk, a.model.kv_dtype, &mut |d, _| pb.set_position(d as u64)))?;
-    pb.finish_and_clear();
-    let mut out = std::io::stdout().lock();
+    let (r, st) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &attention, "eval")?;
     if a.json {
         let v = serde_json::json!({
             "ppl": r.ppl,
             "nll_mean": r.nll_mean,
             "tokens": r.tokens,
             "seconds": r.seconds,
+            "sparse": recall_json(&st),
             "settings": {
                 "model": a.model.model,
                 "text": a.text,
                 "max_tokens": a.max_tokens,
                 "device": loaded.model.device_name(),
                 "kv_dtype": a.model.kv_dtype.name(),
-                "attention": "dense",
+                "attention": attention.describe(),
             },
         });
-        writeln!(out, "{v}").map_err(CliError::Output)?;
-    } else {
-        writeln!(out, "perplexity {:.4} over {} tokens (mean NLL {:.5}, {:.1} s)", r.ppl, r.tokens, r.nll_mean, r.seconds)
-            .map_err(CliError::Output)?;
+        return out_line(&v.to_string());
+    }
+    out_line(&format!("perplexity {:.4} over {} tokens (mean NLL {:.5}, {:.1} s)", r.ppl, r.tokens, r.nll_mean, r.seconds))?;
+    if let Some(s) = &st {
+        out_line(&format!("rows read: {:.2}% of the visible rows", 100.0 * s.read_fraction().unwrap_or(1.0)))?;
+        if let Some(rc) = s.recall() {
+            let per: Vec<String> = s.recall_per_layer().iter().map(|r| r.map_or("-".into(), |v| format!("{:.3}", v))).collect();
+            out_line(&format!("layer-ahead recall {:.4}; per layer: {}", rc, per.join(" ")))?;
+        }
     }
     Ok(())
+}
+
+fn agree(a: PplArgs) -> Result<(), CliError> {
+    if a.sparse.attention == AttentionKind::Dense {
+        return Err(CliError::Usage("eval agreement compares sparse with dense: pass --attention double-sparse".into()));
+    }
+    let (mut loaded, ids) = load_text(&a.model, &a.text, a.max_tokens, a.chunk)?;
+    let attention = a.sparse.attention(&a.model.model, &mut loaded.model)?.per_position();
+    eprintln!(
+        "eval agreement: model {}, {} tokens of {}, device {}, kv {}, {} vs dense",
+        a.model.model.display(),
+        ids.len(),
+        a.text.display(),
+        loaded.model.device_name(),
+        a.model.kv_dtype,
+        attention.describe()
+    );
+    let pb = token_progress(ids.len(), "agreement", 2048);
+    let r = with_model!(&loaded.model, m => {
+        let mut dense = new_store(m, a.model.kv_dtype, &Attention::Dense)?;
+        let mut sparse = new_store(m, a.model.kv_dtype, &attention)?;
+        agreement(m, &ids, a.chunk, dense.as_mut(), sparse.as_mut(), &mut |d, _| pb.set_position(d as u64))
+    })?;
+    pb.finish_and_clear();
+    if a.json {
+        let v = serde_json::json!({
+            "agreement": r,
+            "settings": { "model": a.model.model, "text": a.text, "tokens": ids.len(), "kv_dtype": a.model.kv_dtype.name(), "attention": attention.describe() },
+        });
+        return out_line(&v.to_string());
+    }
+    out_line(&format!(
+        "top-1 agreement {:.4} over {} positions; mean KL {:.5} nats (max {:.4}); {:.1} s",
+        r.top1, r.positions, r.mean_kl, r.max_kl, r.seconds
+    ))
+}
+
+fn passkey(a: PasskeyArgs) -> Result<(), CliError> {
+    if a.depths.iter().any(|d| !(0.0..=1.0).contains(d)) {
+        return Err(CliError::Usage("--depths must lie between 0 and 1".into()));
+    }
+    let mut loaded = a.model.load()?;
+    let attention = a.sparse.attention(&a.model.model, &mut loaded.model)?;
+    let mut runs = vec![("".to_string(), attention.clone())];
+    if a.compare_dense && !matches!(attention, Attention::Dense) {
+        runs.insert(0, ("dense".into(), Attention::Dense));
+    }
+    runs.last_mut().expect("one run").0 = attention.describe();
+    eprintln!(
+        "eval passkey: model {}, lengths {:?}, depths {:?}, {} trials each, device {}, kv {}, attention {}",
+        a.model.model.display(),
+        a.lengths,
+        a.depths,
+        a.trials,
+        loaded.model.device_name(),
+        a.model.kv_dtype,
+        runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>().join(" | ")
+    );
+    let mut results = Vec::new();
+    for &len in &a.lengths {
+        for &depth in &a.depths {
+            for t in 0..a.trials {
+                // Deterministic five-digit keys.
+                let key = format!("{}", 10000 + (len * 7919 + (depth * 1000.0) as usize * 104729 + t * 15485863) % 90000);
+                for (name, att) in &runs {
+                    let r = with_model!(&loaded.model, m => passkey_trial(m, &loaded.tok, len, depth, &key, a.model.kv_dtype, att))?;
+                    if !a.json {
+                        out_line(&format!(
+                            "{name:>12}  length {:>5} (prompt {:>5})  depth {:.2}  key {}  answer {:<8} {}",
+                            len,
+                            r.tokens,
+                            depth,
+                            key,
+                            r.answer.clone().unwrap_or_else(|| "-".into()),
+                            if r.correct { "ok" } else { "MISS" }
+                        ))?;
+                    }
+                    results.push((name.clone(), len, r));
+                }
+            }
+        }
+    }
+    let mut summary = Vec::new();
+    for (name, _) in &runs {
+        let mine: Vec<_> = results.iter().filter(|r| &r.0 == name).collect();
+        let ok = mine.iter().filter(|r| r.2.correct).count();
+        summary.push(serde_json::json!({ "attention": name, "correct": ok, "trials": mine.len() }));
+        if !a.json {
+            out_line(&format!("{name}: {ok}/{} correct", mine.len()))?;
+        }
+    }
+    if a.json {
+        let trials: Vec<_> = results.iter().map(|(n, len, r)| serde_json::json!({ "attention": n, "length": len, "trial": r })).collect();
+        let v = serde_json::json!({ "summary": summary, "trials": trials,
+            "settings": { "model": a.model.model, "kv_dtype": a.model.kv_dtype.name(), "lengths": a.lengths, "depths": a.depths } });
+        out_line(&v.to_string())?;
+    }
+    Ok(())
+}
+
+fn sweep(a: SweepArgs) -> Result<(), CliError> {
+    if a.sparse.attention == AttentionKind::Dense {
+        return Err(CliError::Usage("eval sweep varies sparse settings: pass --attention double-sparse".into()));
+    }
+    let (mut loaded, ids) = load_text(&a.model, &a.text, a.max_tokens, a.chunk)?;
+    eprintln!(
+        "eval sweep: model {}, {} tokens of {}, device {}, kv {}, budgets {:?}, channels {:?}, bits {:?}, sink {}, recent {}",
+        a.model.model.display(),
+        ids.len(),
+        a.text.display(),
+        loaded.model.device_name(),
+        a.model.kv_dtype,
+        a.budgets.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        a.channels,
+        a.bits.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        a.sparse.sink,
+        a.sparse.recent
+    );
+    let (dense, _) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &Attention::Dense, "dense")?;
+    let mut rows = Vec::new();
+    let mut md = format!(
+        "| attention | budget | channels | label bits | perplexity | vs dense | rows read |\n| --- | --- | --- | --- | --- | --- | --- |\n| dense | all | - | - | {:.4} | +0.00% | 100% |\n",
+        dense.ppl
+    );
+    for &bits in &a.bits {
+        for &budget in &a.budgets {
+            for &ch in &a.channels {
+                let mut cfg = a.sparse.config();
+                cfg.budget = budget;
+                cfg.label_channels = ch;
+                cfg.label_bits = bits;
+                let att = a.sparse.attention_with(&a.model.model, &mut loaded.model, cfg)?;
+                let (r, st) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &att, &format!("{budget} r{ch} b{bits}"))?;
+                let rel = 100.0 * (r.ppl / dense.ppl - 1.0);
+                let frac = st.as_ref().and_then(|s| s.read_fraction()).unwrap_or(1.0);
+                let line = format!("| double-sparse | {budget} | {ch} | {bits} | {:.4} | {rel:+.2}% | {:.1}% |", r.ppl, 100.0 * frac);
+                if !a.json {
+                    eprintln!("{line}");
+                }
+                md.push_str(&line);
+                md.push('\n');
+                rows.push(serde_json::json!({ "budget": budget.to_string(), "channels": ch, "bits": bits.to_string(),
+                    "ppl": r.ppl, "vs_dense": r.ppl / dense.ppl - 1.0, "read_fraction": frac, "sparse": recall_json(&st) }));
+            }
+        }
+    }
+    if let Some(out) = &a.out {
+        std::fs::write(out, &md).map_err(|e| CliError::io(out, e))?;
+    }
+    if a.json {
+        let v = serde_json::json!({ "dense_ppl": dense.ppl, "rows": rows,
+            "settings": { "model": a.model.model, "text": a.text, "tokens": ids.len(), "kv_dtype": a.model.kv_dtype.name(), "sink": a.sparse.sink, "recent": a.sparse.recent } });
+        return out_line(&v.to_string());
+    }
+    out_line(md.trim_end())
 }

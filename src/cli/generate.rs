@@ -10,12 +10,15 @@ use farsight_engine::sampler::SamplingParams;
 use farsight_engine::EngineError;
 
 use super::common::{read_text, token_progress, with_model, CliError, ModelArgs};
+use super::sparse::SparseArgs;
 
 #[derive(Args, Debug)]
 #[command(group = clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_file"]))]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub sparse: SparseArgs,
     /// The prompt text.
     #[arg(long)]
     pub prompt: Option<String>,
@@ -68,7 +71,8 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     }
     let sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     sampling.validate()?;
-    let loaded = a.model.load()?;
+    let mut loaded = a.model.load()?;
+    let attention = a.sparse.attention(&a.model.model, &mut loaded.model)?;
     let (model, tok) = (&loaded.model, &loaded.tok);
 
     let prompt_text = if a.chat {
@@ -91,6 +95,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
         stop: a.stop.clone(),
         prefill_chunk: a.prefill_chunk,
         kv_dtype: a.model.kv_dtype,
+        attention: attention.clone(),
     };
 
     let pb = token_progress(ids.len(), "prefill", 2048);
@@ -135,6 +140,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
                 "model": a.model.model,
                 "device": model.device_name(),
                 "kv_dtype": a.model.kv_dtype.name(),
+                "attention": attention.describe(),
                 "chat": a.chat,
                 "max_new_tokens": a.max_new_tokens,
                 "temperature": a.temperature,

@@ -1,10 +1,12 @@
 //! Command-line definitions and dispatch.
 
 mod bench;
+mod calibrate;
 mod common;
 mod convert;
 mod eval;
 mod generate;
+mod sparse;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a continuation of a prompt (or a chat reply with --chat).
     Generate(generate::GenerateArgs),
+    /// Rank each KV head's channels for Double Sparsity labels (writes a calibration file).
+    Calibrate(calibrate::CalibrateArgs),
     /// Evaluate the model on a text.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -51,6 +55,7 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
         Command::Eval(c) => eval::run(c),
         Command::ConvertGguf(a) => convert::run(a),
         Command::Bench(c) => bench::run(c),

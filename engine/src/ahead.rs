@@ -1,0 +1,97 @@
+//! Layer-ahead prediction of Double Sparsity's query labels (ALGORITHMS.md section 1).
+//!
+//! While layer `l` runs, the query labels of layer `l + 1` are predicted from layer `l`'s
+//! attention-normed input: `q_hat = W_q^{l+1}[label rows] x`, rotated at the token's position.
+//! RoPE mixes channel `c` with its partner `c +- head_dim/2`, so each label channel needs two
+//! rows of `W_q`; [`LayerAhead`] keeps, per layer, the `2 r` rows of every query head in one
+//! small matrix (values first, partners second), and the rotation is applied on the host.
+
+use std::path::Path;
+
+use farsight_kernels::{Backend, HostMatrix, Rope};
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::weights::Weights;
+
+/// The `W_q` label rows of every layer but the first (which has no layer before it).
+pub struct LayerAhead<B: Backend> {
+    /// `channels[layer][kv_head]`: the label channels the rows were cut for.
+    pub channels: Vec<Vec<Vec<usize>>>,
+    /// `rows[layer]`: `n_heads * 2r` rows of `W_q` (`None` for layer 0).
+    rows: Vec<Option<B::Matrix>>,
+    /// The matching entries of the query bias (Qwen2), same order.
+    bias: Vec<Option<Vec<f32>>>,
+    r: usize,
+}
+
+impl<B: Backend> LayerAhead<B> {
+    /// Cuts the label rows of `W_q` for `channels` out of the checkpoint in `dir`.
+    pub fn new(dir: &Path, cfg: &ModelConfig, backend: &B, channels: &[Vec<Vec<usize>>]) -> Result<LayerAhead<B>> {
+        let w = Weights::open(dir)?;
+        let (d, hd, group) = (cfg.head_dim, cfg.hidden_size, cfg.num_heads / cfg.num_kv_heads);
+        let r = channels.first().and_then(|l| l.first()).map_or(0, |c| c.len());
+        if channels.len() != cfg.num_layers || r == 0 {
+            return Err(EngineError::Invalid("layer-ahead channels do not fit the model".into()));
+        }
+        let mut rows = vec![None];
+        let mut bias = vec![None];
+        for (l, layer_channels) in channels.iter().enumerate().skip(1) {
+            let m = w.matrix(&format!("model.layers.{l}.self_attn.q_proj.weight"), cfg.q_width(), hd)?;
+            let es = m.dtype.size();
+            let row_bytes = hd * es;
+            let qb = if cfg.qkv_bias {
+                Some(w.vector(&format!("model.layers.{l}.self_attn.q_proj.bias"), cfg.q_width())?)
+            } else {
+                None
+            };
+            let mut bytes = Vec::with_capacity(cfg.num_heads * 2 * r * row_bytes);
+            let mut b = Vec::new();
+            for h in 0..cfg.num_heads {
+                let ch = &layer_channels[h / group];
+                for partner in [false, true] {
+                    for &c in ch {
+                        let c = if partner { (c + d / 2) % d } else { c };
+                        let row = h * d + c;
+                        bytes.extend_from_slice(&m.bytes[row * row_bytes..(row + 1) * row_bytes]);
+                        if let Some(qb) = &qb {
+                            b.push(qb[row]);
+                        }
+                    }
+                }
+            }
+            let sub = HostMatrix { rows: cfg.num_heads * 2 * r, cols: hd, dtype: m.dtype, bytes: &bytes };
+            rows.push(Some(backend.upload_matrix(sub)?));
+            bias.push(qb.map(|_| b));
+        }
+        Ok(LayerAhead { channels: channels.to_vec(), rows, bias, r })
+    }
+
+    /// Output columns of a layer's label-row matmul.
+    pub fn width(&self, n_heads: usize) -> usize {
+        n_heads * 2 * self.r
+    }
+
+    /// Layer `layer`'s label rows (`None` for layer 0).
+    pub fn rows(&self, layer: usize) -> Option<&B::Matrix> {
+        self.rows.get(layer).and_then(|m| m.as_ref())
+    }
+
+    /// Turns one token's raw matmul output (`n_heads * 2r` values) for layer `layer` into
+    /// rotated label values (`n_heads * r`), appended to `out`.
+    pub fn rotate(&self, cfg: &ModelConfig, layer: usize, raw: &[f32], pos: u32, rope: &Rope, out: &mut Vec<f32>) {
+        let (d, r, group) = (cfg.head_dim, self.r, cfg.num_heads / cfg.num_kv_heads);
+        let bias = self.bias[layer].as_deref();
+        for h in 0..cfg.num_heads {
+            let base = h * 2 * r;
+            for (j, &c) in self.channels[layer][h / group].iter().enumerate() {
+                let at = |i: usize| raw[base + i] + bias.map_or(0.0, |b| b[base + i]);
+                let (x, partner) = (at(j), at(r + j));
+                let angle = pos as f32 * rope.inv_freq[c % (d / 2)];
+                let (sin, cos) = angle.sin_cos();
+                let (sin, cos) = (sin * rope.attention_scaling, cos * rope.attention_scaling);
+                out.push(if c < d / 2 { x * cos - partner * sin } else { x * cos + partner * sin });
+            }
+        }
+    }
+}

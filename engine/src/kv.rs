@@ -1,0 +1,68 @@
+//! Which KV store a run uses: the dense cache, or Double Sparsity over a tier.
+
+use farsight_kernels::{Backend, DType};
+use farsight_offload::sparse::{row_layout, ChannelRanking};
+use farsight_offload::tier::PlainTier;
+use farsight_offload::{DenseKvCache, KvStore, SparseConfig, SparseKvStore};
+
+use crate::error::Result;
+use crate::model::Model;
+
+/// Double Sparsity settings with the calibrated channel ranking.
+#[derive(Clone, Debug)]
+pub struct SparseSetup {
+    pub cfg: SparseConfig,
+    pub ranking: ChannelRanking,
+}
+
+/// The attention a run uses.
+#[derive(Clone, Debug, Default)]
+pub enum Attention {
+    /// Every row, from a dense cache in backend memory.
+    #[default]
+    Dense,
+    /// Double Sparsity decode over a KV tier.
+    DoubleSparse(Box<SparseSetup>),
+}
+
+impl Attention {
+    /// Short description for the settings line of a report.
+    pub fn describe(&self) -> String {
+        match self {
+            Attention::Dense => "dense".into(),
+            Attention::DoubleSparse(s) => s.cfg.to_string(),
+        }
+    }
+
+    /// The same attention with multi-token calls selecting rows per query (teacher-forced
+    /// evaluation: every position attends as decode would).
+    pub fn per_position(&self) -> Attention {
+        match self {
+            Attention::Dense => Attention::Dense,
+            Attention::DoubleSparse(s) => {
+                let mut s = s.clone();
+                s.cfg.sparse_prefill = true;
+                Attention::DoubleSparse(s)
+            }
+        }
+    }
+}
+
+/// A store for one sequence of `model`.
+pub fn new_store<B: Backend + 'static>(model: &Model<B>, dtype: DType, attention: &Attention) -> Result<Box<dyn KvStore<B>>> {
+    let c = &model.cfg;
+    Ok(match attention {
+        Attention::Dense => {
+            Box::new(DenseKvCache::new(&model.backend, c.num_layers, c.kv_width(), dtype, c.context_length())?)
+        }
+        Attention::DoubleSparse(s) => Box::new(new_sparse_store(model, dtype, s)?),
+    })
+}
+
+/// A sparse store for one sequence of `model` (typed, for callers that read its statistics).
+pub fn new_sparse_store<B: Backend>(model: &Model<B>, dtype: DType, s: &SparseSetup) -> Result<SparseKvStore> {
+    let c = &model.cfg;
+    let shape = model.attn_shape();
+    let tier = Box::new(PlainTier::new(row_layout(c.num_layers, &shape, dtype)));
+    Ok(SparseKvStore::new(s.cfg.clone(), shape, c.num_layers, dtype, &s.ranking, tier, c.context_length())?)
+}
