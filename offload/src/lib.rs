@@ -5,10 +5,14 @@
 //! every layer's rows contiguously in backend memory (the plain cache).
 
 mod dense;
+mod pool;
 pub mod tier;
 
 pub use dense::DenseKvCache;
-pub use tier::{KvTier, RowLayout};
+pub use pool::{SlotPool, MAX_SLOTS};
+#[cfg(target_os = "linux")]
+pub use tier::{DiskIo, DiskKvTier, DiskOptions};
+pub use tier::{HostKvTier, KvStoreSpec, KvTier, ParseKvStoreSpecError, RowLayout};
 
 use farsight_kernels::{Backend, CausalAttn, Result};
 
