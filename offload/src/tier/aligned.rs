@@ -41,6 +41,11 @@ impl AlignedBuf {
         self.len
     }
 
+    /// True for a zero-length buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` is valid for `len` initialised (zeroed at allocation) bytes, or dangling
@@ -60,7 +65,10 @@ impl Drop for AlignedBuf {
         if self.len > 0 {
             // SAFETY: allocated in `zeroed` with exactly this layout (it was valid then).
             unsafe {
-                alloc::dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len, ALIGN))
+                alloc::dealloc(
+                    self.ptr.as_ptr(),
+                    Layout::from_size_align_unchecked(self.len, ALIGN),
+                )
             };
         }
     }

@@ -36,8 +36,8 @@ use std::sync::Mutex;
 use farsight_kernels::{KernelError, Result};
 
 use super::aligned::{AlignedBuf, ALIGN};
-use super::disk_io::Engine;
 pub use super::disk_io::DiskIo;
+use super::disk_io::Engine;
 use super::{check_read, check_write, slot_runs, KvTier, RowLayout};
 
 /// Blocks between two needed ranges that a read fetches anyway to make one request of them
@@ -117,6 +117,10 @@ pub struct DiskKvTier {
     /// Staging for flushes: dirty blocks in file order (allocated on the first flush).
     staging: Option<AlignedBuf>,
     io: Mutex<IoState>,
+    /// File read requests issued by [`KvTier::read`] so far.
+    read_requests: AtomicU64,
+    /// Bytes those requests read (whole blocks, so at least the rows asked for).
+    read_bytes: AtomicU64,
 }
 
 /// An I/O error naming the file, with ENOSPC, EDQUOT and EFBIG spelled out.
@@ -188,6 +192,8 @@ impl DiskKvTier {
             cache,
             staging: None,
             io: Mutex::new(IoState { engine, bounce: AlignedBuf::zeroed(0).expect("empty") }),
+            read_requests: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
         };
         if !options.buffered {
             tier.direct = tier.set_direct()?;
@@ -229,6 +235,12 @@ impl DiskKvTier {
         self.io.lock().unwrap_or_else(|p| p.into_inner()).engine.kind()
     }
 
+    /// File read requests and bytes read by [`KvTier::read`] so far (rows served from the
+    /// write-back cache are not counted).
+    pub fn read_counters(&self) -> (u64, u64) {
+        (self.read_requests.load(Ordering::Relaxed), self.read_bytes.load(Ordering::Relaxed))
+    }
+
     /// Whether the file is open with O_DIRECT.
     pub fn is_direct(&self) -> bool {
         self.direct
@@ -264,9 +276,10 @@ impl DiskKvTier {
         }
         let fd = self.file.as_raw_fd();
         let state = self.io.get_mut().unwrap_or_else(|p| p.into_inner());
-        state.engine.write(fd, &reqs).map_err(|e| {
-            io_error(&self.path, format!("writing {} KV blocks", order.len()), e)
-        })?;
+        state
+            .engine
+            .write(fd, &reqs)
+            .map_err(|e| io_error(&self.path, format!("writing {} KV blocks", order.len()), e))?;
         for &(block, _) in &order {
             self.written[(block / 64) as usize] |= 1 << (block % 64);
         }
@@ -342,9 +355,8 @@ impl KvTier for DiskKvTier {
         let fd = self.fd();
         let grow = len - self.file_len;
         // SAFETY: plain syscalls on a descriptor we own.
-        let mut rc = unsafe {
-            libc::fallocate(fd, 0, self.file_len as libc::off_t, grow as libc::off_t)
-        };
+        let mut rc =
+            unsafe { libc::fallocate(fd, 0, self.file_len as libc::off_t, grow as libc::off_t) };
         if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
             // SAFETY: as above.
             rc = unsafe { libc::ftruncate(fd, len as libc::off_t) };
@@ -457,6 +469,8 @@ impl KvTier for DiskKvTier {
         state.engine.read(self.fd(), &mut reqs).map_err(|e| {
             io_error(&self.path, format!("reading {} KV rows of layer {layer}", slots.len()), e)
         })?;
+        self.read_requests.fetch_add(ranges.len() as u64, Ordering::Relaxed);
+        self.read_bytes.fetch_add(bounce_len as u64, Ordering::Relaxed);
         let bounce = state.bounce.as_slice();
         for p in &pieces {
             let r = ranges.partition_point(|&(first, _, _)| first <= p.block) - 1;

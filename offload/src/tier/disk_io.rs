@@ -36,7 +36,7 @@ impl std::fmt::Display for DiskIo {
 
 /// The I/O engine of one disk tier.
 pub(crate) enum Engine {
-    Uring(IoUring),
+    Uring(Box<IoUring>),
     Pread(rayon::ThreadPool),
 }
 
@@ -60,7 +60,7 @@ impl Engine {
     pub fn new(force_pread: bool) -> io::Result<Engine> {
         if !force_pread && URING_REFUSED.get().is_none() {
             match setup_ring() {
-                Ok(ring) => return Ok(Engine::Uring(ring)),
+                Ok(ring) => return Ok(Engine::Uring(Box::new(ring))),
                 Err(e) => {
                     let why = e.to_string();
                     if URING_REFUSED.set(why.clone()).is_ok() {
@@ -128,7 +128,9 @@ impl Engine {
                     return pread_full(fd, reqs[0].0, reqs[0].1);
                 }
                 use rayon::prelude::*;
-                pool.install(|| reqs.par_iter_mut().try_for_each(|(off, buf)| pread_full(fd, *off, buf)))
+                pool.install(|| {
+                    reqs.par_iter_mut().try_for_each(|(off, buf)| pread_full(fd, *off, buf))
+                })
             }
         }
     }
@@ -169,7 +171,9 @@ impl Engine {
                     return pwrite_full(fd, reqs[0].0, reqs[0].1);
                 }
                 use rayon::prelude::*;
-                pool.install(|| reqs.par_iter().try_for_each(|(off, buf)| pwrite_full(fd, *off, buf)))
+                pool.install(|| {
+                    reqs.par_iter().try_for_each(|(off, buf)| pwrite_full(fd, *off, buf))
+                })
             }
         }
     }
@@ -291,7 +295,12 @@ pub(crate) fn pread_full(fd: RawFd, off: u64, buf: &mut [u8]) -> io::Result<()> 
         let rest = &mut buf[done..];
         // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
         let n = unsafe {
-            libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), (off + done as u64) as libc::off_t)
+            libc::pread(
+                fd,
+                rest.as_mut_ptr().cast(),
+                rest.len(),
+                (off + done as u64) as libc::off_t,
+            )
         };
         match n {
             0 => {

@@ -174,7 +174,7 @@ pub(crate) fn slot_runs(slots: &[u32], extent_slots: usize) -> impl Iterator<Ite
         let mut end = start + 1;
         while end < slots.len()
             && slots[end] as usize == slots[end - 1] as usize + 1
-            && slots[end] as usize % extent_slots != 0
+            && slots[end] as usize / extent_slots == slots[start] as usize / extent_slots
         {
             end += 1;
         }

@@ -151,8 +151,10 @@ fn host_and_disk_agree_on_real_disk() {
 #[test]
 fn default_write_back_agrees_with_host() {
     let dir = target_tempdir();
-    let mut tiers: Vec<Box<dyn KvTier>> =
-        vec![Box::new(HostKvTier::new(EVEN)), Box::new(DiskKvTier::create(dir.path(), EVEN).unwrap())];
+    let mut tiers: Vec<Box<dyn KvTier>> = vec![
+        Box::new(HostKvTier::new(EVEN)),
+        Box::new(DiskKvTier::create(dir.path(), EVEN).unwrap()),
+    ];
     random_ops(&mut tiers, 6, 300);
 }
 
@@ -307,14 +309,17 @@ fn disk_full_is_a_clear_error() {
         .env("FARSIGHT_DISK_FULL_DIR", dir.path())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.contains("DISK FULL OK"), "{text}");
 }
 
 #[test]
 #[ignore = "run by disk_full_is_a_clear_error in a child process"]
 fn disk_full_child() {
-    let Some(dir) = std::env::var_os("FARSIGHT_DISK_FULL_DIR") else { return };
+    let Some(dir) = std::env::var_os("FARSIGHT_DISK_FULL_DIR") else {
+        return;
+    };
     // SAFETY: plain syscalls; this process runs only this test.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
