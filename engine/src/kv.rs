@@ -2,8 +2,7 @@
 
 use farsight_kernels::{Backend, DType};
 use farsight_offload::sparse::{row_layout, ChannelRanking};
-use farsight_offload::tier::PlainTier;
-use farsight_offload::{DenseKvCache, KvStore, SparseConfig, SparseKvStore};
+use farsight_offload::{DenseKvCache, KvStore, KvStoreSpec, SparseConfig, SparseKvStore};
 
 use crate::error::Result;
 use crate::model::Model;
@@ -13,6 +12,8 @@ use crate::model::Model;
 pub struct SparseSetup {
     pub cfg: SparseConfig,
     pub ranking: ChannelRanking,
+    /// Where the rows live: host memory or a disk file.
+    pub store: KvStoreSpec,
 }
 
 /// The attention a run uses.
@@ -30,7 +31,7 @@ impl Attention {
     pub fn describe(&self) -> String {
         match self {
             Attention::Dense => "dense".into(),
-            Attention::DoubleSparse(s) => s.cfg.to_string(),
+            Attention::DoubleSparse(s) => format!("{} store {}", s.cfg, s.store),
         }
     }
 
@@ -63,6 +64,6 @@ pub fn new_store<B: Backend + 'static>(model: &Model<B>, dtype: DType, attention
 pub fn new_sparse_store<B: Backend>(model: &Model<B>, dtype: DType, s: &SparseSetup) -> Result<SparseKvStore> {
     let c = &model.cfg;
     let shape = model.attn_shape();
-    let tier = Box::new(PlainTier::new(row_layout(c.num_layers, &shape, dtype)));
+    let tier = s.store.open(row_layout(c.num_layers, &shape, dtype))?;
     Ok(SparseKvStore::new(s.cfg.clone(), shape, c.num_layers, dtype, &s.ranking, tier, c.context_length())?)
 }

@@ -12,4 +12,8 @@ pub enum KernelError {
     /// The requested device is not usable.
     #[error("device unavailable: {0}")]
     Device(String),
+    /// A file operation failed (the KV disk tier); `what` says which operation, and for a full
+    /// disk or a file size limit (ENOSPC, EFBIG) says so in words.
+    #[error("I/O error on {}: {what}: {source}", path.display())]
+    Io { path: std::path::PathBuf, what: String, source: std::io::Error },
 }

@@ -5,12 +5,16 @@
 //! every layer's rows contiguously in backend memory (the plain cache).
 
 mod dense;
+mod pool;
 pub mod sparse;
 pub mod tier;
 
 pub use dense::DenseKvCache;
+pub use pool::{SlotPool, MAX_SLOTS};
 pub use sparse::{SparseConfig, SparseKvStore};
-pub use tier::{KvTier, RowLayout};
+#[cfg(target_os = "linux")]
+pub use tier::{DiskIo, DiskKvTier, DiskOptions};
+pub use tier::{HostKvTier, KvStoreSpec, KvTier, ParseKvStoreSpecError, RowLayout};
 
 use farsight_kernels::{Backend, CausalAttn, Result};
 

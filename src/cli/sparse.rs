@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use farsight_engine::calibrate::Calibration;
 use farsight_engine::kv::{Attention, SparseSetup};
 use farsight_offload::sparse::{LabelBits, Predict, SparseConfig, TokenBudget};
+use farsight_offload::KvStoreSpec;
 
 use super::common::{with_model, AnyModel, CliError};
 
@@ -42,6 +43,9 @@ pub struct SparseArgs {
     /// Which query selects a layer's rows: same-layer or layer-ahead.
     #[arg(long, default_value = "same-layer")]
     pub predict: Predict,
+    /// Where sparse attention keeps KV rows: host (memory) or disk:PATH (a file, O_DIRECT).
+    #[arg(long, default_value = "host")]
+    pub kv_store: KvStoreSpec,
     /// Calibration file (default: farsight-calibration.json in the model directory).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
@@ -71,6 +75,11 @@ impl SparseArgs {
     /// As [`SparseArgs::attention`] with explicit settings (sweeps).
     pub fn attention_with(&self, dir: &std::path::Path, model: &mut AnyModel, cfg: SparseConfig) -> Result<Attention, CliError> {
         if self.attention == AttentionKind::Dense {
+            if self.kv_store != KvStoreSpec::Host {
+                return Err(CliError::Usage(
+                    "--kv-store: the dense cache lives in device memory; a host or disk store needs --attention double-sparse".into(),
+                ));
+            }
             return Ok(Attention::Dense);
         }
         let c = model.cfg().clone();
@@ -90,6 +99,6 @@ impl SparseArgs {
             let channels = ranking.top(cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim)?;
             with_model!(model, m => m.enable_layer_ahead(dir, &channels))?;
         }
-        Ok(Attention::DoubleSparse(Box::new(SparseSetup { cfg, ranking })))
+        Ok(Attention::DoubleSparse(Box::new(SparseSetup { cfg, ranking, store: self.kv_store.clone() })))
     }
 }

@@ -9,8 +9,17 @@ use farsight_kernels::cpu::simd::Elem;
 /// `out = softmax(scale * K q) V` over the `n` rows of `rows` (`n * 2d` elements).
 pub fn attend_rows<E: Elem>(q: &[f32], rows: &[E], d: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     let n = rows.len() / (2 * d);
+    // Keys four at a time, as the CPU backend's dense attention scores them, so that with every
+    // row selected the arithmetic is the same operation for operation.
+    let key = |j: usize| &rows[j * 2 * d..j * 2 * d + d];
     scores.clear();
-    scores.extend((0..n).map(|j| E::dot(&rows[j * 2 * d..j * 2 * d + d], q) * scale));
+    let mut j = 0;
+    while j + 4 <= n {
+        let s = E::dot4([key(j), key(j + 1), key(j + 2), key(j + 3)], q);
+        scores.extend(s.iter().map(|x| x * scale));
+        j += 4;
+    }
+    scores.extend((j..n).map(|j| E::dot(key(j), q) * scale));
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut sum = 0.0f32;
     for s in scores.iter_mut() {

@@ -22,7 +22,7 @@ use super::labels::LabelCache;
 use super::stats::SparseStats;
 use super::ChannelRanking;
 use crate::tier::{KvTier, RowLayout};
-use crate::KvStore;
+use crate::{KvStore, SlotPool};
 
 /// Double Sparsity KV store over a tier.
 pub struct SparseKvStore {
@@ -38,8 +38,8 @@ pub struct SparseKvStore {
     slot_of: Vec<u32>,
     /// Committed tokens.
     len: usize,
-    /// Next never-used slot (slots are not reused yet: no token is freed before eviction).
-    next_slot: u32,
+    /// Owner bookkeeping of the tier's slots: a slot is allocated iff a position maps to it.
+    pool: SlotPool,
     max_tokens: usize,
     /// Layer-ahead predictions for the pending queries: `ahead[layer]` holds
     /// `n_q x n_heads x r` post-RoPE query values at that layer's label channels.
@@ -96,7 +96,7 @@ impl SparseKvStore {
             channels,
             slot_of: Vec::new(),
             len: 0,
-            next_slot: 0,
+            pool: SlotPool::new(),
             max_tokens,
         })
     }
@@ -274,6 +274,21 @@ impl SparseKvStore {
     }
 }
 
+impl SparseKvStore {
+    /// Frees the slots of positions `from ..` and forgets them.
+    fn release_from(&mut self, from: usize) {
+        for &slot in &self.slot_of[from.min(self.slot_of.len())..] {
+            self.pool.free(slot);
+        }
+        self.slot_of.truncate(from);
+    }
+
+    /// Slots owned now (tokens stored, committed or reserved).
+    pub fn slots_in_use(&self) -> usize {
+        self.pool.in_use()
+    }
+}
+
 /// Common elements of two increasing lists.
 fn overlap(a: &[usize], b: &[usize]) -> usize {
     let (mut i, mut j, mut n) = (0, 0, 0);
@@ -317,13 +332,13 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
         if need > self.max_tokens {
             return Err(invalid(format!("KV store holds at most {} tokens; {need} requested", self.max_tokens)));
         }
-        self.slot_of.truncate(self.len);
+        self.release_from(self.len);
         for _ in 0..n {
-            self.slot_of.push(self.next_slot);
-            self.next_slot += 1;
+            let slot = self.pool.alloc()?;
+            self.slot_of.push(slot);
         }
-        self.tier.grow(self.next_slot as usize)?;
-        self.labels.grow(self.next_slot as usize);
+        self.tier.grow(self.pool.capacity())?;
+        self.labels.grow(self.pool.capacity());
         Ok(())
     }
 
@@ -371,7 +386,7 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
 
     fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-        self.slot_of.truncate(self.len);
+        self.release_from(self.len);
     }
 
     fn attend(&self, backend: &B, layer: usize, args: &CausalAttn, q: &B::Tensor, out: &mut B::Tensor) -> Result<()> {

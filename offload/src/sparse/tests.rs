@@ -4,7 +4,7 @@ use farsight_kernels::cpu::CpuBackend;
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType};
 
 use super::*;
-use crate::tier::PlainTier;
+use crate::tier::HostKvTier;
 use crate::{DenseKvCache, KvStore};
 
 const SHAPE: AttnShape = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 16, window: None };
@@ -26,7 +26,7 @@ fn fill(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn sparse_store(cfg: SparseConfig, dtype: DType) -> SparseKvStore {
-    let tier = Box::new(PlainTier::new(row_layout(LAYERS, &SHAPE, dtype)));
+    let tier = Box::new(HostKvTier::new(row_layout(LAYERS, &SHAPE, dtype)));
     let ranking = ChannelRanking::natural(LAYERS, SHAPE.n_kv_heads, SHAPE.head_dim);
     SparseKvStore::new(cfg, SHAPE, LAYERS, dtype, &ranking, tier, 1 << 20).unwrap()
 }
@@ -161,7 +161,7 @@ fn layer_ahead_with_the_true_query_has_full_recall() {
 fn bad_settings_are_refused() {
     let ranking = ChannelRanking::natural(LAYERS, SHAPE.n_kv_heads, SHAPE.head_dim);
     let mk = |cfg: SparseConfig| {
-        let tier = Box::new(PlainTier::new(row_layout(LAYERS, &SHAPE, DType::F16)));
+        let tier = Box::new(HostKvTier::new(row_layout(LAYERS, &SHAPE, DType::F16)));
         SparseKvStore::new(cfg, SHAPE, LAYERS, DType::F16, &ranking, tier, 100).err().map(|e| e.to_string())
     };
     let e = mk(SparseConfig { label_channels: 17, ..SparseConfig::default() }).unwrap();
@@ -174,3 +174,4 @@ fn bad_settings_are_refused() {
     broken.order[1][0][3] = 0;
     assert!(broken.top(8, LAYERS, SHAPE.n_kv_heads, SHAPE.head_dim).is_err());
 }
+
