@@ -170,7 +170,10 @@ fn prompt_file(dir: &Path, chars: usize) -> PathBuf {
 
 fn sparse_generate(extra: &[&str]) -> Output {
     let cal = calibration_file();
-    let mut args = vec!["generate", "--prompt", "The history of the long voyage", "--max-new-tokens", "4", "--attention", "double-sparse", "--calibration", cal.to_str().unwrap()];
+    let mut args = vec!["generate", "--max-new-tokens", "4", "--attention", "double-sparse", "--calibration", cal.to_str().unwrap()];
+    if !extra.contains(&"--prompt-file") {
+        args.extend(["--prompt", "The history of the long voyage"]);
+    }
     args.extend_from_slice(extra);
     run(&args)
 }
