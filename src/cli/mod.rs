@@ -1,10 +1,12 @@
 //! Command-line definitions and dispatch.
 
+mod batch;
 mod bench;
 mod common;
 mod convert;
 mod eval;
 mod generate;
+mod jsonl;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +32,8 @@ pub enum Command {
     Eval(eval::EvalCommand),
     /// Convert a GGUF file into a Hugging Face model directory.
     ConvertGguf(convert::ConvertArgs),
+    /// Run a JSONL file of documents through the batch scheduler (resumable, shardable).
+    Batch(batch::BatchArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -54,5 +58,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Eval(c) => eval::run(c),
         Command::ConvertGguf(a) => convert::run(a),
         Command::Bench(c) => bench::run(c),
+        Command::Batch(a) => batch::run(a),
     }
 }
