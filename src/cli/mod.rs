@@ -2,11 +2,12 @@
 
 mod batch;
 mod bench;
-mod common;
+pub(crate) mod common;
 mod convert;
 mod eval;
 mod generate;
 mod jsonl;
+pub(crate) mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,8 @@ pub enum Command {
     ConvertGguf(convert::ConvertArgs),
     /// Run a JSONL file of documents through the batch scheduler (resumable, shardable).
     Batch(batch::BatchArgs),
+    /// Serve the OpenAI completions and chat completions API over HTTP.
+    Serve(serve::ServeArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -59,5 +62,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::ConvertGguf(a) => convert::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Batch(a) => batch::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
