@@ -1,9 +1,10 @@
 //! farsight: long-context LLM inference with the KV cache off the GPU.
 //!
-//! The command line: `generate`, `eval`, `convert-gguf`, `bench`. Every error ends the process
+//! The command line: `generate`, `batch`, `serve`, `eval`, `convert-gguf`, `bench`. Every error ends the process
 //! with one line on stderr and a non-zero status.
 
 mod cli;
+mod server;
 
 use std::process::ExitCode;
 

@@ -10,8 +10,11 @@ use farsight_offload::{DenseKvCache, KvStore};
 use crate::error::{EngineError, Result};
 use crate::kv::{new_store, Attention};
 use crate::model::{Logits, Model, Segment, Workspace};
-use crate::sampler::{Sampler, SamplingParams};
-use crate::tokenizer::{StreamDecoder, TextTokenizer};
+use crate::sampler::SamplingParams;
+use crate::tokenizer::TextTokenizer;
+
+pub use crate::decode::FinishReason;
+use crate::decode::Continuation;
 
 /// What to generate and how.
 #[derive(Clone, Debug)]
@@ -38,20 +41,6 @@ impl Default for GenerateOptions {
             attention: Attention::Dense,
         }
     }
-}
-
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-sequence token.
-    Eos,
-    /// A stop string.
-    Stop,
-    /// `max_new_tokens` reached.
-    Length,
-    /// The model's context is full.
-    Context,
 }
 
 /// The result of [`generate`].
@@ -86,53 +75,6 @@ impl Generation {
             self.prompt_tokens as f64 / self.prefill_s
         } else {
             0.0
-        }
-    }
-}
-
-/// Releases text to the caller while holding back any tail that may start a stop string.
-struct StopFilter<'a> {
-    stops: &'a [String],
-    text: String,
-    emitted: usize,
-}
-
-impl StopFilter<'_> {
-    /// Adds a delta; returns true when a stop string was found (the text is then cut before it).
-    fn push(&mut self, delta: &str, out: &mut dyn FnMut(&str)) -> bool {
-        let from = self.text.len().saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
-        self.text.push_str(delta);
-        let mut from = from;
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
-        let hit = self
-            .stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
-            .min();
-        if let Some(at) = hit {
-            self.text.truncate(at);
-            self.release(at, out);
-            return true;
-        }
-        // Hold back the longest tail that is a proper prefix of a stop string.
-        let mut safe = self.text.len();
-        for (i, _) in self.text.char_indices().rev().take(64) {
-            let tail = &self.text[i..];
-            if self.stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail)) {
-                safe = i;
-            }
-        }
-        self.release(safe.max(self.emitted), out);
-        false
-    }
-
-    fn release(&mut self, upto: usize, out: &mut dyn FnMut(&str)) {
-        if upto > self.emitted {
-            out(&self.text[self.emitted..upto]);
-            self.emitted = upto;
         }
     }
 }
@@ -186,107 +128,32 @@ pub fn generate<B: Backend + 'static>(
     let mut kv = new_store(model, opts.kv_dtype, &opts.attention)?;
     let kv = kv.as_mut();
     let mut ws = model.workspace(opts.prefill_chunk.min(prompt.len()), 1)?;
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut stream = StreamDecoder::default();
-    let mut filter = StopFilter { stops: &opts.stop, text: String::new(), emitted: 0 };
+    let mut seq = Continuation::new(opts.sampling.clone(), opts.stop.clone(), opts.max_new_tokens, context);
 
     let t0 = Instant::now();
-    let mut logits = prefill(model, &mut ws, kv, prompt, opts.prefill_chunk, progress)?;
-    let mut next = sampler.sample(&logits);
+    let logits = prefill(model, &mut ws, kv, prompt, opts.prefill_chunk, progress)?;
+    let mut next = seq.sample(&logits);
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
-    let mut ids = Vec::new();
     let mut steps = 0;
-    let finish = loop {
-        if opts.max_new_tokens == 0 {
-            break FinishReason::Length;
+    let reason = loop {
+        if let Some(reason) = seq.accept(tok, next, kv.len(), on_text)? {
+            break reason;
         }
-        ids.push(next);
-        if tok.eos_ids.contains(&next) {
-            break FinishReason::Eos;
-        }
-        if let Some(delta) = stream.push(tok, next)? {
-            if filter.push(&delta, on_text) {
-                break FinishReason::Stop;
-            }
-        }
-        if ids.len() >= opts.max_new_tokens {
-            break FinishReason::Length;
-        }
-        if kv.len() >= context {
-            break FinishReason::Context;
-        }
-        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut *kv, logits: Logits::Last }];
-        logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
+        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: kv, logits: Logits::Last }];
+        let logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         steps += 1;
-        next = sampler.sample(&logits);
+        next = seq.sample(&logits);
     };
-    if finish != FinishReason::Stop {
-        if let Some(delta) = stream.flush(tok)? {
-            if filter.push(&delta, on_text) {
-                return finish_with(prompt, ids, filter.text, FinishReason::Stop, prefill_s, t1, steps);
-            }
-        }
-        let end = filter.text.len();
-        filter.release(end, on_text);
-    }
-    finish_with(prompt, ids, filter.text, finish, prefill_s, t1, steps)
-}
-
-fn finish_with(
-    prompt: &[u32],
-    ids: Vec<u32>,
-    text: String,
-    finish: FinishReason,
-    prefill_s: f64,
-    t1: Instant,
-    steps: usize,
-) -> Result<Generation> {
+    let done = seq.finish(tok, reason, on_text)?;
     Ok(Generation {
         prompt_tokens: prompt.len(),
-        new_token_ids: ids,
-        text,
-        finish,
+        new_token_ids: done.ids,
+        text: done.text,
+        finish: done.finish,
         prefill_s,
         decode_s: t1.elapsed().as_secs_f64(),
         decode_steps: steps,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(stops: &[&str], deltas: &[&str]) -> (String, bool, String) {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut f = StopFilter { stops: &stops, text: String::new(), emitted: 0 };
-        let mut out = String::new();
-        let mut hit = false;
-        for d in deltas {
-            if f.push(d, &mut |s| out.push_str(s)) {
-                hit = true;
-                break;
-            }
-        }
-        if !hit {
-            let end = f.text.len();
-            f.release(end, &mut |s| out.push_str(s));
-        }
-        (out, hit, f.text)
-    }
-
-    #[test]
-    fn stop_strings_cut_and_never_leak_a_partial_match() {
-        let (out, hit, text) = run(&["\nUser:"], &["Hello", " there\nU", "ser: more"]);
-        assert!(hit);
-        assert_eq!(out, "Hello there");
-        assert_eq!(text, "Hello there");
-        // a partial match that does not complete is released at the end
-        let (out, hit, _) = run(&["STOP"], &["ab", "ST", "OX"]);
-        assert!(!hit);
-        assert_eq!(out, "abSTOX");
-        let (out, _, _) = run(&[], &["é", "ü"]);
-        assert_eq!(out, "éü");
-    }
 }

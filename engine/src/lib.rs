@@ -4,7 +4,9 @@
 pub mod ahead;
 pub mod calibrate;
 pub mod chat;
+pub mod batch;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -1,11 +1,14 @@
 //! Command-line definitions and dispatch.
 
+mod batch;
 mod bench;
 mod calibrate;
-mod common;
+pub(crate) mod common;
 mod convert;
 mod eval;
 mod generate;
+mod jsonl;
+pub(crate) mod serve;
 mod sparse;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +37,10 @@ pub enum Command {
     Eval(eval::EvalCommand),
     /// Convert a GGUF file into a Hugging Face model directory.
     ConvertGguf(convert::ConvertArgs),
+    /// Run a JSONL file of documents through the batch scheduler (resumable, shardable).
+    Batch(batch::BatchArgs),
+    /// Serve the OpenAI completions and chat completions API over HTTP.
+    Serve(serve::ServeArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -59,5 +66,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Eval(c) => eval::run(c),
         Command::ConvertGguf(a) => convert::run(a),
         Command::Bench(c) => bench::run(c),
+        Command::Batch(a) => batch::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
