@@ -678,3 +678,32 @@ fn flash_attention_matches_cpu() {
     // Long-context prefill chunk at the Llama shape.
     attention_case(&cu, &LLAMA, DType::BF16, 32_768 - 512, 512, None, 0, 0, 99, "");
 }
+
+/// Random matrices and tensors generated on the GPU are bit-identical to the CPU backend's
+/// (read back through the embedding op, which is exact for every dtype).
+#[test]
+fn random_fills_match_cpu() {
+    let Some(cu) = cuda() else { return };
+    for (rows, cols, seed) in [(300usize, 576usize, 5u64), (17, 4096, 6)] {
+        for &dt in &DTYPES {
+            let scale = 1.0 / (cols as f32).sqrt();
+            let mc = cpu().random_matrix(rows, cols, dt, scale, seed).unwrap();
+            let mg = cu.random_matrix(rows, cols, dt, scale, seed).unwrap();
+            assert_eq!(cu.matrix_shape(&mg), (rows, cols));
+            let ids: Vec<u32> = (0..rows as u32).collect();
+            let (mut oc, mut og) = poisoned(cu, rows, cols);
+            cpu().embedding(&mc, &ids, &mut oc).unwrap();
+            cu.embedding(&mg, &ids, &mut og).unwrap();
+            let got = cu.read_rows(&og, 0, rows).unwrap();
+            let same = got.iter().zip(&oc.data).all(|(a, b)| a.to_bits() == b.to_bits());
+            check("random_matrix", &format!("{rows}x{cols} {dt}"), &got, &oc.data, 1e-7);
+            assert!(same, "random_matrix {rows}x{cols} {dt}: not bit-identical");
+        }
+    }
+    let (mut tc, mut tg) = poisoned(cu, 9, 1000);
+    cpu().fill_random(&mut tc, 3.0, 42).unwrap();
+    cu.fill_random(&mut tg, 3.0, 42).unwrap();
+    let got = cu.read_rows(&tg, 0, 9).unwrap();
+    check("fill_random", "9x1000", &got, &tc.data, 1e-7);
+    assert!(got.iter().zip(&tc.data).all(|(a, b)| a.to_bits() == b.to_bits()));
+}

@@ -18,6 +18,8 @@ pub(crate) fn source() -> String {
     s.push_str(include_str!("kernels/attention.cu"));
     s.push('\n');
     s.push_str(include_str!("kernels/flash.cu"));
+    s.push('\n');
+    s.push_str(include_str!("kernels/random.cu"));
     s
 }
 

@@ -55,6 +55,9 @@ const KERNELS: &[&str] = &[
     "flash_attn_f16_d128",
     "flash_attn_bf16_d64",
     "flash_attn_bf16_d128",
+    "random_f32",
+    "random_f16",
+    "random_bf16",
 ];
 
 /// The CUDA backend on one device.
@@ -273,6 +276,21 @@ impl Backend for CudaBackend {
 
     fn upload_matrix(&self, m: HostMatrix<'_>) -> Result<CudaMatrix> {
         self.upload_matrix_impl(m)
+    }
+
+    fn random_matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u64,
+    ) -> Result<CudaMatrix> {
+        self.random_matrix_impl(rows, cols, dtype, scale, seed)
+    }
+
+    fn fill_random(&self, t: &mut CudaTensor, scale: f32, seed: u64) -> Result<()> {
+        self.fill_random_impl(t, scale, seed)
     }
 
     fn matrix_shape(&self, m: &CudaMatrix) -> (usize, usize) {
