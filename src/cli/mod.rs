@@ -1,6 +1,7 @@
 //! Command-line definitions and dispatch.
 
 mod bench;
+mod bench_synthetic;
 mod common;
 mod convert;
 mod eval;
