@@ -79,7 +79,7 @@ impl CudaBackend {
             AttnKernel::Flash
         } else if self.attn_gqa.load(Ordering::Relaxed)
             && s.group() <= GQA_MAX_GROUP
-            && s.head_dim % 32 == 0
+            && s.head_dim.is_multiple_of(32)
             && s.head_dim <= GQA_MAX_HEAD_DIM
         {
             AttnKernel::Gqa
