@@ -7,7 +7,10 @@
 # the main checkout's .gpu (e.g. /work/main/.gpu) and name `.gpu` in the call's `carry`.
 # On the GPU machine: `bash .gpu/run-tests.sh [TEST FILTER]` (CUDA's lib64 is put on
 # LD_LIBRARY_PATH; the log also goes to $OUT/parity.log when $OUT is set), and
-# `bash .gpu/run-tests.sh --timing` for the rough kernel timings (cuda_timing.rs).
+# `bash .gpu/run-tests.sh --timing` for the rough kernel timings (cuda_timing.rs). Also staged:
+# the stripped release `farsight` (e.g. `.gpu/farsight bench dense --shape llama-3.1-8b --device
+# cuda ...`) and scripts/gpu-parity.py (`python3 .gpu/gpu-parity.py --bin .gpu/farsight ...`);
+# see BENCHMARKS.md for the exact commands behind each figure.
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 dest=${1:-$root/.gpu}
@@ -21,6 +24,11 @@ for t in cuda_parity cuda_forward cuda_timing; do
     cp "$bin" "$dest/$t"
     strip --strip-debug "$dest/$t" 2>/dev/null || true
 done
+# The release binary (bench dense, eval logits) and the transformers parity script, when built.
+if cargo build --release --bin farsight >/dev/null 2>&1; then
+    cp target/release/farsight "$dest/farsight" && strip "$dest/farsight" 2>/dev/null || true
+fi
+cp scripts/gpu-parity.py "$dest/"
 cat > "$dest/run-tests.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the CUDA parity tests on the GPU machine. Arguments go to the test binary (a filter).

@@ -21,5 +21,6 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::{EngineError, Result};
+pub use model::synthetic;
 pub use model::{Logits, Model, Segment, Workspace};
 pub use tokenizer::TextTokenizer;

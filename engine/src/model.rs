@@ -16,6 +16,9 @@ use crate::error::{EngineError, Result};
 use crate::rope::{rope_for, RopeScaling};
 use crate::weights::Weights;
 
+#[path = "synthetic.rs"]
+pub mod synthetic;
+
 /// One decoder layer's weights.
 struct Layer<B: Backend> {
     attn_norm: B::Tensor,

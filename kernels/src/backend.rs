@@ -135,6 +135,28 @@ pub struct CausalAttn {
     pub scale: f32,
 }
 
+/// Golden-ratio increment of the random streams ([`random_value`]).
+pub const RANDOM_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The SplitMix64 finaliser.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Element `i` of the random stream `seed`: `scale * u`, `u` uniform in [-1, 1) on a grid of
+/// 2^-23 (24 random bits), counter-based (SplitMix64 of `splitmix64(seed) + (i + 1) * gamma`),
+/// so any backend computes the same f32 for the same `(seed, i)` in any order. The random
+/// weights of synthetic models ([`Backend::random_matrix`], [`Backend::fill_random`]).
+pub fn random_value(seed: u64, i: u64, scale: f32) -> f32 {
+    let z = splitmix64(
+        splitmix64(seed).wrapping_add(i.wrapping_add(1).wrapping_mul(RANDOM_GAMMA)),
+    );
+    let u = ((z >> 40) as f32 * (1.0 / 16_777_216.0)) * 2.0 - 1.0;
+    u * scale
+}
+
 /// The op set. See the module docs for the buffer types.
 pub trait Backend: Send + Sync {
     /// f32 activations, row-major `rows x cols`.
@@ -166,6 +188,19 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// Uploads a weight matrix (the backend may repack it).
     fn upload_matrix(&self, m: HostMatrix<'_>) -> Result<Self::Matrix>;
+    /// A `rows x cols` matrix of `dtype` holding element `i` (row-major) =
+    /// [`random_value`]`(seed, i, scale)` rounded to `dtype`, generated where the matrix lives
+    /// (on the GPU for a GPU backend: no host buffer of the matrix's size). For synthetic models.
+    fn random_matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u64,
+    ) -> Result<Self::Matrix>;
+    /// Fills the whole tensor with `random_value(seed, i, scale)` (`i` the row-major index).
+    fn fill_random(&self, t: &mut Self::Tensor, scale: f32, seed: u64) -> Result<()>;
     /// `(rows, cols)` = `(out, in)` of a matrix.
     fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
     /// Bytes the matrix occupies.

@@ -88,7 +88,7 @@ fn timings() {
         head_dim: 128,
         window: None,
     };
-    for ctx in [4096usize, 32768] {
+    for ctx in [4096usize, 32768, 131072] {
         let kvw = shape.kv_width();
         let mut src = be.tensor(1024, kvw).unwrap();
         be.write_tensor(&mut src, 0, &vals(1024 * kvw, 9)).unwrap();
@@ -98,7 +98,7 @@ fn timings() {
             be.cache_write(&mut k, r, &src, 0, 0, 1024).unwrap();
             be.cache_write(&mut v, r, &src, 0, 0, 1024).unwrap();
         }
-        for n_q in [1usize, 512] {
+        for n_q in [1usize, 512, 2048, ctx.min(32768)] {
             let mut q = be.tensor(n_q, shape.q_width()).unwrap();
             be.write_tensor(&mut q, 0, &vals(n_q * shape.q_width(), 10))
                 .unwrap();
@@ -112,18 +112,40 @@ fn timings() {
                 out_row0: 0,
                 scale: 1.0 / (128f32).sqrt(),
             };
-            for gqa in [true, false] {
+            for (flash, gqa) in [(true, true), (false, true), (false, false)] {
+                if (n_q == 1 && flash) || ((n_q > 2048 || ctx > 32768) && n_q > 1 && !flash) {
+                    continue;
+                }
+                be.set_attention_flash(flash);
                 be.set_attention_gqa(gqa);
+                let kernel = be.attention_kernel(&a, DType::BF16);
                 let s = time(&be, if n_q > 1 { 3 } else { 20 }, || {
                     be.attention(&a, &q, &k, &v, &mut o).unwrap()
                 });
                 let kv_bytes = (2 * ctx * kvw * 2) as f64;
+                // Causal FLOPs of the chunk: QK^T and PV over the keys each query sees.
+                let keys: f64 = (0..n_q).map(|i| (ctx - n_q + i + 1) as f64).sum();
+                let flops = 4.0 * keys * (shape.n_heads * shape.head_dim) as f64;
                 println!(
-                    "timing op=attention llama bf16 ctx={ctx} n_q={n_q} {}: {:.1} us ({:.0} GB/s of KV read once)",
-                    if gqa { "gqa-kernel" } else { "per-head-kernel" },
+                    "timing op=attention llama bf16 ctx={ctx} n_q={n_q} {kernel:?}: {:.1} us ({:.0} GB/s of KV read once, {:.1} TFLOP/s)",
                     s * 1e6,
-                    kv_bytes / s / 1e9
+                    kv_bytes / s / 1e9,
+                    flops / s / 1e12
                 );
+            }
+            be.set_attention_flash(true);
+            be.set_attention_gqa(true);
+            if n_q == 1 {
+                for chunk in [128usize, 256, 512, 1024] {
+                    be.set_attention_chunk(Some(chunk));
+                    let s = time(&be, 20, || be.attention(&a, &q, &k, &v, &mut o).unwrap());
+                    println!(
+                        "timing op=attention llama bf16 ctx={ctx} n_q=1 Gqa chunk={chunk}: {:.1} us ({:.0} GB/s of KV)",
+                        s * 1e6,
+                        (2 * ctx * kvw * 2) as f64 / s / 1e9
+                    );
+                }
+                be.set_attention_chunk(None);
             }
         }
     }

@@ -15,8 +15,12 @@ use super::common::{read_text, with_model, CliError, ModelArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Prefill and decode tokens/s of one sequence at given context lengths.
-    Cpu(CpuBenchArgs),
+    /// Dense attention, one sequence: prefill and decode speed at given context lengths, on any
+    /// device (`--device cpu|cuda`). With `--text`: a real model over a real text. With
+    /// `--shape`: a synthetic model (random weights made on the device), decode steps timed
+    /// over a KV cache filled with random rows, next to the memory-bandwidth floor.
+    #[command(alias = "cpu")]
+    Dense(CpuBenchArgs),
 }
 
 /// A token count: `512`, `4k` (= 4096), `256K`.
@@ -37,9 +41,26 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
 pub struct CpuBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text whose first N tokens form the context.
-    #[arg(long)]
-    pub text: PathBuf,
+    /// Text whose first N tokens form the context (real-model mode).
+    #[arg(long, required_unless_present = "shape")]
+    pub text: Option<PathBuf>,
+    /// Synthetic model of this shape instead of `--model` (llama-3.1-8b, llama-2-7b,
+    /// smollm2-135m): random weights generated on the device.
+    #[arg(long, conflicts_with = "text")]
+    pub shape: Option<String>,
+    /// Weight dtype of the synthetic model.
+    #[arg(long, default_value = "bf16")]
+    pub weights_dtype: String,
+    /// Synthetic mode: timed decode steps per context (after `--warmup` steps).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Synthetic mode: prompt length of the timed prefill (0: none).
+    #[arg(long, default_value = "32k", value_parser = parse_count_or_zero)]
+    pub prefill_context: usize,
+    /// Synthetic mode: device memory bandwidth for the floor, GB/s (H100 device-to-device copy
+    /// measured in shared/measurements/h100-ceilings.md).
+    #[arg(long, default_value_t = 2970.0)]
+    pub hbm_gbs: f64,
     /// Context lengths (comma-separated; `4k` = 4096).
     #[arg(long, default_value = "512,4096", value_delimiter = ',', value_parser = parse_count)]
     pub context: Vec<usize>,
@@ -58,6 +79,14 @@ pub struct CpuBenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+fn parse_count_or_zero(s: &str) -> Result<usize, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_count(s)
+    }
 }
 
 /// Median, min and max of repeated measurements.
@@ -110,7 +139,8 @@ fn timed_run<B: Backend>(
 
 pub fn run(c: BenchCommand) -> Result<(), CliError> {
     match c {
-        BenchCommand::Cpu(a) => cpu(a),
+        BenchCommand::Dense(a) if a.shape.is_some() => super::bench_synthetic::run(a),
+        BenchCommand::Dense(a) => cpu(a),
     }
 }
 
@@ -120,13 +150,14 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     }
     let loaded = a.model.load()?;
     let model = &loaded.model;
-    let text = read_text(&a.text)?;
+    let text_path = a.text.clone().unwrap_or_default();
+    let text = read_text(&text_path)?;
     let ids = loaded.tok.encode(&text)?;
     let longest = a.context.iter().max().copied().unwrap_or(0);
     if ids.len() < longest {
         return Err(CliError::Usage(format!(
             "{} has {} tokens; --context {longest} needs that many",
-            a.text.display(),
+            text_path.display(),
             ids.len()
         )));
     }

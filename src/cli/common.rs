@@ -115,6 +115,13 @@ pub struct Loaded {
 impl ModelArgs {
     /// Checks the directory and device, then loads model and tokenizer.
     pub fn load(&self) -> Result<Loaded, CliError> {
+        let model = self.load_model()?;
+        let tok = TextTokenizer::from_dir(&self.model, &model.cfg().eos_token_ids)?;
+        Ok(Loaded { model, tok })
+    }
+
+    /// Checks the directory and device, then loads the model alone (no tokenizer needed).
+    pub fn load_model(&self) -> Result<AnyModel, CliError> {
         if !self.model.is_dir() {
             let hint = if self.model == Path::new(DEFAULT_MODEL) {
                 "; fetch the default model with scripts/fetch-model.sh".to_string()
@@ -131,8 +138,7 @@ impl ModelArgs {
                 AnyModel::Cuda(Model::load(&self.model, be)?)
             }
         };
-        let tok = TextTokenizer::from_dir(&self.model, &model.cfg().eos_token_ids)?;
-        Ok(Loaded { model, tok })
+        Ok(model)
     }
 }
 

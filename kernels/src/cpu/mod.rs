@@ -187,6 +187,38 @@ impl Backend for CpuBackend {
         Ok(CpuMatrix { rows: m.rows, cols: m.cols, data })
     }
 
+    fn random_matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u64,
+    ) -> Result<CpuMatrix> {
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| shape_err(format!("matrix {rows}x{cols} overflows")))?;
+        let f = |i: usize| crate::backend::random_value(seed, i as u64, scale);
+        let data = self.pool.install(|| match dtype {
+            DType::F32 => Store::F32((0..n).into_par_iter().map(f).collect()),
+            DType::F16 => Store::F16((0..n).into_par_iter().map(|i| f16::from_f32(f(i))).collect()),
+            DType::BF16 => {
+                Store::BF16((0..n).into_par_iter().map(|i| bf16::from_f32(f(i))).collect())
+            }
+        });
+        Ok(CpuMatrix { rows, cols, data })
+    }
+
+    fn fill_random(&self, t: &mut CpuTensor, scale: f32, seed: u64) -> Result<()> {
+        self.pool.install(|| {
+            t.data
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = crate::backend::random_value(seed, i as u64, scale))
+        });
+        Ok(())
+    }
+
     fn matrix_shape(&self, m: &CpuMatrix) -> (usize, usize) {
         (m.rows, m.cols)
     }

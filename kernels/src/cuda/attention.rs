@@ -15,6 +15,38 @@ pub const ATTN_MAX_HEAD_DIM: usize = 256;
 pub const GQA_MAX_GROUP: usize = 8;
 pub const GQA_MAX_HEAD_DIM: usize = 128;
 
+/// Queries per call from which the tensor-core flash kernel runs (16-bit KV, head dim 64 or 128).
+pub const FLASH_MIN_QUERIES: usize = 16;
+/// Query rows and keys per tile of the flash kernel (`FA_BM`, `FA_BN` in flash.cu).
+const FLASH_BM: usize = 64;
+const FLASH_BN: usize = 64;
+
+/// Dynamic shared memory of a flash kernel: two stages of a K and a V tile, rows padded by 8.
+fn flash_smem_bytes(head_dim: usize) -> usize {
+    2 * 2 * FLASH_BN * (head_dim + 8) * 2
+}
+
+/// The dynamic shared memory a kernel of `KERNELS` needs beyond the default, if any.
+pub(super) fn flash_smem_bytes_of(name: &str) -> Option<usize> {
+    if !name.starts_with("flash_attn_") {
+        return None;
+    }
+    Some(flash_smem_bytes(if name.ends_with("_d64") { 64 } else { 128 }))
+}
+
+/// Which kernel an attention call runs (see `NOTES.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// Tensor-core flash attention (tiles of 64 queries x 64 keys, online softmax): prefill
+    /// chunks of at least [`FLASH_MIN_QUERIES`] queries over an f16/bf16 cache, head dim 64 or
+    /// 128. Q and P are rounded to the KV dtype for the products.
+    Flash,
+    /// One block per (query, KV head, key split) serving the query group; f32 math.
+    Gqa,
+    /// One block per (query, head, key split); f32 math; any group and head dim <= 256.
+    PerHead,
+}
+
 impl CudaBackend {
     /// Fixes the number of keys per attention split (split-K), or `None` for the automatic
     /// choice (enough splits for about 4 blocks per SM, at least 256 keys each). A tuning and
@@ -28,6 +60,76 @@ impl CudaBackend {
     /// kernel. A testing knob: both compute the same function.
     pub fn set_attention_gqa(&self, on: bool) {
         self.attn_gqa.store(on, Ordering::Relaxed);
+    }
+
+    /// Chooses whether prefill chunks run the tensor-core flash kernel (the default) or the
+    /// f32 kernels. A testing knob.
+    pub fn set_attention_flash(&self, on: bool) {
+        self.attn_flash.store(on, Ordering::Relaxed);
+    }
+
+    /// The kernel an attention call of this shape over a `kv` cache runs.
+    pub fn attention_kernel(&self, a: &CausalAttn, kv: DType) -> AttnKernel {
+        let s = a.shape;
+        if self.attn_flash.load(Ordering::Relaxed)
+            && kv != DType::F32
+            && a.n_q >= FLASH_MIN_QUERIES
+            && (s.head_dim == 64 || s.head_dim == 128)
+        {
+            AttnKernel::Flash
+        } else if self.attn_gqa.load(Ordering::Relaxed)
+            && s.group() <= GQA_MAX_GROUP
+            && s.head_dim.is_multiple_of(32)
+            && s.head_dim <= GQA_MAX_HEAD_DIM
+        {
+            AttnKernel::Gqa
+        } else {
+            AttnKernel::PerHead
+        }
+    }
+
+    /// Launches the flash kernel (the caller checked [`AttnKernel::Flash`]).
+    fn flash_attention(
+        &self,
+        a: &CausalAttn,
+        q: &CudaTensor,
+        k: &CudaCache,
+        v: &CudaCache,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let s = a.shape;
+        let name = match (k.dtype, s.head_dim) {
+            (DType::F16, 64) => "flash_attn_f16_d64",
+            (DType::F16, _) => "flash_attn_f16_d128",
+            (DType::BF16, 64) => "flash_attn_bf16_d64",
+            _ => "flash_attn_bf16_d128",
+        };
+        let args = [
+            int(q.cols, "q cols")?,
+            int(a.q_row0, "q_row0")?,
+            int(a.q_col0, "q_col0")?,
+            int(k.cols, "kv cols")?,
+            int(out.cols, "out cols")?,
+            int(a.out_row0, "out_row0")?,
+            int(a.n_q, "n_q")?,
+            int(a.n_past, "n_past")?,
+            int(s.group(), "group")?,
+            int(s.window.unwrap_or(0), "window")?,
+        ];
+        let scale_log2 = a.scale * std::f32::consts::LOG2_E;
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&q.data).arg(&args[0]).arg(&args[1]).arg(&args[2]);
+        b.arg(&k.data).arg(&v.data).arg(&args[3]);
+        b.arg(&mut out.data).arg(&args[4]).arg(&args[5]);
+        b.arg(&args[6]).arg(&args[7]).arg(&args[8]).arg(&args[9]);
+        b.arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (a.n_q.div_ceil(FLASH_BM) as u32, s.n_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: flash_smem_bytes(s.head_dim) as u32,
+        };
+        unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+        Ok(())
     }
 
     /// `(n_split, chunk)` for an attention call: `n_split` blocks per (query, head), each over at
@@ -78,10 +180,14 @@ impl CudaBackend {
         if a.n_q == 0 || s.n_heads == 0 || s.head_dim == 0 {
             return Ok(());
         }
-        let gqa = self.attn_gqa.load(Ordering::Relaxed)
-            && s.group() <= GQA_MAX_GROUP
-            && s.head_dim % 32 == 0
-            && s.head_dim <= GQA_MAX_HEAD_DIM;
+        let kernel = self.attention_kernel(a, k.dtype);
+        if kernel == AttnKernel::Flash {
+            if s.n_heads > 65_535 {
+                return Err(shape_err(format!("attention: {} heads", s.n_heads)));
+            }
+            return self.flash_attention(a, q, k, v, out);
+        }
+        let gqa = kernel == AttnKernel::Gqa;
         let name = match (gqa, k.dtype) {
             (false, DType::F32) => "attention_f32",
             (false, DType::F16) => "attention_f16",

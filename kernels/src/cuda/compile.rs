@@ -16,6 +16,10 @@ pub(crate) fn source() -> String {
     s.push_str(include_str!("kernels/ops.cu"));
     s.push('\n');
     s.push_str(include_str!("kernels/attention.cu"));
+    s.push('\n');
+    s.push_str(include_str!("kernels/flash.cu"));
+    s.push('\n');
+    s.push_str(include_str!("kernels/random.cu"));
     s
 }
 

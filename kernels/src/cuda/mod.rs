@@ -23,7 +23,7 @@ use cudarc::nvrtc::Ptx;
 use crate::backend::{Backend, CausalAttn, DType, HostMatrix, Result, Rope};
 use crate::error::KernelError;
 
-pub use attention::{ATTN_MAX_HEAD_DIM, GQA_MAX_GROUP, GQA_MAX_HEAD_DIM};
+pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP, GQA_MAX_HEAD_DIM};
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
 pub use matmul::GEMV_MAX_ROWS;
 
@@ -51,6 +51,13 @@ const KERNELS: &[&str] = &[
     "attention_gqa_f32",
     "attention_gqa_f16",
     "attention_gqa_bf16",
+    "flash_attn_f16_d64",
+    "flash_attn_f16_d128",
+    "flash_attn_bf16_d64",
+    "flash_attn_bf16_d128",
+    "random_f32",
+    "random_f16",
+    "random_bf16",
 ];
 
 /// The CUDA backend on one device.
@@ -67,6 +74,8 @@ pub struct CudaBackend {
     attn_chunk: AtomicUsize,
     /// Use the GQA key-per-lane attention kernel where the shape allows.
     attn_gqa: AtomicBool,
+    /// Use the tensor-core flash kernel for prefill chunks where the shape allows.
+    attn_flash: AtomicBool,
     sm_count: usize,
     name: String,
     arch: String,
@@ -177,6 +186,14 @@ impl CudaBackend {
             let f = module
                 .load_function(k)
                 .map_err(|e| dev_err(&format!("kernel {k}"), e))?;
+            if let Some(bytes) = attention::flash_smem_bytes_of(k) {
+                // More than the default 48 KiB of dynamic shared memory.
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| dev_err(&format!("shared memory limit of {k}"), e))?;
+            }
             funcs.insert(k, f);
         }
         Ok(CudaBackend {
@@ -188,6 +205,7 @@ impl CudaBackend {
             attn_scratch: Mutex::new(None),
             attn_chunk: AtomicUsize::new(0),
             attn_gqa: AtomicBool::new(true),
+            attn_flash: AtomicBool::new(true),
             sm_count,
             name: format!("cuda:{ordinal} ({dev_name}, {arch})"),
             arch,
@@ -258,6 +276,21 @@ impl Backend for CudaBackend {
 
     fn upload_matrix(&self, m: HostMatrix<'_>) -> Result<CudaMatrix> {
         self.upload_matrix_impl(m)
+    }
+
+    fn random_matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u64,
+    ) -> Result<CudaMatrix> {
+        self.random_matrix_impl(rows, cols, dtype, scale, seed)
+    }
+
+    fn fill_random(&self, t: &mut CudaTensor, scale: f32, seed: u64) -> Result<()> {
+        self.fill_random_impl(t, scale, seed)
     }
 
     fn matrix_shape(&self, m: &CudaMatrix) -> (usize, usize) {

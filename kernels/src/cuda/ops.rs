@@ -251,4 +251,56 @@ impl CudaBackend {
         unsafe { b.launch(flat(n * x.cols)) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
+
+    /// Launches `random_<dtype>` over `n` elements of `data` (as raw `dtype` elements).
+    fn random_fill(
+        &self,
+        data: &mut cudarc::driver::CudaSlice<u8>,
+        n: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u64,
+    ) -> Result<()> {
+        let name = match dtype {
+            DType::F32 => "random_f32",
+            DType::F16 => "random_f16",
+            DType::BF16 => "random_bf16",
+        };
+        let (nn, mixed) = (n as i64, crate::backend::splitmix64(seed));
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(data).arg(&nn).arg(&mixed).arg(&scale);
+        unsafe { b.launch(flat(n)) }.map_err(Self::launch_err(name))?;
+        Ok(())
+    }
+
+    pub(super) fn random_matrix_impl(
+        &self,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u64,
+    ) -> Result<CudaMatrix> {
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| shape_err(format!("matrix {rows}x{cols} overflows")))?;
+        let mut data = self.alloc::<u8>(n * dtype.size(), "matrix")?;
+        if n > 0 {
+            self.random_fill(&mut data, n, dtype, scale, seed)?;
+        }
+        Ok(CudaMatrix { rows, cols, dtype, data })
+    }
+
+    pub(super) fn fill_random_impl(&self, t: &mut CudaTensor, scale: f32, seed: u64) -> Result<()> {
+        let n = t.rows * t.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let name = "random_f32";
+        let (nn, mixed) = (n as i64, crate::backend::splitmix64(seed));
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&mut t.data).arg(&nn).arg(&mixed).arg(&scale);
+        unsafe { b.launch(flat(n)) }.map_err(Self::launch_err(name))?;
+        Ok(())
+    }
 }
