@@ -23,9 +23,19 @@ OUT="models/smollm2-135m-instruct"
 CONVERT_STAMP="convert-v2 $DTYPE"
 STAMP_FILE="$OUT/.farsight-convert"
 
+# Double Sparsity needs the model's channel ranking: made once from data/calibration.txt (a text
+# kept apart from the evaluation text), beside the model.
+calibrate_if_missing() {
+    if [[ ! -f "$OUT/farsight-calibration.json" ]]; then
+        echo "fetch-model: calibrating Double Sparsity labels (4096 tokens of data/calibration.txt)"
+        cargo run --release --quiet -- calibrate --model "$OUT" --text data/calibration.txt --tokens 4096
+    fi
+}
+
 if [[ -f "$OUT/config.json" && -f "$OUT/model.safetensors" && -f "$OUT/tokenizer.json" \
       && "$(cat "$STAMP_FILE" 2>/dev/null)" == "$CONVERT_STAMP" ]]; then
-    echo "fetch-model: $OUT already converted; nothing to do"
+    echo "fetch-model: $OUT already converted"
+    calibrate_if_missing
     exit 0
 fi
 
@@ -74,4 +84,6 @@ for f in config.json model.safetensors tokenizer.json; do
     fi
 done
 echo "$CONVERT_STAMP" > "$STAMP_FILE"
+rm -f "$OUT/farsight-calibration.json"
+calibrate_if_missing
 echo "fetch-model: done: $OUT"

@@ -6,12 +6,14 @@ use std::time::Instant;
 
 use farsight_kernels::Backend;
 use clap::{Args, Subcommand};
-use farsight_engine::generate::{new_cache, prefill};
+use farsight_engine::generate::prefill;
 use farsight_engine::model::{Logits, Segment};
 use farsight_engine::Model;
 use farsight_engine::sampler::argmax;
 
 use super::common::{read_text, with_model, CliError, ModelArgs};
+use super::sparse::SparseArgs;
+use farsight_engine::kv::{new_store, Attention};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -41,6 +43,10 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
 pub struct CpuBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// With --attention double-sparse, dense and sparse decode are timed in the same run
+    /// (alternating repeats) and their ratio reported.
+    #[command(flatten)]
+    pub sparse: SparseArgs,
     /// Text whose first N tokens form the context (real-model mode).
     #[arg(long, required_unless_present = "shape")]
     pub text: Option<PathBuf>,
@@ -115,22 +121,24 @@ impl Stats {
 
 /// One prefill of `prompt` then `new_tokens` greedy decode steps on a fresh cache; returns the
 /// prefill and decode seconds (logits are read back each step, which waits for the device).
-fn timed_run<B: Backend>(
+fn timed_run<B: Backend + 'static>(
     model: &Model<B>,
     prompt: &[u32],
     kv_dtype: farsight_kernels::DType,
+    attention: &Attention,
     chunk: usize,
     new_tokens: usize,
 ) -> Result<(f64, f64), CliError> {
-    let mut kv = new_cache(model, kv_dtype)?;
+    let mut kv = new_store(model, kv_dtype, attention)?;
+    let kv = kv.as_mut();
     let mut ws = model.workspace(chunk.min(prompt.len()), 1)?;
     let t0 = Instant::now();
-    let logits = prefill(model, &mut ws, &mut kv, prompt, chunk, &mut |_, _| {})?;
+    let logits = prefill(model, &mut ws, kv, prompt, chunk, &mut |_, _| {})?;
     let tp = t0.elapsed().as_secs_f64();
     let mut next = argmax(&logits);
     let t1 = Instant::now();
     for _ in 0..new_tokens {
-        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut kv, logits: Logits::Last }];
+        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut *kv, logits: Logits::Last }];
         let l = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         next = argmax(&l);
     }
@@ -148,7 +156,12 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     if a.repeats == 0 || a.new_tokens == 0 || a.prefill_chunk == 0 {
         return Err(CliError::Usage("--repeats, --new-tokens and --prefill-chunk must be at least 1".into()));
     }
-    let loaded = a.model.load()?;
+    let mut loaded = a.model.load()?;
+    let sparse = a.sparse.attention(&a.model.model, &mut loaded.model)?;
+    let mut attentions = vec![Attention::Dense];
+    if !matches!(sparse, Attention::Dense) {
+        attentions.push(sparse);
+    }
     let model = &loaded.model;
     let text_path = a.text.clone().unwrap_or_default();
     let text = read_text(&text_path)?;
@@ -171,20 +184,35 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     let mut runs = Vec::new();
     for &n in &a.context {
         let prompt = &ids[..n];
-        let (mut pre, mut dec) = (Vec::new(), Vec::new());
+        let k = attentions.len();
+        let (mut pre, mut dec) = (vec![Vec::new(); k], vec![Vec::new(); k]);
+        // Repeats alternate between the attentions, so that machine noise hits both alike.
         for r in 0..a.warmup + a.repeats {
-            let (tp, td) = with_model!(model, m => timed_run(m, prompt, a.model.kv_dtype, a.prefill_chunk, a.new_tokens))?;
-            if r >= a.warmup {
-                pre.push(n as f64 / tp);
-                dec.push(a.new_tokens as f64 / td);
+            for (i, att) in attentions.iter().enumerate() {
+                let (tp, td) = with_model!(model, m => timed_run(m, prompt, a.model.kv_dtype, att, a.prefill_chunk, a.new_tokens))?;
+                if r >= a.warmup {
+                    pre[i].push(n as f64 / tp);
+                    dec[i].push(a.new_tokens as f64 / td);
+                }
+                eprintln!(
+                    "context {n} {} run {r}: prefill {:.1} tok/s, decode {:.1} tok/s{}",
+                    att.describe(),
+                    n as f64 / tp,
+                    a.new_tokens as f64 / td,
+                    if r < a.warmup { " (warm-up)" } else { "" }
+                );
             }
-            eprintln!("context {n} run {r}: prefill {:.1} tok/s, decode {:.1} tok/s{}", n as f64 / tp, a.new_tokens as f64 / td, if r < a.warmup { " (warm-up)" } else { "" });
         }
-        runs.push(serde_json::json!({
-            "context": n,
-            "prefill_tok_s": Stats::of(&pre),
-            "decode_tok_s": Stats::of(&dec),
-        }));
+        for (i, att) in attentions.iter().enumerate() {
+            let ratio = (i > 0).then(|| Stats::of(&dec[i]).median / Stats::of(&dec[0]).median);
+            runs.push(serde_json::json!({
+                "context": n,
+                "attention": att.describe(),
+                "prefill_tok_s": Stats::of(&pre[i]),
+                "decode_tok_s": Stats::of(&dec[i]),
+                "decode_vs_dense": ratio,
+            }));
+        }
     }
     let report = serde_json::json!({
         "command": command,
@@ -198,14 +226,16 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
         "runs": runs,
     });
     let mut out = std::io::stdout().lock();
-    writeln!(out, "| context | prefill tok/s (median [min, max]) | decode tok/s (median [min, max]) |").map_err(CliError::Output)?;
-    writeln!(out, "| --- | --- | --- |").map_err(CliError::Output)?;
+    writeln!(out, "| context | attention | prefill tok/s (median [min, max]) | decode tok/s (median [min, max]) | decode vs dense |").map_err(CliError::Output)?;
+    writeln!(out, "| --- | --- | --- | --- | --- |").map_err(CliError::Output)?;
     for r in &runs {
         let f = |k: &str| {
             let s = &r[k];
             format!("{:.1} [{:.1}, {:.1}]", s["median"].as_f64().unwrap_or(0.0), s["min"].as_f64().unwrap_or(0.0), s["max"].as_f64().unwrap_or(0.0))
         };
-        writeln!(out, "| {} | {} | {} |", r["context"], f("prefill_tok_s"), f("decode_tok_s")).map_err(CliError::Output)?;
+        let ratio = r["decode_vs_dense"].as_f64().map_or("1 (baseline)".to_string(), |x| format!("{x:.2}x"));
+        let att = r["attention"].as_str().unwrap_or("");
+        writeln!(out, "| {} | {att} | {} | {} | {ratio} |", r["context"], f("prefill_tok_s"), f("decode_tok_s")).map_err(CliError::Output)?;
     }
     writeln!(out, "\n{} on {}, weights {}, KV {}; reproduce: `{command}`", a.model.model.display(), model.device_name(), model.weight_dtype(), a.model.kv_dtype).map_err(CliError::Output)?;
     if let Some(p) = &a.json {
