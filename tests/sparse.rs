@@ -253,3 +253,26 @@ fn generate_on_disk_equals_host() {
     assert!(jb["settings"]["attention"].as_str().unwrap().contains("disk:"), "{jb}");
 }
 
+
+#[test]
+fn sparse_eval_commands_run_and_report_their_settings() {
+    let cal = calibration_file();
+    let cal = cal.to_str().unwrap();
+    let common = ["--attention", "double-sparse", "--calibration", cal, "--json"];
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&common);
+        let out = run(&all);
+        assert!(out.status.success(), "{:?}: {}", args, String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = json(&["eval", "agreement", "--text", "data/eval.txt", "--max-tokens", "96", "--token-budget", "16"]);
+    let top1 = v["agreement"]["top1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&top1) && v["agreement"]["positions"] == 96, "{v}");
+    assert!(v["settings"]["attention"].as_str().unwrap().contains("budget 16"), "{v}");
+    let v = json(&["eval", "sweep", "--text", "data/eval.txt", "--max-tokens", "64", "--budgets", "1/2", "--channels", "8", "--bits", "4"]);
+    assert_eq!(v["rows"].as_array().unwrap().len(), 1, "{v}");
+    assert!(v["dense_ppl"].as_f64().unwrap() > 1.0);
+    let v = json(&["eval", "passkey", "--lengths", "200", "--depths", "0.5", "--trials", "1", "--compare-dense"]);
+    assert_eq!(v["summary"].as_array().unwrap().len(), 2, "{v}");
+}
