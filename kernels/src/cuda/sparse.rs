@@ -360,10 +360,8 @@ impl CudaBackend {
             DType::BF16 => "sparse_attn_bf16",
             DType::F32 => return Err(shape_err("sparse attention over f32 rows: not implemented".into())),
         };
-        // Latency-bound (rows by index, one V row per step of the inner loop): many small splits,
-        // about 16 blocks per SM, at least 64 rows each.
-        let want = (16 * self.sm_count).div_ceil(n_kv);
-        let n_split = want.min(n_sel.div_ceil(64)).clamp(1, 65_535);
+        let want = (4 * self.sm_count).div_ceil(n_kv);
+        let n_split = want.min(n_sel.div_ceil(256)).clamp(1, 65_535);
         let chunk = n_sel.div_ceil(n_split);
         let need = n_heads * n_split * (head_dim + 2);
         let mut guard = self.attn_scratch.lock().unwrap_or_else(|p| p.into_inner());

@@ -317,7 +317,6 @@ __device__ void sparse_attn(const float* q, const T* k, const T* v, long tok_str
             }
         }
         int nk = min(32, ke - j0);
-        #pragma unroll 8
         for (int jj = 0; jj < nk; jj++) {
             long rj = __shfl_sync(0xffffffffu, row, jj);
             const T* vr = vh + rj * tok_stride;
