@@ -23,6 +23,10 @@ pub enum BenchCommand {
     /// over a KV cache filled with random rows, next to the memory-bandwidth floor.
     #[command(alias = "cpu")]
     Dense(CpuBenchArgs),
+    /// The Double Sparsity decode attention operator on the GPU (label scores + exact top-k +
+    /// attention over the selected rows) vs dense decode attention, one layer, per context and
+    /// token budget; also with the rows gathered from pinned host memory (the offload case).
+    Attention(super::bench_attention::AttnBenchArgs),
 }
 
 /// A token count: `512`, `4k` (= 4096), `256K`.
@@ -149,6 +153,7 @@ pub fn run(c: BenchCommand) -> Result<(), CliError> {
     match c {
         BenchCommand::Dense(a) if a.shape.is_some() => super::bench_synthetic::run(a),
         BenchCommand::Dense(a) => cpu(a),
+        BenchCommand::Attention(a) => super::bench_attention::run(a),
     }
 }
 

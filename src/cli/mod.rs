@@ -2,6 +2,7 @@
 
 mod batch;
 mod bench;
+mod bench_attention;
 mod bench_synthetic;
 mod calibrate;
 pub(crate) mod common;

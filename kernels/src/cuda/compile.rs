@@ -20,6 +20,8 @@ pub(crate) fn source() -> String {
     s.push_str(include_str!("kernels/flash.cu"));
     s.push('\n');
     s.push_str(include_str!("kernels/random.cu"));
+    s.push('\n');
+    s.push_str(include_str!("kernels/sparse.cu"));
     s
 }
 

@@ -11,6 +11,7 @@ mod buffers;
 mod compile;
 mod matmul;
 mod ops;
+mod sparse;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -26,6 +27,7 @@ use crate::error::KernelError;
 pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP, GQA_MAX_HEAD_DIM};
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
 pub use matmul::GEMV_MAX_ROWS;
+pub use sparse::{DevBuf, KvRows, PinnedBuf, TopkScratch, DS_MAX_R};
 
 const KERNELS: &[&str] = &[
     "embedding_f32",
@@ -58,6 +60,18 @@ const KERNELS: &[&str] = &[
     "random_f32",
     "random_f16",
     "random_bf16",
+    "ds_labels_from_cache_bf16",
+    "ds_labels_from_cache_f16",
+    "ds_label_scores",
+    "ds_topk_init",
+    "ds_topk_hist",
+    "ds_topk_pick",
+    "ds_topk_count",
+    "ds_topk_write",
+    "ds_fixed_rows",
+    "sparse_attn_f16",
+    "sparse_attn_bf16",
+    "ds_gather_rows",
 ];
 
 /// The CUDA backend on one device.

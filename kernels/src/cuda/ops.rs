@@ -253,7 +253,7 @@ impl CudaBackend {
     }
 
     /// Launches `random_<dtype>` over `n` elements of `data` (as raw `dtype` elements).
-    fn random_fill(
+    pub(super) fn random_fill(
         &self,
         data: &mut cudarc::driver::CudaSlice<u8>,
         n: usize,

@@ -1,0 +1,413 @@
+// Double Sparsity decode kernels (ALGORITHMS.md section 1): label scoring, exact top-k, sparse
+// attention over rows chosen by index, and a row gather that reads device or pinned host memory
+// (UVA zero-copy). Compiled together with ops.cu and attention.cu (to_f32, warp_sum, warp_max,
+// load8, NEG_INF, ATTN_WARPS, GQA_*).
+//
+// Pointers to KV rows are passed as raw 64-bit addresses, so one kernel reads a device cache or a
+// pinned host buffer (cuMemHostAlloc PORTABLE|DEVICEMAP, where the host pointer is the device
+// pointer under UVA).
+
+typedef unsigned long long u64;
+
+// ---- labels ---------------------------------------------------------------------------------
+// labels[g][t][c] = f16(K[t][g*D + chan[g][c]]) for t in [t0, t1): grid (ceil(n/256), n_kv).
+template <typename T>
+__device__ void ds_labels_from_cache(const T* k, long tok_stride, int head_dim, const int* chan,
+                                     int r, long t0, long t1, long cap, f16_t* labels) {
+    long t = t0 + (long)blockIdx.x * blockDim.x + threadIdx.x;
+    int g = blockIdx.y;
+    if (t >= t1) return;
+    const T* row = k + t * tok_stride + (long)g * head_dim;
+    f16_t* out = labels + ((long)g * cap + t) * r;
+    for (int c = 0; c < r; c++) out[c] = from_f32<f16_t>(to_f32(row[chan[g * r + c]]));
+}
+extern "C" __global__ void ds_labels_from_cache_bf16(u64 k, long tok_stride, int head_dim,
+                                                     const int* chan, int r, long t0, long t1,
+                                                     long cap, f16_t* labels) {
+    ds_labels_from_cache((const bf16_t*)k, tok_stride, head_dim, chan, r, t0, t1, cap, labels);
+}
+extern "C" __global__ void ds_labels_from_cache_f16(u64 k, long tok_stride, int head_dim,
+                                                    const int* chan, int r, long t0, long t1,
+                                                    long cap, f16_t* labels) {
+    ds_labels_from_cache((const f16_t*)k, tok_stride, head_dim, chan, r, t0, t1, cap, labels);
+}
+
+// ---- label scores ---------------------------------------------------------------------------
+// scores[g][t - t0] = sum_c qsum[g][c] * labels[g][t][c] over t in [t0, t1), where
+// qsum[g][c] = sum over the group's query heads h (in order) of q[h*D + chan[g][c]].
+// Grid (ceil(n / 256), n_kv), 256 threads, one token per thread; r <= 64.
+#define DS_MAX_R 64
+extern "C" __global__ void ds_label_scores(const float* q, const int* chan, int group,
+                                           int head_dim, int r, const f16_t* labels, long cap,
+                                           long t0, long t1, float* scores) {
+    __shared__ float qs[DS_MAX_R];
+    int g = blockIdx.y;
+    if (threadIdx.x < r) {
+        int c = chan[g * r + threadIdx.x];
+        float s = 0.0f;
+        for (int j = 0; j < group; j++) s += q[(long)(g * group + j) * head_dim + c];
+        qs[threadIdx.x] = s;
+    }
+    __syncthreads();
+    long n = t1 - t0;
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const f16_t* lab = labels + ((long)g * cap + t0 + i) * r;
+    float s = 0.0f;
+    if ((r & 7) == 0) {
+        for (int c = 0; c < r; c += 8) {
+            float lf[8];
+            load8(lab + c, lf);
+            #pragma unroll
+            for (int e = 0; e < 8; e++) s += qs[c + e] * lf[e];
+        }
+    } else {
+        for (int c = 0; c < r; c++) s += qs[c] * to_f32(lab[c]);
+    }
+    scores[(long)g * n + i] = s;
+}
+
+// ---- exact top-k ----------------------------------------------------------------------------
+// Per head (row of `scores`, n values), the k largest by (score descending, index ascending),
+// written in increasing index order. Radix select on order-preserving 32-bit keys (the order of
+// f32::total_cmp) in three digit passes of 11, 11 and 10 bits, then an ordered compaction: every
+// key above the threshold key, and the first `need` keys equal to it.
+// State per head: [0] prefix, [1] need (how many still to take at or below the prefix).
+#define TK_BINS 2048
+#define TK_THREADS 512
+
+__device__ __forceinline__ unsigned tk_key(float f) {
+    unsigned b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Grid (blocks, heads): histogram of digit `pass` of the keys matching the prefix.
+extern "C" __global__ void ds_topk_hist(const float* scores, long n, const unsigned* state,
+                                        unsigned* hist, int pass) {
+    __shared__ unsigned h[TK_BINS];
+    for (int b = threadIdx.x; b < TK_BINS; b += blockDim.x) h[b] = 0;
+    __syncthreads();
+    int head = blockIdx.y;
+    int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+    unsigned hi_mask = pass == 0 ? 0u : (pass == 1 ? 0xffe00000u : 0xfffffc00u);
+    unsigned digit_mask = pass == 2 ? 0x3ffu : 0x7ffu;
+    unsigned prefix = state[head * 2];
+    const float* s = scores + (long)head * n;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        unsigned key = tk_key(s[i]);
+        if ((key & hi_mask) == prefix) atomicAdd(&h[(key >> shift) & digit_mask], 1u);
+    }
+    __syncthreads();
+    unsigned* gh = hist + (long)head * TK_BINS;
+    for (int b = threadIdx.x; b < TK_BINS; b += blockDim.x)
+        if (h[b]) atomicAdd(&gh[b], h[b]);
+}
+
+// One warp per head: picks the digit of the threshold, updates (prefix, need), clears the
+// histogram for the next pass.
+extern "C" __global__ void ds_topk_pick(unsigned* state, unsigned* hist, int pass) {
+    int head = blockIdx.x, lane = threadIdx.x;
+    int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+    int bins = pass == 2 ? 1024 : 2048;
+    int per = bins / 32;
+    unsigned* gh = hist + (long)head * TK_BINS;
+    // Lane l owns bins [bins - (l+1)*per, bins - l*per): lane 0 the highest.
+    int lo = bins - (lane + 1) * per;
+    unsigned cnt = 0;
+    for (int b = lo; b < lo + per; b++) cnt += gh[b];
+    // Inclusive scan from lane 0 (highest bins) upward.
+    unsigned incl = cnt;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+    }
+    unsigned need = state[head * 2 + 1];
+    unsigned excl = incl - cnt;
+    bool mine = excl < need && incl >= need;
+    unsigned ballot = __ballot_sync(0xffffffffu, mine);
+    int owner = __ffs(ballot) - 1;
+    if (lane == owner) {
+        unsigned above = excl;
+        for (int b = lo + per - 1; b >= lo; b--) {
+            unsigned c = gh[b];
+            if (above + c >= need) {
+                state[head * 2] |= ((unsigned)b) << shift;
+                state[head * 2 + 1] = need - above;
+                break;
+            }
+            above += c;
+        }
+    }
+    __syncwarp();
+    for (int b = lane; b < TK_BINS; b += 32) gh[b] = 0;
+}
+
+// Grid (blocks, heads), TK_THREADS threads, each block a contiguous chunk of `chunk` scores:
+// counts keys above the threshold (gt) and equal to it (eq) per block.
+extern "C" __global__ void ds_topk_count(const float* scores, long n, long chunk,
+                                         const unsigned* state, unsigned* counts) {
+    int head = blockIdx.y;
+    unsigned thr = state[head * 2];
+    const float* s = scores + (long)head * n;
+    long b0 = (long)blockIdx.x * chunk, b1 = min(n, b0 + chunk);
+    unsigned gt = 0, eq = 0;
+    for (long i = b0 + threadIdx.x; i < b1; i += blockDim.x) {
+        unsigned key = tk_key(s[i]);
+        gt += key > thr;
+        eq += key == thr;
+    }
+    __shared__ unsigned sg[TK_THREADS / 32], se[TK_THREADS / 32];
+    for (int o = 16; o > 0; o >>= 1) {
+        gt += __shfl_xor_sync(0xffffffffu, gt, o);
+        eq += __shfl_xor_sync(0xffffffffu, eq, o);
+    }
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) { sg[w] = gt; se[w] = eq; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned a = 0, e = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) { a += sg[i]; e += se[i]; }
+        counts[((long)head * gridDim.x + blockIdx.x) * 2] = a;
+        counts[((long)head * gridDim.x + blockIdx.x) * 2 + 1] = e;
+    }
+}
+
+// Same grid: writes the selected indices (+ base) in increasing order to out[head*out_stride +
+// out_off + j]. A thread takes `per` consecutive scores of its block's chunk.
+extern "C" __global__ void ds_topk_write(const float* scores, long n, long chunk,
+                                         const unsigned* state, const unsigned* counts, int* out,
+                                         long out_stride, long out_off, int base) {
+    int head = blockIdx.y;
+    unsigned thr = state[head * 2];
+    unsigned need_eq = state[head * 2 + 1];
+    const float* s = scores + (long)head * n;
+    const unsigned* cnt = counts + (long)head * gridDim.x * 2;
+    // Selected before this block: gt before + min(eq before, need_eq); eq before this block.
+    __shared__ unsigned sh_gt, sh_eq;
+    if (threadIdx.x < 32) {
+        unsigned a = 0, e = 0;
+        for (int b = threadIdx.x; b < (int)blockIdx.x; b += 32) { a += cnt[b * 2]; e += cnt[b * 2 + 1]; }
+        for (int o = 16; o > 0; o >>= 1) {
+            a += __shfl_xor_sync(0xffffffffu, a, o);
+            e += __shfl_xor_sync(0xffffffffu, e, o);
+        }
+        if (threadIdx.x == 0) { sh_gt = a; sh_eq = e; }
+    }
+    __syncthreads();
+    long b0 = (long)blockIdx.x * chunk, b1 = min(n, b0 + chunk);
+    long per = (chunk + blockDim.x - 1) / blockDim.x;
+    long i0 = b0 + threadIdx.x * per, i1 = min(b1, i0 + per);
+    // Thread-local counts of gt and eq, then block exclusive scans of both.
+    unsigned tg = 0, te = 0;
+    for (long i = i0; i < i1; i++) {
+        unsigned key = tk_key(s[i]);
+        tg += key > thr;
+        te += key == thr;
+    }
+    __shared__ unsigned wg[TK_THREADS / 32], we[TK_THREADS / 32];
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    unsigned ig = tg, ie = te;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned a = __shfl_up_sync(0xffffffffu, ig, o), e = __shfl_up_sync(0xffffffffu, ie, o);
+        if (lane >= o) { ig += a; ie += e; }
+    }
+    if (lane == 31) { wg[w] = ig; we[w] = ie; }
+    __syncthreads();
+    unsigned pg = sh_gt, pe = sh_eq;
+    for (int i = 0; i < w; i++) { pg += wg[i]; pe += we[i]; }
+    pg += ig - tg;
+    pe += ie - te;
+    // pe = eq keys before this thread's first; position = gt before + min(eq before, need_eq).
+    int* o = out + (long)head * out_stride + out_off;
+    for (long i = i0; i < i1; i++) {
+        unsigned key = tk_key(s[i]);
+        if (key > thr) {
+            o[pg + min(pe, need_eq)] = base + (int)i;
+            pg++;
+        } else if (key == thr) {
+            if (pe < need_eq) o[pg + pe] = base + (int)i;
+            pe++;
+        }
+    }
+}
+
+// Initialises the state for k per head: prefix 0, need k.
+extern "C" __global__ void ds_topk_init(unsigned* state, unsigned k, int heads) {
+    int h = blockIdx.x * blockDim.x + threadIdx.x;
+    if (h < heads) { state[h * 2] = 0; state[h * 2 + 1] = k; }
+}
+
+// Fixed rows of a selection: out[h*stride + j] = j for j < n_sink, and
+// out[h*stride + n_sink + k + j] = recent0 + j for j < n_recent. Grid (.., heads).
+extern "C" __global__ void ds_fixed_rows(int* out, long stride, int n_sink, int k,
+                                         int recent0, int n_recent) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    int* o = out + (long)blockIdx.y * stride;
+    if (j < n_sink) o[j] = j;
+    if (j < n_recent) o[n_sink + k + j] = recent0 + j;
+}
+
+// ---- sparse attention -----------------------------------------------------------------------
+// One decode query, GQA: one block (ATTN_WARPS warps) per (KV head g, split) serving the group's
+// query heads over rows idx[g*idx_stride + j], j in the split's range of [0, n_sel) (idx null:
+// row j). Row t of head g: K at k + t*tok_stride + g*head_stride, V likewise from v (elements).
+// Same arithmetic as attention_gqa; partials for attention_combine when n_split > 1.
+template <typename T>
+__device__ void sparse_attn(const float* q, const T* k, const T* v, long tok_stride,
+                            long head_stride, const int* idx, long idx_stride, int n_sel,
+                            float* out, int n_heads, int group, int head_dim, float scale,
+                            int n_split, int chunk, float* part) {
+    int g = blockIdx.x, split = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int kb = split * chunk;
+    int ke = min(n_sel, kb + chunk);
+    int nt = head_dim >> 5;
+    const int* ix = idx ? idx + (long)g * idx_stride : nullptr;
+    const T* kh = k + (long)g * head_stride;
+    const T* vh = v + (long)g * head_stride;
+
+    __shared__ float qs[GQA_MAX_GROUP * GQA_MAX_D];
+    const float* qp = q + (long)g * group * head_dim;
+    for (int x = threadIdx.x; x < group * head_dim; x += blockDim.x) qs[x] = qp[x];
+    __syncthreads();
+
+    float m[GQA_MAX_GROUP], l[GQA_MAX_GROUP], acc[GQA_MAX_GROUP][GQA_T];
+    #pragma unroll
+    for (int r = 0; r < GQA_MAX_GROUP; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+        #pragma unroll
+        for (int t = 0; t < GQA_T; t++) acc[r][t] = 0.0f;
+    }
+    for (int j0 = kb + warp * 32; j0 < ke; j0 += ATTN_WARPS * 32) {
+        int j = j0 + lane;
+        bool valid = j < ke;
+        long row = valid ? (ix ? (long)ix[j] : (long)j) : 0;
+        float s[GQA_MAX_GROUP];
+        #pragma unroll
+        for (int r = 0; r < GQA_MAX_GROUP; r++) s[r] = 0.0f;
+        if (valid) {
+            const T* kr = kh + row * tok_stride;
+            for (int d = 0; d < head_dim; d += 8) {
+                float kf[8];
+                load8(kr + d, kf);
+                #pragma unroll
+                for (int r = 0; r < GQA_MAX_GROUP; r++) {
+                    if (r < group) {
+                        const float* qr = qs + r * head_dim + d;
+                        s[r] += qr[0] * kf[0] + qr[1] * kf[1] + qr[2] * kf[2] + qr[3] * kf[3] +
+                                qr[4] * kf[4] + qr[5] * kf[5] + qr[6] * kf[6] + qr[7] * kf[7];
+                    }
+                }
+            }
+        }
+        float p[GQA_MAX_GROUP];
+        #pragma unroll
+        for (int r = 0; r < GQA_MAX_GROUP; r++) {
+            if (r < group) {
+                float sc = valid ? s[r] * scale : NEG_INF;
+                float m_new = fmaxf(m[r], warp_max(sc));
+                float corr = expf(m[r] - m_new);
+                p[r] = valid ? expf(sc - m_new) : 0.0f;
+                l[r] = l[r] * corr + p[r];
+                #pragma unroll
+                for (int t = 0; t < GQA_T; t++) acc[r][t] *= corr;
+                m[r] = m_new;
+            }
+        }
+        int nk = min(32, ke - j0);
+        for (int jj = 0; jj < nk; jj++) {
+            long rj = __shfl_sync(0xffffffffu, row, jj);
+            const T* vr = vh + rj * tok_stride;
+            float vf[GQA_T];
+            #pragma unroll
+            for (int t = 0; t < GQA_T; t++) vf[t] = t < nt ? to_f32(vr[lane + 32 * t]) : 0.0f;
+            #pragma unroll
+            for (int r = 0; r < GQA_MAX_GROUP; r++) {
+                if (r < group) {
+                    float pj = __shfl_sync(0xffffffffu, p[r], jj);
+                    #pragma unroll
+                    for (int t = 0; t < GQA_T; t++) acc[r][t] += pj * vf[t];
+                }
+            }
+        }
+    }
+
+    __shared__ float sm_m[ATTN_WARPS][GQA_MAX_GROUP], sm_l[ATTN_WARPS][GQA_MAX_GROUP];
+    __shared__ float sm_acc[ATTN_WARPS][GQA_MAX_GROUP][GQA_MAX_D];
+    #pragma unroll
+    for (int r = 0; r < GQA_MAX_GROUP; r++) {
+        if (r < group) {
+            float lr = warp_sum(l[r]);
+            if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = lr; }
+            #pragma unroll
+            for (int t = 0; t < GQA_T; t++)
+                if (t < nt) sm_acc[warp][r][lane + 32 * t] = acc[r][t];
+        }
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < group * head_dim; x += blockDim.x) {
+        int r = x / head_dim, d = x - r * head_dim;
+        float mm = NEG_INF;
+        #pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) mm = fmaxf(mm, sm_m[w][r]);
+        float lt = 0.0f, o = 0.0f;
+        #pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            float f = sm_l[w][r] > 0.0f ? expf(sm_m[w][r] - mm) : 0.0f;
+            lt += sm_l[w][r] * f;
+            o += sm_acc[w][r][d] * f;
+        }
+        int h = g * group + r;
+        if (n_split > 1) {
+            float* pp = part + ((long)h * n_split + split) * (head_dim + 2);
+            pp[d] = o;
+            if (d == 0) { pp[head_dim] = mm; pp[head_dim + 1] = lt; }
+        } else {
+            out[(long)h * head_dim + d] = o / lt;
+        }
+    }
+}
+#define SPARSE_ARGS                                                                            \
+    const float *q, u64 k, u64 v, long tok_stride, long head_stride, const int *idx,          \
+        long idx_stride, int n_sel, float *out, int n_heads, int group, int head_dim,          \
+        float scale, int n_split, int chunk, float *part
+#define SPARSE_CALL(T)                                                                         \
+    sparse_attn(q, (const T*)k, (const T*)v, tok_stride, head_stride, idx, idx_stride, n_sel, \
+                out, n_heads, group, head_dim, scale, n_split, chunk, part)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sparse_attn_f16(SPARSE_ARGS) { SPARSE_CALL(f16_t); }
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sparse_attn_bf16(SPARSE_ARGS) { SPARSE_CALL(bf16_t); }
+
+// ---- row gather -----------------------------------------------------------------------------
+// dst row (g, j) (row_bytes, contiguous, g-major) = src + idx[g*idx_stride + j]*tok_stride +
+// g*head_stride (bytes; src may be pinned host memory). 16-byte units; each thread issues
+// DS_INFLIGHT independent loads before its stores so that many requests are in flight.
+#define DS_INFLIGHT 8
+extern "C" __global__ void ds_gather_rows(u64 src, long tok_stride, long head_stride,
+                                          const int* idx, long idx_stride, int n_sel, int heads,
+                                          int row_u4, uint4* dst) {
+    long units = (long)heads * n_sel * row_u4;
+    long stride = (long)gridDim.x * blockDim.x;
+    for (long base = (long)blockIdx.x * blockDim.x + threadIdx.x; base < units;
+         base += stride * DS_INFLIGHT) {
+        uint4 v[DS_INFLIGHT];
+        #pragma unroll
+        for (int u = 0; u < DS_INFLIGHT; u++) {
+            long e = base + u * stride;
+            if (e < units) {
+                long rr = e / row_u4;
+                int c = (int)(e - rr * row_u4);
+                int g = (int)(rr / n_sel), j = (int)(rr - (long)g * n_sel);
+                long t = idx[(long)g * idx_stride + j];
+                const uint4* p = (const uint4*)(src + t * tok_stride + (long)g * head_stride);
+                v[u] = p[c];
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < DS_INFLIGHT; u++) {
+            long e = base + u * stride;
+            if (e < units) dst[e] = v[u];
+        }
+    }
+}
