@@ -14,6 +14,7 @@ use farsight_engine::sampler::argmax;
 use super::common::{read_text, with_model, CliError, ModelArgs};
 use super::sparse::SparseArgs;
 use farsight_engine::kv::{new_store, Attention};
+use super::plot::{BenchMetric, BenchPlot, BenchPoint};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -89,6 +90,9 @@ pub struct CpuBenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also plot the results against context: PATH.svg and PATH.png (PATH without extension).
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
 }
 
 fn parse_count_or_zero(s: &str) -> Result<usize, String> {
@@ -249,5 +253,48 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
         }
         std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(|e| CliError::io(p, e))?;
     }
+    if let Some(base) = &a.plot {
+        // One panel per (measurement, attention).
+        let metric = |name: &str, key: &str, att: &Attention| BenchMetric {
+            name: if attentions.len() > 1 { format!("{name}, {}", att.describe()) } else { name.into() },
+            unit: "tokens/s".into(),
+            points: runs
+                .iter()
+                .filter(|r| r["attention"].as_str() == Some(att.describe().as_str()))
+                .filter_map(|r| bench_point(&r["context"], &r[key]))
+                .collect(),
+            floor: Vec::new(),
+        };
+        let data = BenchPlot {
+            title: format!(
+                "{} on {}: weights {}, KV {}",
+                a.model.model.display(),
+                model.device_name(),
+                model.weight_dtype(),
+                a.model.kv_dtype
+            ),
+            footnote: command.clone(),
+            metrics: attentions
+                .iter()
+                .flat_map(|att| {
+                    [metric("prefill", "prefill_tok_s", att), metric(&format!("decode ({} new tokens)", a.new_tokens), "decode_tok_s", att)]
+                })
+                .collect(),
+        };
+        write_plot(&data, base)?;
+    }
+    Ok(())
+}
+
+/// A bench point from a JSON `context` and a JSON [`Stats`].
+pub fn bench_point(context: &serde_json::Value, s: &serde_json::Value) -> Option<BenchPoint> {
+    let f = |k: &str| s[k].as_f64();
+    Some(BenchPoint { context: context.as_u64()? as usize, median: f("median")?, min: f("min")?, max: f("max")? })
+}
+
+/// Writes `base.svg` and `base.png` and says so on stderr.
+pub fn write_plot(data: &BenchPlot, base: &std::path::Path) -> Result<(), CliError> {
+    let files = super::plot::bench_chart(data, base).map_err(|e| CliError::Usage(e.to_string()))?;
+    eprintln!("plot: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
     Ok(())
 }

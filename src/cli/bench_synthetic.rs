@@ -21,7 +21,8 @@ use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType};
 use farsight_offload::KvStore;
 
-use super::bench::{CpuBenchArgs, Stats};
+use super::bench::{bench_point, write_plot, CpuBenchArgs, Stats};
+use super::plot::{BenchMetric, BenchPlot};
 use super::common::{with_model, AnyModel, CliError, Device};
 
 fn parse_dtype(s: &str) -> Result<DType, CliError> {
@@ -121,6 +122,37 @@ pub fn run(a: CpuBenchArgs) -> Result<(), CliError> {
         }
         std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default())
             .map_err(|e| CliError::io(p, e))?;
+    }
+    if let Some(base) = &a.plot {
+        let mut metrics = vec![BenchMetric {
+            name: "decode step".into(),
+            unit: "ms per step".into(),
+            points: decode.iter().filter_map(|d| bench_point(&d["context"], &d["step_ms"])).collect(),
+            floor: decode
+                .iter()
+                .filter_map(|d| Some((d["context"].as_u64()? as usize, d["floor_ms"].as_f64()?)))
+                .collect(),
+        }];
+        if !prefill_runs.is_empty() {
+            metrics.push(BenchMetric {
+                name: format!("prefill (chunks of {})", prefill_runs[0]["chunk"]),
+                unit: "tokens/s".into(),
+                points: prefill_runs.iter().filter_map(|p| bench_point(&p["tokens"], &p["tok_s"])).collect(),
+                floor: Vec::new(),
+            });
+        }
+        let data = BenchPlot {
+            title: format!(
+                "synthetic {shape} ({:.2} GB of {dtype} weights) on {}, KV {}; floor at {:.0} GB/s",
+                weight_bytes as f64 / 1e9,
+                model.device_name(),
+                a.model.kv_dtype,
+                a.hbm_gbs
+            ),
+            footnote: command.clone(),
+            metrics,
+        };
+        write_plot(&data, base)?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use farsight_engine::passkey::passkey_trial;
 use farsight_offload::sparse::{LabelBits, SparseStats, TokenBudget};
 
 use super::common::{read_text, token_progress, with_model, AnyModel, CliError, ModelArgs};
+use super::plot::{SweepPlot, SweepPoint};
 use super::sparse::{AttentionKind, SparseArgs};
 
 #[derive(Subcommand, Debug)]
@@ -119,6 +120,9 @@ pub struct SweepArgs {
     /// Markdown table file (also printed).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also plot perplexity against budget: PATH.svg and PATH.png (PATH without extension).
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -414,6 +418,7 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
     );
     let (dense, _) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &Attention::Dense, "dense")?;
     let mut rows = Vec::new();
+    let mut points = Vec::new();
     let mut md = format!(
         "| attention | budget | channels | label bits | perplexity | vs dense | rows read |\n| --- | --- | --- | --- | --- | --- | --- |\n| dense | all | - | - | {:.4} | +0.00% | 100% |\n",
         dense.ppl
@@ -435,6 +440,11 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
                 }
                 md.push_str(&line);
                 md.push('\n');
+                let budget_fraction = match budget {
+                    TokenBudget::Fraction(n) => 1.0 / n as f64,
+                    TokenBudget::Tokens(k) => (k as f64 / ids.len().max(1) as f64).min(1.0),
+                };
+                points.push(SweepPoint { budget: budget_fraction, channels: ch, bits: bits.to_string(), ppl: r.ppl });
                 rows.push(serde_json::json!({ "budget": budget.to_string(), "channels": ch, "bits": bits.to_string(),
                     "ppl": r.ppl, "vs_dense": r.ppl / dense.ppl - 1.0, "read_fraction": frac, "sparse": recall_json(&st) }));
             }
@@ -442,6 +452,24 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
     }
     if let Some(out) = &a.out {
         std::fs::write(out, &md).map_err(|e| CliError::io(out, e))?;
+    }
+    if let Some(base) = &a.plot {
+        let data = SweepPlot {
+            title: format!(
+                "{}: {} tokens of {}, sink {}, recent {}, KV {}",
+                a.model.model.display(),
+                ids.len(),
+                a.text.file_name().unwrap_or_default().to_string_lossy(),
+                a.sparse.sink,
+                a.sparse.recent,
+                a.model.kv_dtype
+            ),
+            footnote: std::env::args().collect::<Vec<_>>().join(" "),
+            dense_ppl: dense.ppl,
+            points,
+        };
+        let files = super::plot::sweep_chart(&data, base).map_err(|e| CliError::Usage(e.to_string()))?;
+        eprintln!("plot: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
     }
     if a.json {
         let v = serde_json::json!({ "dense_ppl": dense.ppl, "rows": rows,

@@ -10,6 +10,7 @@ mod convert;
 mod eval;
 mod generate;
 mod jsonl;
+mod plot;
 pub(crate) mod serve;
 mod sparse;
 
