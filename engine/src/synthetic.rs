@@ -140,7 +140,7 @@ impl<B: Backend> Model<B> {
 /// that the decode steps that follow do not grow the cache.
 pub fn fill_kv_random<B: Backend>(
     model: &Model<B>,
-    kv: &mut DenseKvCache<B>,
+    kv: &mut dyn KvStore<B>,
     tokens: usize,
     spare: usize,
     seed: u64,

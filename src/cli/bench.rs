@@ -87,6 +87,10 @@ pub struct CpuBenchArgs {
     /// Prompt tokens per prefill step.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Fill the context with random K/V rows instead of prefilling the text (decode timing at
+    /// long contexts without the prefill; the prefill column then reports the fill).
+    #[arg(long)]
+    pub random_context: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -136,14 +140,19 @@ fn timed_run<B: Backend + 'static>(
     attention: &Attention,
     chunk: usize,
     new_tokens: usize,
+    random_context: bool,
 ) -> Result<(f64, f64), CliError> {
     let mut kv = new_store(model, kv_dtype, attention)?;
     let kv = kv.as_mut();
     let mut ws = model.workspace(chunk.min(prompt.len()), 1)?;
     let t0 = Instant::now();
-    let logits = prefill(model, &mut ws, kv, prompt, chunk, &mut |_, _| {})?;
+    let mut next = if random_context {
+        farsight_engine::synthetic::fill_kv_random(model, kv, prompt.len(), new_tokens, 7)?;
+        prompt[prompt.len() - 1]
+    } else {
+        argmax(&prefill(model, &mut ws, kv, prompt, chunk, &mut |_, _| {})?)
+    };
     let tp = t0.elapsed().as_secs_f64();
-    let mut next = argmax(&logits);
     let t1 = Instant::now();
     for _ in 0..new_tokens {
         let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut *kv, logits: Logits::Last }];
@@ -198,7 +207,7 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
         // Repeats alternate between the attentions, so that machine noise hits both alike.
         for r in 0..a.warmup + a.repeats {
             for (i, att) in attentions.iter().enumerate() {
-                let (tp, td) = with_model!(model, m => timed_run(m, prompt, a.model.kv_dtype, att, a.prefill_chunk, a.new_tokens))?;
+                let (tp, td) = with_model!(model, m => timed_run(m, prompt, a.model.kv_dtype, att, a.prefill_chunk, a.new_tokens, a.random_context))?;
                 if r >= a.warmup {
                     pre[i].push(n as f64 / tp);
                     dec[i].push(a.new_tokens as f64 / td);

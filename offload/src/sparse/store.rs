@@ -257,15 +257,15 @@ impl SparseKvStore {
         let (d, group, qw) = (s.head_dim, s.group(), s.q_width());
         let sparse = !self.cfg.dense_layers.contains(&layer) && (a.n_q == 1 || self.cfg.sparse_prefill);
         let tasks: Vec<(usize, usize)> = (0..a.n_q).flat_map(|i| (0..s.n_kv_heads).map(move |g| (i, g))).collect();
-        let results: Vec<Result<Vec<f32>>> = tasks
-            .par_iter()
-            .map(|&(i, g)| {
-                let qrow = &q[i * q_cols + a.q_col0..][..qw];
-                let mut o = vec![0.0f32; group * d];
-                self.attend_one::<E>(layer, a, i, g, qrow, sparse, &mut o)?;
-                Ok(o)
-            })
-            .collect();
+        let task = |&(i, g): &(usize, usize)| -> Result<Vec<f32>> {
+            let qrow = &q[i * q_cols + a.q_col0..][..qw];
+            let mut o = vec![0.0f32; group * d];
+            self.attend_one::<E>(layer, a, i, g, qrow, sparse, &mut o)?;
+            Ok(o)
+        };
+        // A decode step's few (query, KV head) tasks are cheaper than waking a thread pool.
+        let results: Vec<Result<Vec<f32>>> =
+            if tasks.len() >= 16 { tasks.par_iter().map(task).collect() } else { tasks.iter().map(task).collect() };
         for (&(i, g), r) in tasks.iter().zip(results) {
             let o = r?;
             out[i * qw + g * group * d..][..group * d].copy_from_slice(&o);
