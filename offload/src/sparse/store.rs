@@ -543,6 +543,21 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
         self.tier.bytes() + self.labels.bytes()
     }
 
+    fn memory(&self) -> crate::KvMemory {
+        let st = self.stats();
+        crate::KvMemory {
+            tier: self.tier.describe(),
+            row_bytes: self.tier.bytes(),
+            label_bytes: self.labels.bytes(),
+            positions: self.len,
+            live_tokens: self.pool.in_use(),
+            budget_bytes: self.cfg.evict.as_ref().map(|e| e.budget_bytes),
+            evictions: st.evictions,
+            evicted_tokens: st.evicted_tokens,
+            bytes_freed: st.bytes_freed,
+        }
+    }
+
     fn ahead_channels(&self) -> Option<&[Vec<Vec<usize>>]> {
         (self.cfg.predict == Predict::LayerAhead).then_some(&self.channels[..])
     }
