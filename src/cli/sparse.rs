@@ -106,7 +106,7 @@ impl SparseArgs {
     /// The eviction settings for a run of at most `planned` tokens, printing the resolved budget.
     fn evict(&self, model: &AnyModel, kv_dtype: farsight_kernels::DType, cfg: &SparseConfig, planned: usize) -> Result<Option<EvictConfig>, CliError> {
         let Some(b) = self.host_kv_budget else { return Ok(None) };
-        if self.evict_window == 0 || !(self.evict_threshold >= 0.0) || !(0.0..=1.0).contains(&self.evict_batch) {
+        if self.evict_window == 0 || self.evict_threshold.is_nan() || self.evict_threshold < 0.0 || !(0.0..=1.0).contains(&self.evict_batch) {
             return Err(CliError::Usage("--evict-window must be >= 1, --evict-threshold >= 0, --evict-batch in [0, 1]".into()));
         }
         let c = model.cfg();
