@@ -58,6 +58,8 @@ pub struct Generation {
     pub decode_s: f64,
     /// Decode forward passes (one per new token after the first).
     pub decode_steps: usize,
+    /// The KV store's footprint at the end.
+    pub kv_memory: farsight_offload::KvMemory,
 }
 
 impl Generation {
@@ -155,5 +157,6 @@ pub fn generate<B: Backend + 'static>(
         prefill_s,
         decode_s: t1.elapsed().as_secs_f64(),
         decode_steps: steps,
+        kv_memory: kv.memory(),
     })
 }

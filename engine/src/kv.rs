@@ -1,6 +1,7 @@
 //! Which KV store a run uses: the dense cache, or Double Sparsity over a tier.
 
 use farsight_kernels::{Backend, DType};
+use farsight_offload::sparse::evict::EVICT_EXTENT_SLOTS;
 use farsight_offload::sparse::{row_layout, ChannelRanking};
 use farsight_offload::{DenseKvCache, KvStore, KvStoreSpec, SparseConfig, SparseKvStore};
 
@@ -64,6 +65,25 @@ pub fn new_store<B: Backend + 'static>(model: &Model<B>, dtype: DType, attention
 pub fn new_sparse_store<B: Backend>(model: &Model<B>, dtype: DType, s: &SparseSetup) -> Result<SparseKvStore> {
     let c = &model.cfg;
     let shape = model.attn_shape();
-    let tier = s.store.open(row_layout(c.num_layers, &shape, dtype))?;
+    let mut layout = row_layout(c.num_layers, &shape, dtype);
+    if s.cfg.evict.is_some() {
+        layout.extent_slots = EVICT_EXTENT_SLOTS;
+    }
+    let tier = s.store.open(layout)?;
     Ok(SparseKvStore::new(s.cfg.clone(), shape, c.num_layers, dtype, &s.ranking, tier, c.context_length())?)
+}
+
+/// Bytes a dense cache holds for `tokens` tokens of `cfg` in `dtype` (the "full KV" that budget
+/// ratios and compression ratios refer to).
+pub fn full_kv_bytes(cfg: &crate::ModelConfig, dtype: DType, tokens: usize) -> usize {
+    tokens * cfg.num_layers * 2 * cfg.kv_width() * dtype.size()
+}
+
+/// Bytes of labels per token of a sparse store with these settings.
+pub fn label_bytes_per_token(cfg: &crate::ModelConfig, s: &SparseConfig) -> usize {
+    let per_head = match s.label_bits {
+        farsight_offload::sparse::LabelBits::B16 => 2 * s.label_channels,
+        farsight_offload::sparse::LabelBits::B4 => 4 + s.label_channels.div_ceil(2),
+    };
+    cfg.num_layers * cfg.num_kv_heads * per_head
 }

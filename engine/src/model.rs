@@ -269,6 +269,13 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Bytes of f32 buffers a [`Model::workspace`] of this size holds.
+    pub fn workspace_bytes(&self, rows: usize, logit_rows: usize) -> usize {
+        let c = &self.cfg;
+        let per_row = 3 * c.hidden_size + c.q_width() + 2 * c.kv_width() + c.q_width() + 3 * c.intermediate_size;
+        4 * (rows.max(1) * per_row + logit_rows.max(1) * (c.hidden_size + c.vocab_size))
+    }
+
     /// Buffers for up to `rows` tokens per call and `logit_rows` logit rows.
     pub fn workspace(&self, rows: usize, logit_rows: usize) -> Result<Workspace<B>> {
         let be = &self.backend;

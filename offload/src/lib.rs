@@ -18,6 +18,27 @@ pub use tier::{HostKvTier, KvStoreSpec, KvTier, ParseKvStoreSpecError, RowLayout
 
 use farsight_kernels::{Backend, CausalAttn, Result};
 
+/// A store's footprint now.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct KvMemory {
+    /// Where the rows live: `device` (the backend's memory), `host`, `disk:...`.
+    pub tier: String,
+    /// Bytes of KV rows allocated.
+    pub row_bytes: usize,
+    /// Bytes of labels allocated (host memory; a GPU build keeps them on the GPU).
+    pub label_bytes: usize,
+    /// Committed positions (evicted ones included).
+    pub positions: usize,
+    /// Tokens that own rows.
+    pub live_tokens: usize,
+    /// The byte budget on rows and labels, if any.
+    pub budget_bytes: Option<usize>,
+    /// Eviction batches, tokens evicted and the bytes their slots held.
+    pub evictions: u64,
+    pub evicted_tokens: u64,
+    pub bytes_freed: u64,
+}
+
 /// A sequence's KV rows, for every layer.
 ///
 /// Protocol per forward call: [`KvStore::reserve`] for the `n` new tokens, then for every layer
@@ -62,6 +83,10 @@ pub trait KvStore<B: Backend> {
     ) -> Result<()>;
     /// Bytes held (capacity, not just the used part).
     fn bytes(&self) -> usize;
+    /// Where those bytes are and what eviction did (`farsight report memory`, `--report-memory`).
+    fn memory(&self) -> KvMemory {
+        KvMemory { tier: "device".into(), row_bytes: self.bytes(), label_bytes: 0, positions: self.len(), live_tokens: self.len(), ..KvMemory::default() }
+    }
     /// Layer-ahead prediction: the label channels (`[layer][kv_head]`) whose query values the
     /// store wants predicted one layer early, or `None` when it wants no prediction.
     fn ahead_channels(&self) -> Option<&[Vec<Vec<usize>>]> {

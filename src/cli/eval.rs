@@ -9,6 +9,7 @@ use farsight_engine::eval::{agreement, perplexity_with, Perplexity};
 use farsight_engine::kv::{new_sparse_store, new_store, Attention};
 use farsight_engine::passkey::passkey_trial;
 use farsight_offload::sparse::{LabelBits, SparseStats, TokenBudget};
+use farsight_offload::{KvMemory, KvStore};
 
 use super::common::{read_text, token_progress, with_model, AnyModel, CliError, ModelArgs};
 use super::plot::{SweepPlot, SweepPoint};
@@ -156,17 +157,17 @@ fn load_text(model: &ModelArgs, text: &PathBuf, max_tokens: usize, chunk: usize)
 }
 
 /// Perplexity with `attention` (per position), and the sparse counters when sparse.
-fn run_ppl(model: &AnyModel, ids: &[u32], chunk: usize, kv_dtype: farsight_kernels::DType, attention: &Attention, label: &str) -> Result<(Perplexity, Option<SparseStats>), CliError> {
+fn run_ppl(model: &AnyModel, ids: &[u32], chunk: usize, kv_dtype: farsight_kernels::DType, attention: &Attention, label: &str) -> Result<(Perplexity, Option<SparseStats>, KvMemory), CliError> {
     let pb = token_progress(ids.len(), label, 2048);
     let mut progress = |d: usize, _| pb.set_position(d as u64);
     let r = with_model!(model, m => match attention.per_position() {
         Attention::Dense => {
             let mut kv = new_store(m, kv_dtype, &Attention::Dense)?;
-            perplexity_with(m, ids, chunk, kv.as_mut(), &mut progress).map(|p| (p, None))
+            perplexity_with(m, ids, chunk, kv.as_mut(), &mut progress).map(|p| (p, None, kv.memory()))
         }
         Attention::DoubleSparse(s) => {
             let mut kv = new_sparse_store(m, kv_dtype, &s)?;
-            perplexity_with(m, ids, chunk, &mut kv, &mut progress).map(|p| (p, Some(kv.stats())))
+            perplexity_with(m, ids, chunk, &mut kv, &mut progress).map(|p| (p, Some(kv.stats()), KvStore::<farsight_kernels::cpu::CpuBackend>::memory(&kv)))
         }
     })?;
     pb.finish_and_clear();
@@ -260,7 +261,7 @@ fn teacher_forced_then_greedy<B: farsight_kernels::Backend>(
 
 fn ppl(a: PplArgs) -> Result<(), CliError> {
     let (mut loaded, ids) = load_text(&a.model, &a.text, a.max_tokens, a.chunk)?;
-    let attention = a.sparse.attention(&a.model.model, &mut loaded.model)?;
+    let attention = a.sparse.attention_planned(&a.model, &mut loaded.model, ids.len())?;
     eprintln!(
         "eval ppl: model {}, {} tokens of {}, device {}, kv {}, attention {}",
         a.model.model.display(),
@@ -270,7 +271,11 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
         a.model.kv_dtype,
         attention.describe()
     );
-    let (r, st) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &attention, "eval")?;
+    let (r, st, mem) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &attention, "eval")?;
+    if a.sparse.report_memory {
+        let rows = a.chunk.min(ids.len());
+        super::report::print_after_run(super::report::footprint(&loaded.model, a.model.kv_dtype, mem.clone(), rows, rows));
+    }
     if a.json {
         let v = serde_json::json!({
             "ppl": r.ppl,
@@ -278,6 +283,7 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
             "tokens": r.tokens,
             "seconds": r.seconds,
             "sparse": recall_json(&st),
+            "kv_memory": mem,
             "settings": {
                 "model": a.model.model,
                 "text": a.text,
@@ -305,7 +311,7 @@ fn agree(a: PplArgs) -> Result<(), CliError> {
         return Err(CliError::Usage("eval agreement compares sparse with dense: pass --attention double-sparse".into()));
     }
     let (mut loaded, ids) = load_text(&a.model, &a.text, a.max_tokens, a.chunk)?;
-    let attention = a.sparse.attention(&a.model.model, &mut loaded.model)?.per_position();
+    let attention = a.sparse.attention(&a.model, &mut loaded.model)?.per_position();
     eprintln!(
         "eval agreement: model {}, {} tokens of {}, device {}, kv {}, {} vs dense",
         a.model.model.display(),
@@ -340,7 +346,7 @@ fn passkey(a: PasskeyArgs) -> Result<(), CliError> {
         return Err(CliError::Usage("--depths must lie between 0 and 1".into()));
     }
     let mut loaded = a.model.load()?;
-    let attention = a.sparse.attention(&a.model.model, &mut loaded.model)?;
+    let attention = a.sparse.attention(&a.model, &mut loaded.model)?;
     let mut runs = vec![("".to_string(), attention.clone())];
     if a.compare_dense && !matches!(attention, Attention::Dense) {
         runs.insert(0, ("dense".into(), Attention::Dense));
@@ -416,7 +422,7 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
         a.sparse.sink,
         a.sparse.recent
     );
-    let (dense, _) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &Attention::Dense, "dense")?;
+    let (dense, _, _) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &Attention::Dense, "dense")?;
     let mut rows = Vec::new();
     let mut points = Vec::new();
     let mut md = format!(
@@ -430,8 +436,8 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
                 cfg.budget = budget;
                 cfg.label_channels = ch;
                 cfg.label_bits = bits;
-                let att = a.sparse.attention_with(&a.model.model, &mut loaded.model, cfg)?;
-                let (r, st) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &att, &format!("{budget} r{ch} b{bits}"))?;
+                let att = a.sparse.attention_with(&a.model, &mut loaded.model, cfg, ids.len())?;
+                let (r, st, _) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &att, &format!("{budget} r{ch} b{bits}"))?;
                 let rel = 100.0 * (r.ppl / dense.ppl - 1.0);
                 let frac = st.as_ref().and_then(|s| s.read_fraction()).unwrap_or(1.0);
                 let line = format!("| double-sparse | {budget} | {ch} | {bits} | {:.4} | {rel:+.2}% | {:.1}% |", r.ppl, 100.0 * frac);

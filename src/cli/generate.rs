@@ -72,11 +72,9 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     let sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     sampling.validate()?;
     let mut loaded = a.model.load()?;
-    let attention = a.sparse.attention(&a.model.model, &mut loaded.model)?;
-    let (model, tok) = (&loaded.model, &loaded.tok);
 
     let prompt_text = if a.chat {
-        let tmpl = tok.chat_template.as_ref().ok_or_else(|| {
+        let tmpl = loaded.tok.chat_template.as_ref().ok_or_else(|| {
             CliError::Usage(format!("--chat: {} has no chat template", a.model.model.display()))
         })?;
         let mut msgs = Vec::new();
@@ -88,7 +86,9 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     } else {
         text
     };
-    let ids = tok.encode(&prompt_text)?;
+    let ids = loaded.tok.encode(&prompt_text)?;
+    let attention = a.sparse.attention_planned(&a.model, &mut loaded.model, ids.len() + a.max_new_tokens)?;
+    let (model, tok) = (&loaded.model, &loaded.tok);
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,
@@ -123,6 +123,10 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     if let Some(e) = write_err {
         return Err(CliError::Output(e));
     }
+    if a.sparse.report_memory {
+        let rows = a.prefill_chunk.min(ids.len());
+        super::report::print_after_run(super::report::footprint(model, a.model.kv_dtype, g.kv_memory.clone(), rows, 1));
+    }
     if a.json {
         let v = serde_json::json!({
             "prompt_tokens": g.prompt_tokens,
@@ -136,6 +140,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
                 "decode_steps": g.decode_steps,
                 "decode_tokens_per_s": g.decode_tokens_per_s(),
             },
+            "kv_memory": g.kv_memory,
             "settings": {
                 "model": a.model.model,
                 "device": model.device_name(),

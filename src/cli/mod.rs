@@ -11,6 +11,7 @@ mod eval;
 mod generate;
 mod jsonl;
 mod plot;
+mod report;
 pub(crate) mod serve;
 mod sparse;
 
@@ -47,6 +48,9 @@ pub enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Reports (memory footprint per tier).
+    #[command(subcommand)]
+    Report(report::ReportCommand),
 }
 
 /// Sets up `tracing` output on stderr.
@@ -71,5 +75,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(c) => bench::run(c),
         Command::Batch(a) => batch::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Report(c) => report::run(c),
     }
 }

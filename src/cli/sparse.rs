@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use farsight_engine::calibrate::Calibration;
 use farsight_engine::kv::{Attention, SparseSetup};
-use farsight_offload::sparse::{LabelBits, Predict, SparseConfig, TokenBudget};
+use farsight_engine::kv::{full_kv_bytes, label_bytes_per_token};
+use farsight_offload::sparse::{EvictConfig, HostKvBudget, LabelBits, Predict, SparseConfig, TokenBudget};
 use farsight_offload::KvStoreSpec;
 
-use super::common::{with_model, AnyModel, CliError};
+use super::common::{with_model, AnyModel, CliError, ModelArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AttentionKind {
@@ -49,6 +50,27 @@ pub struct SparseArgs {
     /// Calibration file (default: farsight-calibration.json in the model directory).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
+    /// Cap on the sparse store's rows + labels, enforced by Scissorhands eviction: bytes (2GiB,
+    /// 512MiB) or a fraction (0.25, 1/4) of the full KV of the run's planned tokens (prompt +
+    /// max new tokens, the evaluated tokens, or the model's context).
+    #[arg(long)]
+    pub host_kv_budget: Option<HostKvBudget>,
+    /// History window of the unimportance counters (forward calls).
+    #[arg(long, default_value_t = 32)]
+    pub evict_window: usize,
+    /// A token is unimportant to a query when its attention weight is below THRESHOLD/t.
+    #[arg(long, default_value_t = 1.0)]
+    pub evict_threshold: f32,
+    /// Fraction of the budget's tokens evicted per batch.
+    #[arg(long, default_value_t = 0.05)]
+    pub evict_batch: f64,
+    /// Accept up to N tokens of context, past the model's trained context (RoPE extends; quality
+    /// past the trained length is not claimed: for memory tests of long ingestion).
+    #[arg(long)]
+    pub context_override: Option<usize>,
+    /// Print the memory footprint per tier (and the peak RSS) at the end, on stderr.
+    #[arg(long)]
+    pub report_memory: bool,
 }
 
 impl SparseArgs {
@@ -63,18 +85,64 @@ impl SparseArgs {
             dense_layers: self.dense_layers.clone(),
             predict: self.predict,
             sparse_prefill: false,
+            evict: None,
         }
+    }
+
+    /// Applies `--context-override` to the loaded model (once, before anything sizes a cache).
+    pub fn apply_context(&self, model: &mut AnyModel) -> Result<(), CliError> {
+        let Some(n) = self.context_override else { return Ok(()) };
+        let trained = model.cfg().context_length();
+        with_model!(model, m => m.cfg.max_position_embeddings = n);
+        if model.cfg().context_length() != n {
+            return Err(CliError::Usage("--context-override: the model's RoPE scaling depends on the context; not supported".into()));
+        }
+        if n > trained {
+            eprintln!("warning: --context-override {n} exceeds the trained context {trained}: outputs past {trained} are not meaningful");
+        }
+        Ok(())
+    }
+
+    /// The eviction settings for a run of at most `planned` tokens, printing the resolved budget.
+    fn evict(&self, model: &AnyModel, kv_dtype: farsight_kernels::DType, cfg: &SparseConfig, planned: usize) -> Result<Option<EvictConfig>, CliError> {
+        let Some(b) = self.host_kv_budget else { return Ok(None) };
+        if self.evict_window == 0 || self.evict_threshold.is_nan() || self.evict_threshold < 0.0 || !(0.0..=1.0).contains(&self.evict_batch) {
+            return Err(CliError::Usage("--evict-window must be >= 1, --evict-threshold >= 0, --evict-batch in [0, 1]".into()));
+        }
+        let c = model.cfg();
+        let full = full_kv_bytes(c, kv_dtype, planned);
+        let bytes = b.resolve(full);
+        let per_token = full_kv_bytes(c, kv_dtype, 1) + label_bytes_per_token(c, cfg);
+        eprintln!(
+            "host KV budget: {bytes} bytes ({b} of a {full}-byte full KV of {planned} tokens; rows + labels of ~{} tokens)",
+            bytes / per_token
+        );
+        Ok(Some(EvictConfig { window: self.evict_window, threshold: self.evict_threshold, batch: self.evict_batch, ..EvictConfig::new(bytes) }))
     }
 
     /// Resolves the flags for `model` (loaded from `dir`): reads and checks the calibration and
     /// prepares layer-ahead prediction when asked.
-    pub fn attention(&self, dir: &std::path::Path, model: &mut AnyModel) -> Result<Attention, CliError> {
-        self.attention_with(dir, model, self.config())
+    pub fn attention(&self, margs: &ModelArgs, model: &mut AnyModel) -> Result<Attention, CliError> {
+        let planned = self.context_override.unwrap_or(model.cfg().context_length());
+        self.attention_planned(margs, model, planned)
+    }
+
+    /// As [`SparseArgs::attention`] for a run of at most `planned` tokens (what a budget given
+    /// as a fraction is a fraction of).
+    pub fn attention_planned(&self, margs: &ModelArgs, model: &mut AnyModel, planned: usize) -> Result<Attention, CliError> {
+        self.attention_with(margs, model, self.config(), planned)
     }
 
     /// As [`SparseArgs::attention`] with explicit settings (sweeps).
-    pub fn attention_with(&self, dir: &std::path::Path, model: &mut AnyModel, cfg: SparseConfig) -> Result<Attention, CliError> {
+    pub fn attention_with(&self, margs: &ModelArgs, model: &mut AnyModel, mut cfg: SparseConfig, planned: usize) -> Result<Attention, CliError> {
+        let dir = margs.model.as_path();
+        self.apply_context(model)?;
         if self.attention == AttentionKind::Dense {
+            if self.host_kv_budget.is_some() {
+                return Err(CliError::Usage(
+                    "--host-kv-budget: eviction ranks tokens by the sparse store's scores; pass --attention double-sparse".into(),
+                ));
+            }
             if self.kv_store != KvStoreSpec::Host {
                 return Err(CliError::Usage(
                     "--kv-store: the dense cache lives in device memory; a host or disk store needs --attention double-sparse".into(),
@@ -92,6 +160,7 @@ impl SparseArgs {
         if let Some(&l) = cfg.dense_layers.iter().find(|&&l| l >= c.num_layers) {
             return Err(CliError::Usage(format!("--dense-layers: layer {l} does not exist (the model has {})", c.num_layers)));
         }
+        cfg.evict = self.evict(model, margs.kv_dtype, &cfg, planned)?;
         let path = self.calibration.clone().unwrap_or_else(|| Calibration::default_path(dir));
         let cal = Calibration::load(&path, dir, &c)?;
         let ranking = cal.channel_ranking();

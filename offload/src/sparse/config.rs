@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::evict::EvictConfig;
+
 /// How many tokens attention reads per KV head (sinks and the recent window included).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenBudget {
@@ -126,6 +128,8 @@ pub struct SparseConfig {
     /// Select rows for every query of a multi-token call too, each position attending as decode
     /// would (teacher-forced evaluation). Off: multi-token calls (prefill chunks) attend densely.
     pub sparse_prefill: bool,
+    /// A byte budget on rows and labels, enforced by eviction (none: the store only grows).
+    pub evict: Option<EvictConfig>,
 }
 
 impl Default for SparseConfig {
@@ -139,6 +143,7 @@ impl Default for SparseConfig {
             dense_layers: Vec::new(),
             predict: Predict::SameLayer,
             sparse_prefill: false,
+            evict: None,
         }
     }
 }
@@ -152,6 +157,9 @@ impl fmt::Display for SparseConfig {
         )?;
         if !self.dense_layers.is_empty() {
             write!(f, " dense-layers {:?}", self.dense_layers)?;
+        }
+        if let Some(e) = &self.evict {
+            write!(f, " {e}")?;
         }
         Ok(())
     }

@@ -42,8 +42,13 @@ impl LabelCache {
 
     /// Makes room for slots `0 .. slots`.
     pub fn grow(&mut self, slots: usize) {
+        self.grow_capped(slots, usize::MAX);
+    }
+
+    /// Makes room for slots `0 .. slots`, growing (doubling) to at most `limit` slots.
+    pub fn grow_capped(&mut self, slots: usize, limit: usize) {
         if slots > self.capacity {
-            let cap = slots.max(self.capacity * 2).max(64);
+            let cap = slots.max((self.capacity * 2).max(64).min(limit));
             for t in &mut self.tables {
                 t.resize(cap * self.stride, 0);
             }

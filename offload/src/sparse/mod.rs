@@ -3,18 +3,23 @@
 //! - [`config`]: the settings (`--token-budget`, `--label-channels`, ...).
 //! - [`labels`]: the label cache (post-RoPE keys at the calibrated channels, f16 or 4-bit).
 //! - [`store`]: [`SparseKvStore`], the KV store whose attention reads only selected rows.
+//! - [`evict`]: Scissorhands eviction under a byte budget (`--host-kv-budget`).
 //! - [`attend`]: exact attention over gathered rows.
 
 pub mod attend;
 pub mod config;
+pub mod evict;
 pub mod labels;
 pub mod stats;
 pub mod store;
 
 #[cfg(test)]
+mod evict_tests;
+#[cfg(test)]
 mod tests;
 
 pub use config::{LabelBits, Predict, SparseConfig, TokenBudget};
+pub use evict::{EvictConfig, HostKvBudget};
 pub use stats::SparseStats;
 pub use store::{row_layout, SparseKvStore};
 

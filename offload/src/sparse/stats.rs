@@ -18,6 +18,12 @@ pub struct SparseStats {
     pub recall_hits: Vec<u64>,
     /// Per layer: scored rows of the true selection.
     pub recall_total: Vec<u64>,
+    /// Eviction batches run.
+    pub evictions: u64,
+    /// Tokens evicted.
+    pub evicted_tokens: u64,
+    /// Bytes of rows and labels those tokens held (their slots went back to the pool).
+    pub bytes_freed: u64,
 }
 
 impl SparseStats {

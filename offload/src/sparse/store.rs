@@ -8,6 +8,10 @@
 //! from the tier and runs exact softmax attention over them. A query that sees no more tokens
 //! than its budget, a layer listed as dense, and (unless `sparse_prefill`) a multi-token call
 //! attend over every visible row.
+//!
+//! With a byte budget ([`super::evict`]) the store evicts tokens between forward calls: an
+//! evicted position keeps its place (positions, and so RoPE, never change) but owns no slot
+//! (`slot_of[p] == EVICTED`), and selection and attention skip it.
 
 use std::sync::Mutex;
 
@@ -18,6 +22,7 @@ use rayon::prelude::*;
 
 use super::attend::attend_rows;
 use super::config::{Predict, SparseConfig};
+use super::evict::{victims, Unimportance, TALLY_QUERIES};
 use super::labels::LabelCache;
 use super::stats::SparseStats;
 use super::ChannelRanking;
@@ -34,7 +39,7 @@ pub struct SparseKvStore {
     labels: LabelCache,
     /// `channels[layer][kv_head]`: the `r` label channels, most important first.
     channels: Vec<Vec<Vec<usize>>>,
-    /// Slot of every position: committed tokens, then the reserved ones.
+    /// Slot of every position (committed tokens, then the reserved ones), or [`EVICTED`].
     slot_of: Vec<u32>,
     /// Committed tokens.
     len: usize,
@@ -45,7 +50,14 @@ pub struct SparseKvStore {
     /// `n_q x n_heads x r` post-RoPE query values at that layer's label channels.
     ahead: Vec<Option<Vec<f32>>>,
     stats: Mutex<SparseStats>,
+    /// Unimportance counters per position (fed only when `cfg.evict` is set).
+    unimp: Unimportance,
+    /// Most slots (live plus reserved) the budget allows; `usize::MAX` without a budget.
+    slot_cap: usize,
 }
+
+/// `slot_of` of an evicted position (never a slot number: see [`crate::MAX_SLOTS`]).
+pub const EVICTED: u32 = u32::MAX;
 
 /// The row layout a [`SparseKvStore`] of this shape needs from its tier.
 pub fn row_layout(layers: usize, shape: &AttnShape, dtype: DType) -> RowLayout {
@@ -84,8 +96,24 @@ impl SparseKvStore {
         if (got.layers, got.kv_heads, got.row_bytes) != (want.layers, want.kv_heads, want.row_bytes) {
             return Err(invalid(format!("tier layout {got:?} does not fit rows {want:?}")));
         }
+        let labels = LabelCache::new(layers, shape.n_kv_heads, r, cfg.label_bits);
+        let slot_cap = match &cfg.evict {
+            None => usize::MAX,
+            Some(e) => {
+                let cap = e.slot_cap(got.layers * got.kv_heads * got.row_bytes + labels.bytes_per_token(), got.extent_slots);
+                if cap < cfg.sink + cfg.recent + 1 {
+                    return Err(invalid(format!(
+                        "--host-kv-budget {} bytes holds {cap} tokens; sink {} + recent {} + 1 need more",
+                        e.budget_bytes, cfg.sink, cfg.recent
+                    )));
+                }
+                cap
+            }
+        };
         Ok(SparseKvStore {
-            labels: LabelCache::new(layers, shape.n_kv_heads, r, cfg.label_bits),
+            labels,
+            unimp: Unimportance::default(),
+            slot_cap,
             stats: Mutex::new(SparseStats::new(layers)),
             ahead: vec![None; layers],
             cfg,
@@ -159,28 +187,34 @@ impl SparseKvStore {
     pub(crate) fn select(&self, layer: usize, g: usize, qlab: &[f32], start: usize, end: usize, budget: usize) -> (Vec<usize>, usize) {
         let sink_end = (start + self.cfg.sink).min(end);
         let recent_start = end.saturating_sub(self.cfg.recent).max(sink_end);
-        let fixed = (sink_end - start) + (end - recent_start);
-        let middle = sink_end..recent_start;
+        let mut pos = self.live(start..sink_end);
+        let middle = self.live(sink_end..recent_start);
+        let recent = self.live(recent_start..end);
+        let fixed = pos.len() + recent.len();
         let k = budget.saturating_sub(fixed).min(middle.len());
         let mut chosen: Vec<usize> = if k == middle.len() {
-            middle.clone().collect()
+            middle
         } else if k == 0 {
             Vec::new()
         } else {
-            let slots = &self.slot_of[middle.clone()];
+            let slots: Vec<u32> = middle.iter().map(|&p| self.slot_of[p]).collect();
             let mut scores = Vec::new();
-            self.labels.score(layer, g, qlab, slots, &mut scores);
+            self.labels.score(layer, g, qlab, &slots, &mut scores);
             let mut idx: Vec<u32> = (0..slots.len() as u32).collect();
             let by_score = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
             idx.select_nth_unstable_by(k - 1, by_score);
             idx.truncate(k);
-            idx.iter().map(|&i| middle.start + i as usize).collect()
+            idx.iter().map(|&i| middle[i as usize]).collect()
         };
         chosen.sort_unstable();
-        let mut pos: Vec<usize> = (start..sink_end).collect();
         pos.extend_from_slice(&chosen);
-        pos.extend(recent_start..end);
+        pos.extend_from_slice(&recent);
         (pos, k)
+    }
+
+    /// The positions of `range` that own a slot (not evicted), in order.
+    pub(crate) fn live(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+        range.filter(|&p| self.slot_of[p] != EVICTED).collect()
     }
 
     /// Attention of query `i` (all heads of KV head `g`'s group) over `positions`.
@@ -193,16 +227,33 @@ impl SparseKvStore {
         q: &[f32],
         scale: f32,
         out: &mut [f32],
+        tally: Option<usize>,
     ) -> Result<()> {
         let d = self.shape.head_dim;
         let slots: Vec<u32> = positions.iter().map(|&p| self.slot_of[p]).collect();
+        debug_assert!(!slots.contains(&EVICTED), "attention over an evicted position");
         let mut rows = vec![E::default(); slots.len() * 2 * d];
         self.tier.read(layer, g, &slots, bytemuck::cast_slice_mut(&mut rows))?;
         let mut scores = Vec::new();
         let group = self.shape.group();
+        // Tallied queries: `tally` is the live tokens seen; a row is important when some head of
+        // the group gives it at least `threshold / t`.
+        let threshold = match (tally, &self.cfg.evict) {
+            (Some(t), Some(e)) => e.threshold / t.max(1) as f32,
+            _ => 0.0,
+        };
+        let mut important = tally.filter(|_| self.cfg.evict.is_some()).map(|_| vec![false; positions.len()]);
         for j in 0..group {
             let h = g * group + j;
             attend_rows(&q[h * d..(h + 1) * d], &rows, d, scale, &mut scores, &mut out[j * d..(j + 1) * d]);
+            if let (Some(_), Some(imp)) = (tally, important.as_mut()) {
+                imp.iter_mut().zip(&scores).for_each(|(i, &w)| *i |= w >= threshold);
+            }
+        }
+        if let Some(imp) = important {
+            for (&p, &i) in positions.iter().zip(&imp) {
+                self.unimp.observe(p, !i);
+            }
         }
         Ok(())
     }
@@ -221,10 +272,12 @@ impl SparseKvStore {
         let end = a.n_past + i + 1;
         let start = a.shape.window.map_or(0, |w| end.saturating_sub(w));
         let budget = self.cfg.budget.tokens(end - start);
+        let tallied = self.cfg.evict.is_some() && i + TALLY_QUERIES >= a.n_q;
         if !sparse || end - start <= budget {
-            let pos: Vec<usize> = (start..end).collect();
+            let pos = self.live(start..end);
             self.stats.lock().expect("stats lock").dense(pos.len());
-            return self.attend_positions::<E>(layer, g, &pos, q, a.scale, out);
+            let tally = tallied.then_some(pos.len());
+            return self.attend_positions::<E>(layer, g, &pos, q, a.scale, out, tally);
         }
         let qlab = self.group_label_query(layer, g, q);
         let (truth, k) = self.select(layer, g, &qlab, start, end, budget);
@@ -242,7 +295,20 @@ impl SparseKvStore {
             _ => truth,
         };
         self.stats.lock().expect("stats lock").sparse(pos.len(), end - start);
-        self.attend_positions::<E>(layer, g, &pos, q, a.scale, out)
+        let tally = if tallied {
+            // Live tokens the labels did not select are unimportant.
+            let visible = self.live(start..end);
+            let mut chosen = pos.iter().peekable();
+            for &p in &visible {
+                if chosen.next_if_eq(&&p).is_none() {
+                    self.unimp.observe(p, true);
+                }
+            }
+            Some(visible.len())
+        } else {
+            None
+        };
+        self.attend_positions::<E>(layer, g, &pos, q, a.scale, out, tally)
     }
 
     fn attend_typed<E: Elem + bytemuck::Pod>(
@@ -278,9 +344,65 @@ impl SparseKvStore {
     /// Frees the slots of positions `from ..` and forgets them.
     fn release_from(&mut self, from: usize) {
         for &slot in &self.slot_of[from.min(self.slot_of.len())..] {
-            self.pool.free(slot);
+            if slot != EVICTED {
+                self.pool.free(slot);
+            }
         }
         self.slot_of.truncate(from);
+        self.unimp.truncate(from);
+    }
+
+    /// Evicts committed tokens until `n` more slots fit under the budget's slot cap: at least a
+    /// batch, highest unimportance first, never a sink nor one of the last `recent` tokens.
+    fn make_room(&mut self, n: usize) -> Result<()> {
+        let Some(e) = &self.cfg.evict else { return Ok(()) };
+        let live = self.pool.in_use();
+        if live + n <= self.slot_cap {
+            return Ok(());
+        }
+        let need = live + n - self.slot_cap;
+        let batch = ((self.slot_cap as f64 * e.batch) as usize).max(need);
+        let protect_to = self.len.saturating_sub(self.cfg.recent);
+        let mut candidates = self.live(self.cfg.sink.min(protect_to)..protect_to);
+        if candidates.len() < need {
+            return Err(KernelError::OutOfMemory {
+                device: "host KV budget".into(),
+                what: format!(
+                    "{} bytes hold {} tokens; {n} new tokens with sink {} and recent {} do not fit (lower the chunk or raise --host-kv-budget)",
+                    e.budget_bytes, self.slot_cap, self.cfg.sink, self.cfg.recent
+                ),
+            });
+        }
+        let gone = victims(&self.unimp, &mut candidates, batch);
+        for &p in &gone {
+            self.pool.free(std::mem::replace(&mut self.slot_of[p], EVICTED));
+        }
+        let per_token = self.tier.layout().token_layer_bytes() * self.layers + self.labels.bytes_per_token();
+        let mut st = self.stats.lock().expect("stats lock");
+        st.evictions += 1;
+        st.evicted_tokens += gone.len() as u64;
+        st.bytes_freed += (gone.len() * per_token) as u64;
+        Ok(())
+    }
+
+    /// Tokens that own a slot (committed and reserved).
+    pub fn live_tokens(&self) -> usize {
+        self.pool.in_use()
+    }
+
+    /// The slot of `pos`, or `None` when it was evicted (or is past the store).
+    pub fn slot_of(&self, pos: usize) -> Option<u32> {
+        self.slot_of.get(pos).copied().filter(|&s| s != EVICTED)
+    }
+
+    /// The budget's cap on slots (`usize::MAX` without a budget).
+    pub fn slot_cap(&self) -> usize {
+        self.slot_cap
+    }
+
+    /// Bytes of rows held by the tier.
+    pub fn row_bytes(&self) -> usize {
+        self.tier.bytes()
     }
 
     /// Slots owned now (tokens stored, committed or reserved).
@@ -333,12 +455,16 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
             return Err(invalid(format!("KV store holds at most {} tokens; {need} requested", self.max_tokens)));
         }
         self.release_from(self.len);
+        self.make_room(n)?;
         for _ in 0..n {
             let slot = self.pool.alloc()?;
             self.slot_of.push(slot);
         }
         self.tier.grow(self.pool.capacity())?;
-        self.labels.grow(self.pool.capacity());
+        self.labels.grow_capped(self.pool.capacity(), self.slot_cap);
+        if self.cfg.evict.is_some() {
+            self.unimp.grow(self.slot_of.len());
+        }
         Ok(())
     }
 
@@ -382,6 +508,9 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
         assert!(self.len + n <= self.slot_of.len(), "commit past the reserved rows");
         self.len += n;
         self.ahead.iter_mut().for_each(|a| *a = None);
+        if let Some(e) = &self.cfg.evict {
+            self.unimp.end_call(self.len, e.window);
+        }
     }
 
     fn truncate(&mut self, len: usize) {
@@ -412,6 +541,21 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
 
     fn bytes(&self) -> usize {
         self.tier.bytes() + self.labels.bytes()
+    }
+
+    fn memory(&self) -> crate::KvMemory {
+        let st = self.stats();
+        crate::KvMemory {
+            tier: self.tier.describe(),
+            row_bytes: self.tier.bytes(),
+            label_bytes: self.labels.bytes(),
+            positions: self.len,
+            live_tokens: self.pool.in_use(),
+            budget_bytes: self.cfg.evict.as_ref().map(|e| e.budget_bytes),
+            evictions: st.evictions,
+            evicted_tokens: st.evicted_tokens,
+            bytes_freed: st.bytes_freed,
+        }
     }
 
     fn ahead_channels(&self) -> Option<&[Vec<Vec<usize>>]> {
