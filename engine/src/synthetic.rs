@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use farsight_kernels::{Backend, DType};
-use farsight_offload::{DenseKvCache, KvStore};
+use farsight_offload::KvStore;
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};

@@ -175,7 +175,7 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
         return Err(CliError::Usage("--repeats, --new-tokens and --prefill-chunk must be at least 1".into()));
     }
     let mut loaded = a.model.load()?;
-    let sparse = a.sparse.attention(&a.model.model, &mut loaded.model)?;
+    let sparse = a.sparse.attention(&a.model, &mut loaded.model)?;
     let mut attentions = vec![Attention::Dense];
     if !matches!(sparse, Attention::Dense) {
         attentions.push(sparse);
