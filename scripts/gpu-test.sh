@@ -24,6 +24,12 @@ for t in cuda_parity cuda_forward cuda_timing cuda_sparse; do
     cp "$bin" "$dest/$t"
     strip --strip-debug "$dest/$t" 2>/dev/null || true
 done
+# The offloaded store's tests live in the root package (they need the engine).
+log=$(cargo test --release --test cuda_offload --no-run 2>&1) || { echo "$log"; exit 1; }
+bin=$(echo "$log" | grep -o "target/release/deps/cuda_offload-[0-9a-f]*" | tail -1)
+[ -n "$bin" ] || { echo "$log"; echo "no cuda_offload test binary found" >&2; exit 1; }
+cp "$bin" "$dest/cuda_offload"
+strip --strip-debug "$dest/cuda_offload" 2>/dev/null || true
 # The release binary (bench dense, eval logits) and the transformers parity script, when built.
 if cargo build --release --bin farsight >/dev/null 2>&1; then
     cp target/release/farsight "$dest/farsight" && strip "$dest/farsight" 2>/dev/null || true
@@ -47,6 +53,10 @@ logf=${logf:-/tmp/parity.log}
 "$here/cuda_parity" --nocapture "$@" 2>&1 | tee "$logf"
 rc=${PIPESTATUS[0]}
 "$here/cuda_forward" --nocapture 2>&1 | tee -a "$logf"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+"$here/cuda_sparse" --nocapture 2>&1 | tee -a "$logf"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+"$here/cuda_offload" --nocapture --test-threads 1 2>&1 | tee -a "$logf"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 echo "== summary: $(grep -c '^parity ' "$logf" 2>/dev/null) parity lines (full log: parity.log)"
 grep -E '^test result|FAILED|panicked' "$logf" 2>/dev/null | head -40

@@ -57,7 +57,7 @@ fn logits(model: &farsight_engine::Model<farsight_kernels::cpu::CpuBackend>, ids
 }
 
 fn setup(cfg: SparseConfig, store: KvStoreSpec, ranking: ChannelRanking) -> SparseSetup {
-    SparseSetup { cfg, ranking, store }
+    SparseSetup { cfg, ranking, store, capacity: None }
 }
 
 #[test]
@@ -113,7 +113,7 @@ fn layer_ahead_predicts_most_of_the_selection() {
         ..SparseConfig::default()
     };
     let channels = ranking.top(cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim).unwrap();
-    model.enable_layer_ahead(&model_dir(), &channels).unwrap();
+    model.enable_layer_ahead(&channels).unwrap();
     let ids = text_ids(400);
     let mut kv = new_sparse_store(&model, DType::F16, &setup(cfg, KvStoreSpec::Host, ranking)).unwrap();
     perplexity_with(&model, &ids, 128, &mut kv, &mut |_, _| {}).unwrap();

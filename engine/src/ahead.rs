@@ -6,13 +6,10 @@
 //! rows of `W_q`; [`LayerAhead`] keeps, per layer, the `2 r` rows of every query head in one
 //! small matrix (values first, partners second), and the rotation is applied on the host.
 
-use std::path::Path;
-
-use farsight_kernels::{Backend, HostMatrix, Rope};
+use farsight_kernels::{Backend, Rope};
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::weights::Weights;
 
 /// The `W_q` label rows of every layer but the first (which has no layer before it).
 pub struct LayerAhead<B: Backend> {
@@ -26,43 +23,33 @@ pub struct LayerAhead<B: Backend> {
 }
 
 impl<B: Backend> LayerAhead<B> {
-    /// Cuts the label rows of `W_q` for `channels` out of the checkpoint in `dir`.
-    pub fn new(dir: &Path, cfg: &ModelConfig, backend: &B, channels: &[Vec<Vec<usize>>]) -> Result<LayerAhead<B>> {
-        let w = Weights::open(dir)?;
-        let (d, hd, group) = (cfg.head_dim, cfg.hidden_size, cfg.num_heads / cfg.num_kv_heads);
+    /// Cuts the label rows for `channels` out of every layer's fused `[q; k; v]` matrix (and
+    /// query bias), where the weights live.
+    pub fn new(cfg: &ModelConfig, backend: &B, channels: &[Vec<Vec<usize>>], qkv: &[(&B::Matrix, Option<&B::Tensor>)]) -> Result<LayerAhead<B>> {
+        let (d, group) = (cfg.head_dim, cfg.num_heads / cfg.num_kv_heads);
         let r = channels.first().and_then(|l| l.first()).map_or(0, |c| c.len());
-        if channels.len() != cfg.num_layers || r == 0 {
+        if channels.len() != cfg.num_layers || qkv.len() != cfg.num_layers || r == 0 {
             return Err(EngineError::Invalid("layer-ahead channels do not fit the model".into()));
         }
         let mut rows = vec![None];
         let mut bias = vec![None];
         for (l, layer_channels) in channels.iter().enumerate().skip(1) {
-            let m = w.matrix(&format!("model.layers.{l}.self_attn.q_proj.weight"), cfg.q_width(), hd)?;
-            let es = m.dtype.size();
-            let row_bytes = hd * es;
-            let qb = if cfg.qkv_bias {
-                Some(w.vector(&format!("model.layers.{l}.self_attn.q_proj.bias"), cfg.q_width())?)
-            } else {
-                None
-            };
-            let mut bytes = Vec::with_capacity(cfg.num_heads * 2 * r * row_bytes);
-            let mut b = Vec::new();
+            let mut idx = Vec::with_capacity(cfg.num_heads * 2 * r);
             for h in 0..cfg.num_heads {
                 let ch = &layer_channels[h / group];
                 for partner in [false, true] {
-                    for &c in ch {
-                        let c = if partner { (c + d / 2) % d } else { c };
-                        let row = h * d + c;
-                        bytes.extend_from_slice(&m.bytes[row * row_bytes..(row + 1) * row_bytes]);
-                        if let Some(qb) = &qb {
-                            b.push(qb[row]);
-                        }
-                    }
+                    idx.extend(ch.iter().map(|&c| h * d + if partner { (c + d / 2) % d } else { c }));
                 }
             }
-            let sub = HostMatrix { rows: cfg.num_heads * 2 * r, cols: hd, dtype: m.dtype, bytes: &bytes };
-            rows.push(Some(backend.upload_matrix(sub)?));
-            bias.push(qb.map(|_| b));
+            let (m, qb) = qkv[l];
+            rows.push(Some(backend.matrix_rows(m, &idx)?));
+            bias.push(match qb {
+                Some(t) => {
+                    let all = backend.read_rows(t, 0, 1)?;
+                    Some(idx.iter().map(|&i| all[i]).collect())
+                }
+                None => None,
+            });
         }
         Ok(LayerAhead { channels: channels.to_vec(), rows, bias, r })
     }
@@ -75,6 +62,11 @@ impl<B: Backend> LayerAhead<B> {
     /// Layer `layer`'s label rows (`None` for layer 0).
     pub fn rows(&self, layer: usize) -> Option<&B::Matrix> {
         self.rows.get(layer).and_then(|m| m.as_ref())
+    }
+
+    /// Layer `layer`'s query-bias entries in the rows' order (Qwen2), if any.
+    pub fn bias(&self, layer: usize) -> Option<&[f32]> {
+        self.bias.get(layer).and_then(|b| b.as_deref())
     }
 
     /// Turns one token's raw matmul output (`n_heads * 2r` values) for layer `layer` into

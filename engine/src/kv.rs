@@ -1,11 +1,13 @@
 //! Which KV store a run uses: the dense cache, or Double Sparsity over a tier.
 
+use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType};
 use farsight_offload::sparse::evict::EVICT_EXTENT_SLOTS;
-use farsight_offload::sparse::{row_layout, ChannelRanking};
+use farsight_offload::sparse::{row_layout, ChannelRanking, LabelBits};
 use farsight_offload::{DenseKvCache, KvStore, KvStoreSpec, SparseConfig, SparseKvStore};
+use farsight_prefetch::{OffloadConfig, OffloadKvStore, RowHome};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::model::Model;
 
 /// Double Sparsity settings with the calibrated channel ranking.
@@ -15,6 +17,9 @@ pub struct SparseSetup {
     pub ranking: ChannelRanking,
     /// Where the rows live: host memory or a disk file.
     pub store: KvStoreSpec,
+    /// Most tokens a sequence will hold, when the run knows it (prompt + new tokens); the
+    /// offloaded store sizes its pinned slabs by it (default: the model's context).
+    pub capacity: Option<usize>,
 }
 
 /// The attention a run uses.
@@ -57,8 +62,53 @@ pub fn new_store<B: Backend + 'static>(model: &Model<B>, dtype: DType, attention
         Attention::Dense => {
             Box::new(DenseKvCache::new(&model.backend, c.num_layers, c.kv_width(), dtype, c.context_length())?)
         }
-        Attention::DoubleSparse(s) => Box::new(new_sparse_store(model, dtype, s)?),
+        Attention::DoubleSparse(s) => {
+            let any: &dyn std::any::Any = &model.backend;
+            if let Some(cuda) = any.downcast_ref::<CudaBackend>() {
+                // On the GPU: the offloaded store (rows in pinned host memory).
+                let store: Box<dyn KvStore<CudaBackend>> = Box::new(new_offload_store(model, cuda, dtype, s)?);
+                let boxed: Box<dyn std::any::Any> = Box::new(store);
+                return Ok(*boxed.downcast::<Box<dyn KvStore<B>>>().expect("B is CudaBackend here"));
+            }
+            Box::new(new_sparse_store(model, dtype, s)?)
+        }
     })
+}
+
+/// The offloaded Double Sparsity store (`farsight-prefetch`) for a model on the GPU: the full
+/// KV in pinned host memory, labels and a row cache on the GPU. Settings it does not implement
+/// are refused by name.
+pub fn new_offload_store<B: Backend>(model: &Model<B>, cuda: &CudaBackend, dtype: DType, s: &SparseSetup) -> Result<OffloadKvStore> {
+    let c = &model.cfg;
+    let refuse = |what: &str| Err(EngineError::Unsupported(format!("{what} with --device cuda and --attention double-sparse (the offloaded store)")));
+    if !matches!(s.store, KvStoreSpec::Host) {
+        return refuse("--kv-store disk:PATH");
+    }
+    if s.cfg.label_bits != LabelBits::B16 {
+        return refuse("--label-bits 4");
+    }
+    if !s.cfg.dense_layers.is_empty() {
+        return refuse("--dense-layers");
+    }
+    if s.cfg.evict.is_some() {
+        return refuse("--host-kv-budget");
+    }
+    if s.cfg.sparse_prefill {
+        return refuse("per-position sparse evaluation (eval ppl/sweep)");
+    }
+    let channels = s.ranking.top(s.cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim)?;
+    let cfg = OffloadConfig {
+        budget: s.cfg.budget,
+        sink: s.cfg.sink,
+        recent: s.cfg.recent.max(1),
+        channels,
+        predict: s.cfg.predict,
+        dtype,
+        capacity: s.capacity.unwrap_or_else(|| c.context_length()),
+        home: RowHome::Host,
+        measure_recall: false,
+    };
+    Ok(OffloadKvStore::new(cuda, cfg, model.attn_shape(), c.num_layers)?)
 }
 
 /// A sparse store for one sequence of `model` (typed, for callers that read its statistics).

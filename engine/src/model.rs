@@ -194,12 +194,13 @@ impl<B: Backend> Model<B> {
     }
 
     /// Prepares layer-ahead prediction for stores whose label channels are `channels`
-    /// (`[layer][kv_head]`), cutting the rows out of the checkpoint in `dir`.
-    pub fn enable_layer_ahead(&mut self, dir: &Path, channels: &[Vec<Vec<usize>>]) -> Result<()> {
+    /// (`[layer][kv_head]`), cutting the label rows out of the loaded `W_q` matrices.
+    pub fn enable_layer_ahead(&mut self, channels: &[Vec<Vec<usize>>]) -> Result<()> {
         if self.ahead.as_ref().is_some_and(|a| a.channels == channels) {
             return Ok(());
         }
-        self.ahead = Some(LayerAhead::new(dir, &self.cfg, &self.backend, channels)?);
+        let qkv: Vec<_> = self.layers.iter().map(|l| (&l.qkv, l.qkv_bias.as_ref())).collect();
+        self.ahead = Some(LayerAhead::new(&self.cfg, &self.backend, channels, &qkv)?);
         Ok(())
     }
 
@@ -230,7 +231,7 @@ impl<B: Backend> Model<B> {
         }
         let out = ws.ahead.as_mut().expect("allocated above");
         be.matmul(&ws.xn, m, None, out, n)?;
-        let raw = be.read_rows(out, 0, n)?;
+        let mut raw = None;
         for (s, &r0) in segs.iter_mut().zip(row0) {
             match s.kv.ahead_channels() {
                 None => continue,
@@ -240,6 +241,13 @@ impl<B: Backend> Model<B> {
                 Some(_) => {}
             }
             let len = s.tokens.len();
+            if ahead.bias(next).is_none() && s.kv.predict_raw(be, next, out, r0, len, positions[r0], rope)? {
+                continue;
+            }
+            if raw.is_none() {
+                raw = Some(be.read_rows(out, 0, n)?);
+            }
+            let raw = raw.as_deref().expect("read above");
             let mut q_hat = Vec::with_capacity(len * self.cfg.num_heads * ahead.channels[next][0].len());
             for i in r0..r0 + len {
                 ahead.rotate(&self.cfg, next, &raw[i * width..(i + 1) * width], positions[i], rope, &mut q_hat);

@@ -205,6 +205,8 @@ pub trait Backend: Send + Sync {
     fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
     /// Bytes the matrix occupies.
     fn matrix_bytes(&self, m: &Self::Matrix) -> usize;
+    /// A new matrix of the given rows of `m`, in that order (same dtype).
+    fn matrix_rows(&self, m: &Self::Matrix, rows: &[usize]) -> Result<Self::Matrix>;
     /// A KV cache buffer with room for `capacity` rows of `cols` elements.
     fn cache(&self, capacity: usize, cols: usize, dtype: DType) -> Result<Self::Cache>;
     /// Rows the cache can hold.

@@ -98,4 +98,22 @@ pub trait KvStore<B: Backend> {
     fn predict(&mut self, _layer: usize, _q_hat: &[f32], _n: usize) -> Result<()> {
         Ok(())
     }
+    /// Layer-ahead on the device: rows `row0 .. row0 + n` of `raw` are this store's tokens' raw
+    /// label-row outputs for layer `layer` (per query head `r` values, then their `r` RoPE
+    /// partners; `engine/src/ahead.rs`), the first at position `pos0`. A store that rotates and
+    /// uses them where they are returns `true` ([`KvStore::predict`] is then not called); the
+    /// default returns `false` and the model rotates on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn predict_raw(
+        &mut self,
+        _backend: &B,
+        _layer: usize,
+        _raw: &B::Tensor,
+        _row0: usize,
+        _n: usize,
+        _pos0: u32,
+        _rope: &farsight_kernels::Rope,
+    ) -> Result<bool> {
+        Ok(false)
+    }
 }

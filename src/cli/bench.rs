@@ -28,6 +28,10 @@ pub enum BenchCommand {
     /// attention over the selected rows) vs dense decode attention, one layer, per context and
     /// token budget; also with the rows gathered from pinned host memory (the offload case).
     Attention(super::bench_attention::AttnBenchArgs),
+    /// Offloaded Double Sparsity decode on the GPU (synthetic model): the full KV in pinned
+    /// host memory, labels and a row cache on the GPU, layer-ahead prefetch; ms per step,
+    /// tokens/s, PCIe bytes, row-cache hit rate, recall, footprints, next to dense on the GPU.
+    Offload(super::bench_offload::OffloadBenchArgs),
 }
 
 /// A token count: `512`, `4k` (= 4096), `256K`.
@@ -167,6 +171,7 @@ pub fn run(c: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Dense(a) if a.shape.is_some() => super::bench_synthetic::run(a),
         BenchCommand::Dense(a) => cpu(a),
         BenchCommand::Attention(a) => super::bench_attention::run(a),
+        BenchCommand::Offload(a) => super::bench_offload::run(a),
     }
 }
 

@@ -3,6 +3,7 @@
 mod batch;
 mod bench;
 mod bench_attention;
+mod bench_offload;
 mod bench_synthetic;
 mod calibrate;
 pub(crate) mod common;

@@ -166,8 +166,8 @@ impl SparseArgs {
         let ranking = cal.channel_ranking();
         if cfg.predict == Predict::LayerAhead {
             let channels = ranking.top(cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim)?;
-            with_model!(model, m => m.enable_layer_ahead(dir, &channels))?;
+            with_model!(model, m => m.enable_layer_ahead(&channels))?;
         }
-        Ok(Attention::DoubleSparse(Box::new(SparseSetup { cfg, ranking, store: self.kv_store.clone() })))
+        Ok(Attention::DoubleSparse(Box::new(SparseSetup { cfg, ranking, store: self.kv_store.clone(), capacity: Some(planned) })))
     }
 }

@@ -227,6 +227,21 @@ impl Backend for CpuBackend {
         m.rows * m.cols * m.data.dtype().size()
     }
 
+    fn matrix_rows(&self, m: &CpuMatrix, rows: &[usize]) -> Result<CpuMatrix> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= m.rows) {
+            return Err(KernelError::Shape(format!("matrix_rows: row {r} of a {}-row matrix", m.rows)));
+        }
+        fn pick<T: Copy>(v: &[T], cols: usize, rows: &[usize]) -> Vec<T> {
+            rows.iter().flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied()).collect()
+        }
+        let data = match &m.data {
+            Store::F32(v) => Store::F32(pick(v, m.cols, rows)),
+            Store::F16(v) => Store::F16(pick(v, m.cols, rows)),
+            Store::BF16(v) => Store::BF16(pick(v, m.cols, rows)),
+        };
+        Ok(CpuMatrix { rows: rows.len(), cols: m.cols, data })
+    }
+
     fn cache(&self, capacity: usize, cols: usize, dtype: DType) -> Result<CpuCache> {
         Ok(CpuCache { capacity, cols, data: Store::zeros(dtype, capacity * cols) })
     }

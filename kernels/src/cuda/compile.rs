@@ -22,6 +22,8 @@ pub(crate) fn source() -> String {
     s.push_str(include_str!("kernels/random.cu"));
     s.push('\n');
     s.push_str(include_str!("kernels/sparse.cu"));
+    s.push('\n');
+    s.push_str(include_str!("kernels/offload.cu"));
     s
 }
 

@@ -10,6 +10,7 @@ mod attention;
 mod buffers;
 mod compile;
 mod matmul;
+mod offload;
 mod ops;
 mod sparse;
 
@@ -27,6 +28,7 @@ use crate::error::KernelError;
 pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP, GQA_MAX_HEAD_DIM};
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
 pub use matmul::GEMV_MAX_ROWS;
+pub use offload::{Residency, RowSlab, StreamEvent};
 pub use sparse::{DevBuf, KvRows, PinnedBuf, TopkScratch, DS_MAX_R};
 
 const KERNELS: &[&str] = &[
@@ -44,6 +46,8 @@ const KERNELS: &[&str] = &[
     "cache_write_bf16",
     "cast_f16",
     "cast_bf16",
+    "gemv1_f16",
+    "gemv1_bf16",
     "gemv_f16",
     "gemv_bf16",
     "attention_f32",
@@ -72,6 +76,13 @@ const KERNELS: &[&str] = &[
     "sparse_attn_f16",
     "sparse_attn_bf16",
     "ds_gather_rows",
+    "ds_put_rows_f16",
+    "ds_put_rows_bf16",
+    "ds_residency",
+    "ds_gather_misses",
+    "ds_unpack_rows",
+    "ds_ahead_labels",
+    "ds_overlap",
 ];
 
 /// The CUDA backend on one device.
@@ -84,6 +95,11 @@ pub struct CudaBackend {
     scratch: Mutex<Option<CudaSlice<u8>>>,
     /// Split-K partials of attention (grown on demand).
     attn_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// Batch-1 GEMV with several weight loads in flight per lane (`FARSIGHT_GEMV=rows` turns it
+    /// off, for comparisons).
+    gemv1: bool,
+    /// The last rope call's positions and frequencies on the device (reused while unchanged).
+    rope_cache: Mutex<Option<ops::RopeUpload>>,
     /// Keys per attention split; 0 = chosen from the SM count.
     attn_chunk: AtomicUsize,
     /// Use the GQA key-per-lane attention kernel where the shape allows.
@@ -217,6 +233,8 @@ impl CudaBackend {
             funcs,
             scratch: Mutex::new(None),
             attn_scratch: Mutex::new(None),
+            rope_cache: Mutex::new(None),
+            gemv1: std::env::var("FARSIGHT_GEMV").map_or(true, |v| v != "rows"),
             attn_chunk: AtomicUsize::new(0),
             attn_gqa: AtomicBool::new(true),
             attn_flash: AtomicBool::new(true),
@@ -313,6 +331,20 @@ impl Backend for CudaBackend {
 
     fn matrix_bytes(&self, m: &CudaMatrix) -> usize {
         m.rows * m.cols * m.dtype.size()
+    }
+
+    fn matrix_rows(&self, m: &CudaMatrix, rows: &[usize]) -> Result<CudaMatrix> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= m.rows) {
+            return Err(shape_err(format!("matrix_rows: row {r} of a {}-row matrix", m.rows)));
+        }
+        let rb = m.cols * m.dtype.size();
+        let mut data = self.alloc::<u8>(rows.len() * rb, "matrix rows")?;
+        for (i, &r) in rows.iter().enumerate() {
+            self.stream
+                .memcpy_dtod(&m.data.slice(r * rb..(r + 1) * rb), &mut data.slice_mut(i * rb..(i + 1) * rb))
+                .map_err(|e| dev_err("matrix_rows", e))?;
+        }
+        Ok(CudaMatrix { rows: rows.len(), cols: m.cols, dtype: m.dtype, data })
     }
 
     fn cache(&self, capacity: usize, cols: usize, dtype: DType) -> Result<CudaCache> {

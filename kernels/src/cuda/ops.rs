@@ -181,8 +181,23 @@ impl CudaBackend {
         if positions.is_empty() || n_heads == 0 || half == 0 {
             return Ok(());
         }
-        let pos = self.upload(positions, "rope positions")?;
-        let freq = self.upload(&rope.inv_freq, "rope frequencies")?;
+        // Every layer's two rope calls of one forward share positions and frequencies: upload
+        // them once (a pageable upload per call stalls the host and drains the GPU's queue).
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = match cache.as_ref() {
+            Some(c) => c.positions != positions || c.inv_freq != rope.inv_freq,
+            None => true,
+        };
+        if fresh {
+            *cache = Some(RopeUpload {
+                dev_pos: self.upload(positions, "rope positions")?,
+                dev_freq: self.upload(&rope.inv_freq, "rope frequencies")?,
+                positions: positions.to_vec(),
+                inv_freq: rope.inv_freq.clone(),
+            });
+        }
+        let c = cache.as_ref().expect("filled above");
+        let (pos, freq) = (&c.dev_pos, &c.dev_freq);
         let (ci, c0, hd) = (
             int(x.cols, "cols")?,
             int(col0, "col0")?,
@@ -195,8 +210,8 @@ impl CudaBackend {
             .arg(&ci)
             .arg(&c0)
             .arg(&hd)
-            .arg(&pos)
-            .arg(&freq)
+            .arg(pos)
+            .arg(freq)
             .arg(&scaling);
         let threads = half.div_ceil(32).clamp(1, 8) as u32 * 32;
         let cfg = LaunchConfig {
@@ -303,4 +318,12 @@ impl CudaBackend {
         unsafe { b.launch(flat(n)) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
+}
+
+/// The positions and frequencies of the last rope call, on the device.
+pub(super) struct RopeUpload {
+    positions: Vec<u32>,
+    inv_freq: Vec<f32>,
+    dev_pos: cudarc::driver::CudaSlice<u32>,
+    dev_freq: cudarc::driver::CudaSlice<f32>,
 }

@@ -189,8 +189,28 @@ impl CudaBackend {
         t1: usize,
         scores: &mut DevBuf<f32>,
     ) -> Result<()> {
+        self.ds_label_scores_at(q, 0, chan, n_kv, group, head_dim, r, labels, cap, t0, t1, scores)
+    }
+
+    /// [`Self::ds_label_scores`] for the query in row `q_row` of `q`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ds_label_scores_at(
+        &self,
+        q: &CudaTensor,
+        q_row: usize,
+        chan: &DevBuf<i32>,
+        n_kv: usize,
+        group: usize,
+        head_dim: usize,
+        r: usize,
+        labels: &DevBuf<u16>,
+        cap: usize,
+        t0: usize,
+        t1: usize,
+        scores: &mut DevBuf<f32>,
+    ) -> Result<()> {
         let n = t1.saturating_sub(t0);
-        if r == 0 || r > DS_MAX_R || q.cols < n_kv * group * head_dim || chan.len < n_kv * r
+        if r == 0 || r > DS_MAX_R || q.cols < n_kv * group * head_dim || q_row >= q.rows || chan.len < n_kv * r
             || labels.len < n_kv * cap * r || t1 > cap || scores.len < n_kv * n
         {
             return Err(shape_err("ds_label_scores: shapes".into()));
@@ -201,8 +221,9 @@ impl CudaBackend {
         let name = "ds_label_scores";
         let (gr, hd, rr) = (int(group, "group")?, int(head_dim, "head_dim")?, int(r, "r")?);
         let (c, a, b_) = (cap as i64, t0 as i64, t1 as i64);
+        let qv = q.data.slice(q_row * q.cols..);
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&q.data).arg(&chan.data).arg(&gr).arg(&hd).arg(&rr).arg(&labels.data);
+        b.arg(&qv).arg(&chan.data).arg(&gr).arg(&hd).arg(&rr).arg(&labels.data);
         b.arg(&c).arg(&a).arg(&b_).arg(&mut scores.data);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(256) as u32, n_kv as u32, 1),
@@ -341,13 +362,35 @@ impl CudaBackend {
         scale: f32,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        self.sparse_attention_at(q, 0, kv, idx, idx_stride, n_sel, n_heads, n_kv, head_dim, scale, out, 0)
+    }
+
+    /// [`Self::sparse_attention`] for the query in row `q_row` of `q`, output to row `out_row`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_attention_at(
+        &self,
+        q: &CudaTensor,
+        q_row: usize,
+        kv: &KvRows,
+        idx: Option<&DevBuf<i32>>,
+        idx_stride: usize,
+        n_sel: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+        scale: f32,
+        out: &mut CudaTensor,
+        out_row: usize,
+    ) -> Result<()> {
         let group = n_heads / n_kv.max(1);
         if n_kv == 0 || n_heads % n_kv != 0 || group > super::GQA_MAX_GROUP || head_dim % 32 != 0
             || head_dim > super::GQA_MAX_HEAD_DIM
         {
             return Err(shape_err(format!("sparse_attention: {n_heads} heads / {n_kv} KV heads / D {head_dim} not supported")));
         }
-        if q.cols < n_heads * head_dim || out.cols < n_heads * head_dim || n_sel == 0 {
+        if q.cols < n_heads * head_dim || out.cols < n_heads * head_dim || n_sel == 0 || q_row >= q.rows
+            || out_row >= out.rows
+        {
             return Err(shape_err("sparse_attention: shapes".into()));
         }
         if let Some(ix) = idx {
@@ -374,13 +417,16 @@ impl CudaBackend {
         let (ns, nh, gr, hd) = (int(n_sel, "n_sel")?, int(n_heads, "heads")?, int(group, "group")?, int(head_dim, "head_dim")?);
         let (sp, chk) = (n_split as i32, chunk as i32);
         let null: u64 = 0;
+        let qv = q.data.slice(q_row * q.cols..);
+        let out_cols = out.cols;
+        let mut ov = out.data.slice_mut(out_row * out_cols..);
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&q.data).arg(&kv.k).arg(&kv.v).arg(&ts).arg(&hs);
+        b.arg(&qv).arg(&kv.k).arg(&kv.v).arg(&ts).arg(&hs);
         match idx {
             Some(ix) => b.arg(&ix.data),
             None => b.arg(&null),
         };
-        b.arg(&is).arg(&ns).arg(&mut out.data).arg(&nh).arg(&gr).arg(&hd).arg(&scale);
+        b.arg(&is).arg(&ns).arg(&mut ov).arg(&nh).arg(&gr).arg(&hd).arg(&scale);
         b.arg(&sp).arg(&chk).arg(&mut *part);
         let cfg = LaunchConfig {
             grid_dim: (n_kv as u32, n_split as u32, 1),
@@ -390,9 +436,9 @@ impl CudaBackend {
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         if n_split > 1 {
             let name = "attention_combine";
-            let (oc, zero) = (int(out.cols, "out cols")?, 0i32);
+            let (oc, zero) = (int(out_cols, "out cols")?, 0i32);
             let mut b = self.stream.launch_builder(self.f(name));
-            b.arg(&*part).arg(&mut out.data).arg(&oc).arg(&zero);
+            b.arg(&*part).arg(&mut ov).arg(&oc).arg(&zero);
             b.arg(&nh).arg(&hd).arg(&sp);
             let cfg = LaunchConfig {
                 grid_dim: (1, n_heads as u32, 1),

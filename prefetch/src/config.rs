@@ -1,0 +1,54 @@
+//! Settings of the offloaded store.
+
+use farsight_kernels::DType;
+use farsight_offload::sparse::{Predict, TokenBudget};
+
+/// Where the full KV rows live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowHome {
+    /// Pinned host memory (PORTABLE | DEVICEMAP): the offloaded configuration.
+    Host,
+    /// Device memory: the same store with nothing offloaded (the on-GPU sparse reference).
+    Device,
+}
+
+/// Double Sparsity over rows kept off the GPU.
+#[derive(Clone, Debug)]
+pub struct OffloadConfig {
+    /// Rows attended per KV head (sinks and recent window included).
+    pub budget: TokenBudget,
+    /// First tokens always attended (kept on the GPU).
+    pub sink: usize,
+    /// Last tokens always attended (kept on the GPU; at least 1: the token being decoded).
+    pub recent: usize,
+    /// `channels[layer][kv_head]`: the calibrated label channels.
+    pub channels: Vec<Vec<Vec<usize>>>,
+    /// Same-layer selection, or layer-ahead prediction on the prefetch stream.
+    pub predict: Predict,
+    /// KV element type (f16 or bf16).
+    pub dtype: DType,
+    /// Most tokens the sequence will hold.
+    pub capacity: usize,
+    pub home: RowHome,
+    /// Also select with the true query under layer-ahead and count the overlap (costs a
+    /// second selection per layer).
+    pub measure_recall: bool,
+}
+
+impl OffloadConfig {
+    /// Label channels per KV head.
+    pub fn r(&self) -> usize {
+        self.channels.first().and_then(|l| l.first()).map_or(0, |c| c.len())
+    }
+
+    /// Rows of the GPU row cache per (layer, KV head): the largest top-k a query can ask for.
+    pub fn cache_rows(&self) -> usize {
+        self.budget.tokens(self.capacity).saturating_sub(self.sink + self.recent).max(1)
+    }
+
+    /// Top-k size for a query that sees `visible` tokens (0 when everything is in the window).
+    pub fn top_k(&self, visible: usize) -> usize {
+        let middle = visible.saturating_sub(self.sink + self.recent);
+        middle.min(self.budget.tokens(visible).saturating_sub(self.sink + self.recent))
+    }
+}

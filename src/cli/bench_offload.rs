@@ -1,0 +1,449 @@
+//! `farsight bench offload`: offloaded Double Sparsity decode of a synthetic model on the GPU.
+//!
+//! For each context `T` and batch `B`: `B` sequences whose full KV (`T - 1` random rows per
+//! layer, different per sequence) lives in pinned host memory ([`OffloadKvStore`]), then, per
+//! token budget, `--warmup + --steps` decode steps of the whole batch through the real forward
+//! pass (the context grows by one token per step), each timed by the host clock from the call
+//! to the logits on the host. Reported: median [min, max] ms per step, tokens/s, the row cache's
+//! hit rate, bytes over PCIe per step, layer-ahead recall (extra steps that also make the true
+//! selection), GPU and host footprint; in the same run, at batch 1, the same store with its rows
+//! in device memory (compute only: nothing crosses PCIe) and dense decode with the KV on the GPU
+//! where it fits (else the out-of-memory error), and the floors: HBM (weights + labels + rows
+//! read per step at `--hbm-gbs`) and PCIe (the missed rows at `--pcie-gbs`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use farsight_engine::generate::new_cache;
+use farsight_engine::model::{Logits, Segment};
+use farsight_engine::sampler::argmax;
+use farsight_engine::synthetic::{fill_kv_random, shape_config};
+use farsight_engine::Model;
+use farsight_kernels::cuda::CudaBackend;
+use farsight_kernels::{Backend, DType};
+use farsight_offload::sparse::{Predict, TokenBudget};
+use farsight_offload::KvStore;
+use farsight_prefetch::{OffloadConfig, OffloadKvStore, OffloadStats, RowHome};
+
+use super::bench::{parse_count, Stats};
+use super::common::CliError;
+
+#[derive(Args, Debug)]
+pub struct OffloadBenchArgs {
+    /// Model shape (llama-3.1-8b, llama-2-7b, smollm2-135m), random bf16 weights made on the GPU.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    pub shape: String,
+    /// Context lengths (comma-separated; `32k` = 32768).
+    #[arg(long, default_value = "32k,128k,256k", value_delimiter = ',', value_parser = parse_count)]
+    pub context: Vec<usize>,
+    /// Batch sizes (sequences decoded together).
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Token budgets per KV head, sinks and recent window included (`1/16`, `1/64`, or a count).
+    #[arg(long, default_value = "1/16,1/64", value_delimiter = ',')]
+    pub token_budget: Vec<TokenBudget>,
+    /// Label channels per KV head (f16 labels on the GPU).
+    #[arg(long, default_value_t = 16)]
+    pub label_channels: usize,
+    #[arg(long, default_value_t = 4)]
+    pub sink: usize,
+    #[arg(long, default_value_t = 64)]
+    pub recent: usize,
+    /// Which query selects a layer's rows: layer-ahead (prefetch stream) or same-layer.
+    #[arg(long, default_value = "layer-ahead")]
+    pub predict: Predict,
+    /// Where the full KV lives (`host`: pinned memory; the disk tier is not wired to the GPU yet).
+    #[arg(long, default_value = "host")]
+    pub kv_store: String,
+    /// `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// KV dtype (bf16 or f16).
+    #[arg(long, default_value = "bf16")]
+    pub kv_dtype: String,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Extra steps that measure layer-ahead recall (0: none).
+    #[arg(long, default_value_t = 4)]
+    pub recall_steps: usize,
+    /// Skip the batch-1 references (rows in device memory; dense KV on the GPU).
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Device memory bandwidth for the HBM floor, GB/s.
+    #[arg(long, default_value_t = 2970.0)]
+    pub hbm_gbs: f64,
+    /// Host-to-device bandwidth for the PCIe floor, GB/s (shared/measurements: 54.8).
+    #[arg(long, default_value_t = 54.8)]
+    pub pcie_gbs: f64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn device(s: &str) -> Result<usize, CliError> {
+    match s {
+        "cuda" => Ok(0),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| CliError::Usage(format!("--device {s}: bench offload runs on `cuda` or `cuda:N`"))),
+    }
+}
+
+/// One measured configuration.
+struct Run {
+    ms: Vec<f64>,
+    stats: OffloadStats,
+    recall: Option<f64>,
+}
+
+pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
+    if a.kv_store != "host" {
+        return Err(CliError::Usage(format!("--kv-store {}: bench offload supports `host` (pinned memory); the disk tier is not wired to the GPU yet", a.kv_store)));
+    }
+    if a.steps == 0 || a.batch.iter().any(|&b| b == 0) || a.token_budget.is_empty() {
+        return Err(CliError::Usage("--steps and every --batch must be at least 1, and give a --token-budget".into()));
+    }
+    let kv_dtype = match a.kv_dtype.as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        o => return Err(CliError::Usage(format!("--kv-dtype {o}: bf16 or f16"))),
+    };
+    let cfg = shape_config(&a.shape)?;
+    if a.label_channels == 0 || a.label_channels > cfg.head_dim {
+        return Err(CliError::Usage(format!("--label-channels {}: 1 to {}", a.label_channels, cfg.head_dim)));
+    }
+    let n = device(&a.device)?;
+    let be = CudaBackend::new(n).map_err(|e| CliError::Usage(format!("--device {}: {e}", a.device)))?;
+    let t0 = Instant::now();
+    let mut model = Model::synthetic(cfg.clone(), be, DType::BF16, 1)?;
+    // Synthetic label channels: the first r of every head (the values are random anyway).
+    let channels = vec![vec![(0..a.label_channels).collect::<Vec<_>>(); cfg.num_kv_heads]; cfg.num_layers];
+    if a.predict == Predict::LayerAhead {
+        model.enable_layer_ahead(&channels)?;
+    }
+    let weight_bytes = model.weight_bytes();
+    let dev_name = model.backend.name();
+    eprintln!("synthetic {}: {:.2} GB of bf16 weights on {dev_name} in {:.1} s", a.shape, weight_bytes as f64 / 1e9, t0.elapsed().as_secs_f64());
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut rows = Vec::new();
+    let mut refs = Vec::new();
+    // The largest budget first: the stores are made for it and swept down.
+    let mut budgets = a.token_budget.clone();
+    budgets.sort_by_key(|b| std::cmp::Reverse(b.tokens(1 << 20)));
+    for &ctx in &a.context {
+        let ctx = ctx.min(cfg.context_length().max(ctx));
+        for &batch in &a.batch {
+            let base = OffloadConfig {
+                budget: budgets[0],
+                sink: a.sink,
+                recent: a.recent,
+                channels: channels.clone(),
+                predict: a.predict,
+                dtype: kv_dtype,
+                capacity: ctx + a.warmup + a.steps + a.recall_steps + 2,
+                home: RowHome::Host,
+                measure_recall: false,
+            };
+            match offloaded(&model, &a, &base, ctx, batch, &budgets) {
+                Ok(mut r) => rows.append(&mut r),
+                Err(e) => {
+                    eprintln!("context {ctx} batch {batch}: {e}");
+                    rows.push(serde_json::json!({"context": ctx, "batch": batch, "error": e.to_string()}));
+                }
+            }
+            if !a.no_reference {
+                refs.push(reference(&model, &a, &base, ctx, batch, &budgets));
+            }
+        }
+    }
+    let report = serde_json::json!({
+        "command": command,
+        "shape": a.shape,
+        "device": dev_name,
+        "weight_bytes": weight_bytes,
+        "kv_dtype": kv_dtype.name(),
+        "label_channels": a.label_channels,
+        "sink": a.sink,
+        "recent": a.recent,
+        "predict": a.predict.to_string(),
+        "hbm_gbs": a.hbm_gbs,
+        "pcie_gbs": a.pcie_gbs,
+        "offloaded": rows,
+        "references": refs,
+    });
+    print_tables(&report).map_err(CliError::Output)?;
+    if let Some(p) = &a.json {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| CliError::io(dir, e))?;
+        }
+        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(|e| CliError::io(p, e))?;
+    }
+    Ok(())
+}
+
+/// Decode steps of `stores` (one token each); returns the step times in ms.
+fn steps(m: &Model<CudaBackend>, stores: &mut [&mut dyn KvStore<CudaBackend>], n: usize, toks: &mut [u32]) -> Result<Vec<f64>, CliError> {
+    let mut ws = m.workspace(stores.len(), stores.len())?;
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut segs: Vec<Segment<'_, CudaBackend>> = stores
+            .iter_mut()
+            .zip(toks.iter())
+            .map(|(kv, tok)| Segment { tokens: std::slice::from_ref(tok), kv: &mut **kv, logits: Logits::Last })
+            .collect();
+        let logits = m.forward(&mut ws, &mut segs)?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        for (tok, l) in toks.iter_mut().zip(&logits) {
+            *tok = argmax(l) % m.cfg.vocab_size as u32;
+        }
+    }
+    Ok(ms)
+}
+
+fn offloaded(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig, ctx: usize, batch: usize, budgets: &[TokenBudget]) -> Result<Vec<serde_json::Value>, CliError> {
+    let be = &m.backend;
+    let t0 = Instant::now();
+    let mut stores = Vec::with_capacity(batch);
+    for i in 0..batch {
+        let mut s = OffloadKvStore::new(be, base.clone(), m.attn_shape(), m.cfg.num_layers)?;
+        s.fill_random(be, ctx - 1, 1.0, 1000 + i as u64)?;
+        stores.push(s);
+    }
+    let (gpu_used, gpu_total) = be.mem_info()?;
+    let (store_gpu, store_host): (usize, usize) = stores.iter().map(|s| s.footprint()).fold((0, 0), |(g, h), (a, b)| (g + a, h + b));
+    eprintln!(
+        "context {ctx} batch {batch}: {:.1} GiB of pinned host KV filled in {:.1} s; GPU {:.2} GiB used of {:.1} (stores {:.2} GiB)",
+        store_host as f64 / GIB,
+        t0.elapsed().as_secs_f64(),
+        gpu_used as f64 / GIB,
+        gpu_total as f64 / GIB,
+        store_gpu as f64 / GIB
+    );
+    let labels_bytes: usize = m.cfg.num_layers * m.cfg.num_kv_heads * a.label_channels * 2;
+    let mut out = Vec::new();
+    for &budget in budgets {
+        for s in stores.iter_mut() {
+            s.truncate(ctx - 1);
+            s.set_budget(budget)?;
+            s.set_measure_recall(false);
+        }
+        let r = measure(m, &mut stores, a)?;
+        let per_step = |x: u64| x as f64 / (a.steps * batch) as f64;
+        let rows_per_head = base.sink + base.recent + base_topk(base, budget, ctx);
+        let fetched = per_step(r.stats.fetched_bytes) * batch as f64;
+        let label_read = (labels_bytes * ctx) as f64;
+        let row_read = (m.cfg.num_layers * m.cfg.num_kv_heads * rows_per_head * 2 * m.cfg.head_dim * base.dtype.size()) as f64;
+        let hbm_floor = (m.weight_bytes() as f64 + batch as f64 * (label_read + row_read)) / (a.hbm_gbs * 1e9) * 1e3;
+        let pcie_floor = fetched / (a.pcie_gbs * 1e9) * 1e3;
+        let st = Stats::of(&r.ms);
+        eprintln!(
+            "  budget {budget}: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
+            st.median,
+            st.min,
+            st.max,
+            batch as f64 * 1e3 / st.median,
+            r.stats.hit_rate(),
+            fetched / 1e6,
+            r.recall.map_or("-".into(), |x| format!("{x:.3}"))
+        );
+        out.push(serde_json::json!({
+            "context": ctx,
+            "batch": batch,
+            "budget": budget.to_string(),
+            "rows_per_kv_head": rows_per_head,
+            "step_ms": st,
+            "steps_ms": r.ms,
+            "tok_s": batch as f64 * 1e3 / st.median,
+            "hit_rate": r.stats.hit_rate(),
+            "pcie_bytes_per_step": fetched,
+            "host_write_bytes_per_step": per_step(r.stats.written_bytes) * batch as f64,
+            "recall": r.recall,
+            "hbm_floor_ms": hbm_floor,
+            "pcie_floor_ms": pcie_floor,
+            "gpu_used_bytes": gpu_used,
+            "gpu_store_bytes": store_gpu,
+            "host_kv_bytes": store_host,
+        }));
+    }
+    Ok(out)
+}
+
+fn base_topk(c: &OffloadConfig, budget: TokenBudget, ctx: usize) -> usize {
+    let mut c = c.clone();
+    c.budget = budget;
+    c.top_k(ctx)
+}
+
+/// Timed steps, then recall steps; the stores are left `warmup + steps + recall` tokens longer.
+fn measure(m: &Model<CudaBackend>, stores: &mut [OffloadKvStore], a: &OffloadBenchArgs) -> Result<Run, CliError> {
+    let be = &m.backend;
+    let mut toks: Vec<u32> = (0..stores.len() as u32).map(|i| 1 + i).collect();
+    {
+        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores.iter_mut().map(|s| s as &mut dyn KvStore<CudaBackend>).collect();
+        steps(m, &mut refs, a.warmup, &mut toks)?;
+    }
+    let before = sum_stats(be, stores)?;
+    let ms = {
+        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores.iter_mut().map(|s| s as &mut dyn KvStore<CudaBackend>).collect();
+        steps(m, &mut refs, a.steps, &mut toks)?
+    };
+    let after = sum_stats(be, stores)?;
+    let mut stats = after;
+    stats.misses -= before.misses;
+    stats.hits -= before.hits;
+    stats.fetched_bytes -= before.fetched_bytes;
+    stats.written_bytes -= before.written_bytes;
+    let mut recall = None;
+    if a.predict == Predict::LayerAhead && a.recall_steps > 0 {
+        for s in stores.iter_mut() {
+            s.set_measure_recall(true);
+        }
+        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores.iter_mut().map(|s| s as &mut dyn KvStore<CudaBackend>).collect();
+        steps(m, &mut refs, a.recall_steps, &mut toks)?;
+        let r = sum_stats(be, stores)?;
+        recall = Some((r.recall_hits - after.recall_hits) as f64 / (r.recall_total - after.recall_total).max(1) as f64);
+    }
+    Ok(Run { ms, stats, recall })
+}
+
+fn sum_stats(be: &CudaBackend, stores: &[OffloadKvStore]) -> Result<OffloadStats, CliError> {
+    let mut t = OffloadStats::default();
+    for s in stores {
+        let s = s.stats(be)?;
+        t.misses += s.misses;
+        t.hits += s.hits;
+        t.recall_hits += s.recall_hits;
+        t.recall_total += s.recall_total;
+        t.fetched_bytes += s.fetched_bytes;
+        t.written_bytes += s.written_bytes;
+    }
+    Ok(t)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Batch 1 only for the device-resident rows (compute only); dense for every batch.
+fn reference(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig, ctx: usize, batch: usize, budgets: &[TokenBudget]) -> serde_json::Value {
+    let mut out = serde_json::json!({"context": ctx, "batch": batch});
+    if batch == 1 {
+        let mut per_budget = Vec::new();
+        let r = (|| -> Result<(), CliError> {
+            let mut c = base.clone();
+            c.home = RowHome::Device;
+            let mut s = OffloadKvStore::new(&m.backend, c, m.attn_shape(), m.cfg.num_layers)?;
+            s.fill_random(&m.backend, ctx - 1, 1.0, 1000)?;
+            let mut stores = vec![s];
+            for &b in budgets {
+                stores[0].truncate(ctx - 1);
+                stores[0].set_budget(b)?;
+                let a2 = OffloadBenchArgs { recall_steps: 0, ..a.clone_args() };
+                let r = measure(m, &mut stores, &a2)?;
+                let st = Stats::of(&r.ms);
+                eprintln!("  rows in device memory (compute only), budget {b}: {:.2} ms/step [{:.2}, {:.2}]", st.median, st.min, st.max);
+                per_budget.push(serde_json::json!({"budget": b.to_string(), "step_ms": st}));
+            }
+            Ok(())
+        })();
+        out["device_rows"] = match r {
+            Ok(()) => serde_json::Value::Array(per_budget),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+    }
+    let dense = (|| -> Result<Stats, CliError> {
+        let mut caches: Vec<Box<dyn KvStore<CudaBackend>>> = Vec::with_capacity(batch);
+        for i in 0..batch {
+            let mut kv: Box<dyn KvStore<CudaBackend>> = Box::new(new_cache(m, base.dtype)?);
+            fill_kv_random(m, kv.as_mut(), ctx - 1, a.warmup + a.steps + 1, 2000 + i as u64)?;
+            caches.push(kv);
+        }
+        let mut toks: Vec<u32> = (0..batch as u32).map(|i| 1 + i).collect();
+        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = Vec::with_capacity(batch);
+        for c in caches.iter_mut() {
+            refs.push(c.as_mut());
+        }
+        steps(m, &mut refs, a.warmup, &mut toks)?;
+        let ms = steps(m, &mut refs, a.steps, &mut toks)?;
+        drop(refs);
+        Ok(Stats::of(&ms))
+    })();
+    match dense {
+        Ok(st) => {
+            eprintln!("  dense KV on the GPU, batch {batch}: {:.2} ms/step [{:.2}, {:.2}]", st.median, st.min, st.max);
+            out["dense"] = serde_json::json!({"step_ms": st, "tok_s": batch as f64 * 1e3 / st.median});
+        }
+        Err(e) => {
+            eprintln!("  dense KV on the GPU, batch {batch}: {e}");
+            out["dense"] = serde_json::json!({"error": e.to_string()});
+        }
+    }
+    out
+}
+
+impl OffloadBenchArgs {
+    fn clone_args(&self) -> OffloadBenchArgs {
+        OffloadBenchArgs {
+            shape: self.shape.clone(),
+            context: self.context.clone(),
+            batch: self.batch.clone(),
+            token_budget: self.token_budget.clone(),
+            label_channels: self.label_channels,
+            sink: self.sink,
+            recent: self.recent,
+            predict: self.predict,
+            kv_store: self.kv_store.clone(),
+            device: self.device.clone(),
+            kv_dtype: self.kv_dtype.clone(),
+            steps: self.steps,
+            warmup: self.warmup,
+            recall_steps: self.recall_steps,
+            no_reference: self.no_reference,
+            hbm_gbs: self.hbm_gbs,
+            pcie_gbs: self.pcie_gbs,
+            json: None,
+        }
+    }
+}
+
+fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "| context | batch | budget | rows/KV head | ms/step median [min, max] | tok/s | hit rate | PCIe MB/step | PCIe floor ms | HBM floor ms | recall | GPU GiB used |")?;
+    writeln!(out, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")?;
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    for x in r["offloaded"].as_array().into_iter().flatten() {
+        if let Some(e) = x.get("error") {
+            writeln!(out, "| {} | {} | - | - | error: {} | | | | | | | |", x["context"], x["batch"], e.as_str().unwrap_or(""))?;
+            continue;
+        }
+        let s = &x["step_ms"];
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.1} | {:.3} | {:.1} | {:.2} | {:.2} | {} | {:.2} |",
+            x["context"],
+            x["batch"],
+            x["budget"].as_str().unwrap_or(""),
+            x["rows_per_kv_head"],
+            f(&s["median"]),
+            f(&s["min"]),
+            f(&s["max"]),
+            f(&x["tok_s"]),
+            f(&x["hit_rate"]),
+            f(&x["pcie_bytes_per_step"]) / 1e6,
+            f(&x["pcie_floor_ms"]),
+            f(&x["hbm_floor_ms"]),
+            x["recall"].as_f64().map_or("-".into(), |v| format!("{v:.3}")),
+            f(&x["gpu_used_bytes"]) / GIB,
+        )?;
+    }
+    writeln!(out, "\nreferences (same run):")?;
+    for x in r["references"].as_array().into_iter().flatten() {
+        writeln!(out, "- context {} batch {}: {}", x["context"], x["batch"], serde_json::to_string(x).unwrap_or_default())?;
+    }
+    writeln!(out, "\nreproduce: `{}`", r["command"].as_str().unwrap_or(""))?;
+    Ok(())
+}
