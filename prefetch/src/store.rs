@@ -209,21 +209,40 @@ impl OffloadKvStore {
         self.cfg.top_k(visible).min(self.kc)
     }
 
-    /// Another token budget, no larger than the one the store was made for (benchmarks sweep
-    /// budgets over one filled context); the row caches start empty.
-    pub fn set_budget(&mut self, budget: farsight_offload::sparse::TokenBudget) -> Result<()> {
-        let mut c = self.cfg.clone();
-        c.budget = budget;
-        if c.cache_rows() > self.kc {
-            return Err(bad(format!("budget {budget} needs {} cached rows, the store has {}", c.cache_rows(), self.kc)));
+    /// Another token budget (benchmarks sweep budgets over one filled context): the row caches
+    /// are resized for it and start empty; the sinks and recent ring are kept.
+    pub fn set_budget(&mut self, be: &CudaBackend, budget: farsight_offload::sparse::TokenBudget) -> Result<()> {
+        self.prefetch.synchronize()?;
+        be.synchronize()?;
+        self.cfg.budget = budget;
+        let kc = self.cfg.cache_rows();
+        let (n_kv, d, es) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.dtype.size());
+        let fixed = self.cfg.sink + self.cfg.recent;
+        let (old_w, new_w) = (fixed + self.kc, fixed + kc);
+        let row = 2 * d * es;
+        for lay in self.layers.iter_mut() {
+            let window = be.dev_zeros::<u8>(n_kv * new_w * row)?;
+            let ptr = be.dev_ptr(&window);
+            for g in 0..n_kv {
+                be.copy_ptr(ptr + (g * new_w * row) as u64, lay.window_ptr + (g * old_w * row) as u64, fixed * row)?;
+            }
+            be.synchronize()?;
+            lay.window = window;
+            lay.window_ptr = ptr;
         }
-        self.cfg = c;
         let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
-        for (res, ready) in st.res.iter_mut().zip(st.ready.iter_mut()) {
-            res.k = 0;
-            *ready = None;
+        for res in st.res.iter_mut() {
+            *res = be.ds_residency_state(n_kv, kc)?;
         }
-        Ok(())
+        for r in st.ready.iter_mut() {
+            *r = None;
+        }
+        let cap = self.cfg.capacity.max(1);
+        st.compute = Select { scores: be.dev_zeros(n_kv * cap)?, sel: be.dev_zeros(n_kv * kc)?, topk: be.ds_topk_scratch(n_kv, cap)? };
+        st.ahead = Select { scores: self.prefetch.dev_zeros(n_kv * cap)?, sel: self.prefetch.dev_zeros(n_kv * kc)?, topk: self.prefetch.ds_topk_scratch(n_kv, cap)? };
+        self.kc = kc;
+        be.synchronize()?;
+        self.prefetch.synchronize()
     }
 
     /// Counts layer-ahead recall (a second, true selection per layer) from now on, or not.

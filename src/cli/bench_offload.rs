@@ -113,7 +113,11 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         "f16" => DType::F16,
         o => return Err(CliError::Usage(format!("--kv-dtype {o}: bf16 or f16"))),
     };
-    let cfg = shape_config(&a.shape)?;
+    let mut cfg = shape_config(&a.shape)?;
+    // Room for the longest context and its decode steps (RoPE extends past the trained context;
+    // the values are random, so only speed and memory are measured).
+    let need = a.context.iter().max().copied().unwrap_or(0) + a.warmup + a.steps + a.recall_steps + 2;
+    cfg.max_position_embeddings = cfg.max_position_embeddings.max(need);
     if a.label_channels == 0 || a.label_channels > cfg.head_dim {
         return Err(CliError::Usage(format!("--label-channels {}: 1 to {}", a.label_channels, cfg.head_dim)));
     }
@@ -136,7 +140,6 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
     let mut budgets = a.token_budget.clone();
     budgets.sort_by_key(|b| std::cmp::Reverse(b.tokens(1 << 20)));
     for &ctx in &a.context {
-        let ctx = ctx.min(cfg.context_length().max(ctx));
         for &batch in &a.batch {
             let base = OffloadConfig {
                 budget: budgets[0],
@@ -230,9 +233,11 @@ fn offloaded(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig,
     for &budget in budgets {
         for s in stores.iter_mut() {
             s.truncate(ctx - 1);
-            s.set_budget(budget)?;
+            s.set_budget(be, budget)?;
             s.set_measure_recall(false);
         }
+        let (gpu_used, _) = be.mem_info()?;
+        let store_gpu: usize = stores.iter().map(|s| s.footprint().0).sum();
         let r = measure(m, &mut stores, a)?;
         let per_step = |x: u64| x as f64 / (a.steps * batch) as f64;
         let rows_per_head = base.sink + base.recent + base_topk(base, budget, ctx);
@@ -341,7 +346,7 @@ fn reference(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig,
             let mut stores = vec![s];
             for &b in budgets {
                 stores[0].truncate(ctx - 1);
-                stores[0].set_budget(b)?;
+                stores[0].set_budget(&m.backend, b)?;
                 let a2 = OffloadBenchArgs { recall_steps: 0, ..a.clone_args() };
                 let r = measure(m, &mut stores, &a2)?;
                 let st = Stats::of(&r.ms);

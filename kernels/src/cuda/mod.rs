@@ -98,6 +98,9 @@ pub struct CudaBackend {
     /// Batch-1 GEMV with several weight loads in flight per lane (`FARSIGHT_GEMV=rows` turns it
     /// off, for comparisons).
     gemv1: bool,
+    /// Most blocks of the row gathers from host memory (`FARSIGHT_GATHER_BLOCKS`, default
+    /// SMs / 8).
+    gather_blocks: usize,
     /// The last rope call's positions and frequencies on the device (reused while unchanged).
     rope_cache: Mutex<Option<ops::RopeUpload>>,
     /// Keys per attention split; 0 = chosen from the SM count.
@@ -235,6 +238,7 @@ impl CudaBackend {
             attn_scratch: Mutex::new(None),
             rope_cache: Mutex::new(None),
             gemv1: std::env::var("FARSIGHT_GEMV").map_or(true, |v| v != "rows"),
+            gather_blocks: std::env::var("FARSIGHT_GATHER_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or((sm_count / 8).max(1)),
             attn_chunk: AtomicUsize::new(0),
             attn_gqa: AtomicBool::new(true),
             attn_flash: AtomicBool::new(true),
