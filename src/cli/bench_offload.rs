@@ -79,9 +79,22 @@ pub struct OffloadBenchArgs {
     /// Host-to-device bandwidth for the PCIe floor, GB/s (shared/measurements: 54.8).
     #[arg(long, default_value_t = 54.8)]
     pub pcie_gbs: f64,
+    /// Also time a real chunked prefill of this many token ids into host KV (0: none).
+    #[arg(long, default_value = "0", value_parser = parse_count_or_zero)]
+    pub prefill_context: usize,
+    /// Tokens per prefill chunk (earlier chunks' rows stream back from host per layer).
+    #[arg(long, default_value = "16k", value_parser = parse_count)]
+    pub prefill_chunk: usize,
+    /// The GPU's dense bf16 matmul peak for the prefill's fraction-of-peak, TFLOP/s.
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+fn parse_count_or_zero(s: &str) -> Result<usize, String> {
+    if s.trim() == "0" { Ok(0) } else { parse_count(s) }
 }
 
 fn device(s: &str) -> Result<usize, CliError> {
@@ -116,7 +129,7 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
     let mut cfg = shape_config(&a.shape)?;
     // Room for the longest context and its decode steps (RoPE extends past the trained context;
     // the values are random, so only speed and memory are measured).
-    let need = a.context.iter().max().copied().unwrap_or(0) + a.warmup + a.steps + a.recall_steps + 2;
+    let need = a.context.iter().max().copied().unwrap_or(0).max(a.prefill_context) + a.warmup + a.steps + a.recall_steps + 2;
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(need);
     if a.label_channels == 0 || a.label_channels > cfg.head_dim {
         return Err(CliError::Usage(format!("--label-channels {}: 1 to {}", a.label_channels, cfg.head_dim)));
@@ -164,7 +177,16 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
             }
         }
     }
+    let prefill_run = if a.prefill_context > 0 {
+        match prefill_host(&model, &a, &channels, kv_dtype) {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({"tokens": a.prefill_context, "error": e.to_string()}),
+        }
+    } else {
+        serde_json::Value::Null
+    };
     let report = serde_json::json!({
+        "prefill": prefill_run,
         "command": command,
         "shape": a.shape,
         "device": dev_name,
@@ -410,6 +432,9 @@ impl OffloadBenchArgs {
             no_reference: self.no_reference,
             hbm_gbs: self.hbm_gbs,
             pcie_gbs: self.pcie_gbs,
+            prefill_context: 0,
+            prefill_chunk: self.prefill_chunk,
+            peak_tflops: self.peak_tflops,
             json: None,
         }
     }
@@ -451,4 +476,54 @@ fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
     }
     writeln!(out, "\nreproduce: `{}`", r["command"].as_str().unwrap_or(""))?;
     Ok(())
+}
+
+/// A real chunked prefill of `--prefill-context` token ids into an offloaded store.
+fn prefill_host(m: &Model<CudaBackend>, a: &OffloadBenchArgs, channels: &[Vec<Vec<usize>>], dtype: DType) -> Result<serde_json::Value, CliError> {
+    let n = a.prefill_context;
+    let chunk = a.prefill_chunk.min(n);
+    let cfg = OffloadConfig {
+        budget: a.token_budget[0],
+        sink: a.sink,
+        recent: a.recent,
+        channels: channels.to_vec(),
+        predict: a.predict,
+        dtype,
+        capacity: n + 1,
+        home: RowHome::Host,
+        measure_recall: false,
+    };
+    let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers)?;
+    let v = m.cfg.vocab_size as u64;
+    let prompt: Vec<u32> = (0..n as u64).map(|i| ((i * 2_654_435_761) % v) as u32).collect();
+    let mut ws = m.workspace(chunk, 1)?;
+    let t = Instant::now();
+    let logits = farsight_engine::generate::prefill(m, &mut ws, &mut s, &prompt, chunk, &mut |done, total| {
+        eprint!("\rprefill {done}/{total} tokens, {:.0} s", t.elapsed().as_secs_f64());
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!();
+    if !logits.iter().all(|x| x.is_finite()) {
+        return Err(CliError::Usage("non-finite logits after the prefill".into()));
+    }
+    let st = s.stats(&m.backend)?;
+    // Matmul FLOPs: 2 x the per-token weights of the projections (no embedding lookup).
+    let c = &m.cfg;
+    let per_layer = c.hidden_size * (c.q_width() + 2 * c.kv_width()) + c.q_width() * c.hidden_size + 3 * c.hidden_size * c.intermediate_size;
+    let flops = 2.0 * (per_layer * c.num_layers) as f64 * n as f64;
+    let frac = flops / secs / (a.peak_tflops * 1e12);
+    let (gpu_used, _) = m.backend.mem_info()?;
+    eprintln!(
+        "prefill of {n} tokens into host KV in chunks of {chunk}: {secs:.1} s, {:.0} tok/s, projections at {:.1}% of {:.0} TFLOP/s, {:.1} GB staged back from host, GPU {:.2} GiB used",
+        n as f64 / secs,
+        100.0 * frac,
+        a.peak_tflops,
+        st.staged_bytes as f64 / 1e9,
+        gpu_used as f64 / GIB
+    );
+    Ok(serde_json::json!({
+        "tokens": n, "chunk": chunk, "seconds": secs, "tok_s": n as f64 / secs,
+        "matmul_fraction_of_peak": frac, "staged_bytes": st.staged_bytes, "written_bytes": st.written_bytes,
+        "gpu_used_bytes": gpu_used,
+    }))
 }
