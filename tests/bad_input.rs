@@ -104,7 +104,7 @@ fn prompt_longer_than_the_context() {
         .arg(&f)
         .output()
         .unwrap();
-    assert_one_line_error(&out, "the model's context is 8192 tokens");
+    assert_one_line_error(&out, "the model's context is 8,192 tokens");
 }
 
 #[test]

@@ -61,7 +61,7 @@ fn budget_flags_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let prompt = prompt_file(dir.path(), 3000);
     let out = run(&["generate", "--prompt-file", &prompt, "--attention", "double-sparse", "--host-kv-budget", "1/8"]);
-    assert_one_line_error(&out, "lower the chunk or raise --host-kv-budget");
+    assert_one_line_error(&out, "use --prefill-chunk 28 or --host-kv-budget");
 }
 
 #[test]

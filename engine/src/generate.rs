@@ -87,8 +87,8 @@ pub fn new_cache<B: Backend>(model: &Model<B>, dtype: DType) -> Result<DenseKvCa
     Ok(DenseKvCache::new(&model.backend, c.num_layers, c.kv_width(), dtype, c.context_length())?)
 }
 
-/// Runs `prompt` through `model` into `kv` in chunks, reporting `(done, total)` after each;
-/// returns the last token's logits.
+/// Runs `prompt` through `model` into `kv` in chunks, reporting `(0, total)` first and
+/// `(done, total)` after each chunk; returns the last token's logits.
 pub fn prefill<B: Backend>(
     model: &Model<B>,
     ws: &mut Workspace<B>,
@@ -100,6 +100,7 @@ pub fn prefill<B: Backend>(
     let chunk = chunk.max(1);
     let mut last = Vec::new();
     let mut done = 0;
+    progress(0, prompt.len());
     for part in prompt.chunks(chunk) {
         done += part.len();
         let want = if done == prompt.len() { Logits::Last } else { Logits::None };
@@ -143,7 +144,7 @@ pub fn generate<B: Backend + 'static>(
         if let Some(reason) = seq.accept(tok, next, kv.len(), on_text)? {
             break reason;
         }
-        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: kv, logits: Logits::Last }];
+        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv, logits: Logits::Last }];
         let logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         steps += 1;
         next = seq.sample(&logits);

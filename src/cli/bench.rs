@@ -308,7 +308,6 @@ pub fn bench_point(context: &serde_json::Value, s: &serde_json::Value) -> Option
 
 /// Writes `base.svg` and `base.png` and says so on stderr.
 pub fn write_plot(data: &BenchPlot, base: &std::path::Path) -> Result<(), CliError> {
-    let files = super::plot::bench_chart(data, base).map_err(|e| CliError::Usage(e.to_string()))?;
-    eprintln!("plot: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+    super::plot::announce(&super::plot::bench_chart(data, base).map_err(|e| CliError::Usage(e.to_string()))?);
     Ok(())
 }

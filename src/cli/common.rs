@@ -7,7 +7,7 @@ use farsight_engine::{EngineError, Model, TextTokenizer};
 use farsight_kernels::cpu::CpuBackend;
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// The embedded default model, made by `scripts/fetch-model.sh`.
 pub const DEFAULT_MODEL: &str = "models/smollm2-135m-instruct";
@@ -104,6 +104,13 @@ impl AnyModel {
     pub fn weight_dtype(&self) -> DType {
         with_model!(self, m => m.weight_dtype())
     }
+    /// Free memory of the GPU the model runs on (`None` on the CPU, whose memory is the host's).
+    pub fn device_free_memory(&self) -> Option<usize> {
+        match self {
+            AnyModel::Cpu(_) => None,
+            AnyModel::Cuda(m) => m.backend.free_memory().ok(),
+        }
+    }
 }
 
 /// A loaded model and its tokenizer.
@@ -142,8 +149,8 @@ impl ModelArgs {
     }
 }
 
-/// A progress bar on stderr for `total` tokens; hidden when stderr is not a terminal or the
-/// work is short.
+/// A progress bar on stderr for `total` tokens: done/total, tokens/s and the ETA; hidden when
+/// stderr is not a terminal or the work is short.
 pub fn token_progress(total: usize, what: &str, min_tokens: usize) -> ProgressBar {
     if total < min_tokens {
         return ProgressBar::hidden();
@@ -151,11 +158,48 @@ pub fn token_progress(total: usize, what: &str, min_tokens: usize) -> ProgressBa
     let pb = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
     pb.set_style(
         ProgressStyle::with_template(&format!(
-            "{what} {{bar:40}} {{pos}}/{{len}} tokens ({{per_sec}}, eta {{eta}})"
+            "{what} [{{elapsed_precise}}] {{bar:40}} {{pos}}/{{len}} tokens, {{tps}}, ETA {{eta_precise}}"
         ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key("tps", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_fmt(format_args!("{:.0} tok/s", s.per_sec()));
+        }),
     );
     pb
+}
+
+/// Progress of a prefill of at least `min_tokens` tokens: the bar of [`token_progress`] while it
+/// runs (on a terminal), then one line on stderr: tokens, seconds, tokens/s.
+pub struct PrefillProgress {
+    pb: ProgressBar,
+    start: std::time::Instant,
+    summary: bool,
+}
+
+impl PrefillProgress {
+    pub fn new(total: usize, min_tokens: usize) -> PrefillProgress {
+        let pb = token_progress(total, "prefill", min_tokens);
+        if !pb.is_hidden() {
+            pb.enable_steady_tick(std::time::Duration::from_millis(500));
+        }
+        PrefillProgress { pb, start: std::time::Instant::now(), summary: total >= min_tokens }
+    }
+
+    /// `done` of `total` prompt tokens are in (0 when the prefill starts).
+    pub fn update(&mut self, done: usize, total: usize) {
+        if done == 0 {
+            self.start = std::time::Instant::now();
+            self.pb.reset();
+        }
+        self.pb.set_position(done as u64);
+        if done == total && !self.pb.is_finished() {
+            self.pb.finish_and_clear();
+            let s = self.start.elapsed().as_secs_f64();
+            if self.summary {
+                eprintln!("prefill: {total} tokens in {s:.1} s, {:.1} tok/s", total as f64 / s.max(1e-9));
+            }
+        }
+    }
 }
 
 /// Reads a UTF-8 text file with a clear error.

@@ -474,8 +474,7 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
             dense_ppl: dense.ppl,
             points,
         };
-        let files = super::plot::sweep_chart(&data, base).map_err(|e| CliError::Usage(e.to_string()))?;
-        eprintln!("plot: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+        super::plot::announce(&super::plot::sweep_chart(&data, base).map_err(|e| CliError::Usage(e.to_string()))?);
     }
     if a.json {
         let v = serde_json::json!({ "dense_ppl": dense.ppl, "rows": rows,

@@ -9,7 +9,8 @@ use farsight_engine::generate::{generate, GenerateOptions};
 use farsight_engine::sampler::SamplingParams;
 use farsight_engine::EngineError;
 
-use super::common::{read_text, token_progress, with_model, CliError, ModelArgs};
+use super::common::{read_text, with_model, CliError, ModelArgs, PrefillProgress};
+use super::preflight::{self, Plan};
 use super::sparse::SparseArgs;
 
 #[derive(Args, Debug)]
@@ -89,6 +90,8 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     let ids = loaded.tok.encode(&prompt_text)?;
     let attention = a.sparse.attention_planned(&a.model, &mut loaded.model, ids.len() + a.max_new_tokens)?;
     let (model, tok) = (&loaded.model, &loaded.tok);
+    let plan = Plan { prompt: ids.len(), new_tokens: a.max_new_tokens, chunk: a.prefill_chunk };
+    preflight::check(model, a.model.kv_dtype, &attention, plan)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,
@@ -98,7 +101,7 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
         attention: attention.clone(),
     };
 
-    let pb = token_progress(ids.len(), "prefill", 2048);
+    let mut progress = PrefillProgress::new(ids.len(), 2048);
     let mut out = std::io::stdout().lock();
     let mut write_err = None;
     let stream = !a.json;
@@ -107,19 +110,15 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
         tok,
         &ids,
         &opts,
-        &mut |done, _| pb.set_position(done as u64),
+        &mut |done, total| progress.update(done, total),
         &mut |t| {
             if stream && write_err.is_none() {
-                if pb.position() > 0 && !pb.is_finished() {
-                    pb.finish_and_clear();
-                }
                 if let Err(e) = out.write_all(t.as_bytes()).and_then(|_| out.flush()) {
                     write_err = Some(e);
                 }
             }
         },
     ))?;
-    pb.finish_and_clear();
     if let Some(e) = write_err {
         return Err(CliError::Output(e));
     }

@@ -12,6 +12,7 @@ mod eval;
 mod generate;
 mod jsonl;
 mod plot;
+mod preflight;
 mod report;
 pub(crate) mod serve;
 mod sparse;

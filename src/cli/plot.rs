@@ -1,10 +1,11 @@
-//! Plots of the report commands (`bench dense`, `eval sweep`), written with plotters as
-//! `<out>.svg` and `<out>.png` beside their JSON and markdown.
+//! Plots of the report commands (`bench dense`, `eval sweep`, `report memory`), written with
+//! plotters as `<out>.svg` and `<out>.png` beside their JSON and markdown.
 //!
-//! One function per chart kind takes plain data ([`BenchPlot`], [`SweepPlot`]) and lays it out
-//! as a [`Figure`] (panels of line series with optional min/max error bars, dashed reference
-//! lines), which one renderer draws on both backends. Text is laid out and (for the PNG)
-//! rasterised with DejaVu Sans, embedded in the binary, so no system font is needed.
+//! One function per chart kind takes plain data ([`BenchPlot`], [`SweepPlot`], [`MemoryPlot`])
+//! and lays it out as a [`Figure`] (panels of line series with optional min/max error bars,
+//! dashed reference lines), which one renderer draws on both backends. Text is laid out and
+//! (for the PNG) rasterised with DejaVu Sans, embedded in the binary, so no system font is
+//! needed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -138,6 +139,23 @@ pub struct SweepPlot {
     pub points: Vec<SweepPoint>,
 }
 
+/// One context of `report memory`: bytes per footprint line ("rows (host)", ...) and the full
+/// dense KV those positions stand for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPoint {
+    pub context: usize,
+    pub lines: Vec<(String, usize)>,
+    pub full_kv: usize,
+}
+
+/// `report memory`: footprint per item against context, the total, and the full dense KV.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlot {
+    pub title: String,
+    pub footnote: String,
+    pub points: Vec<MemoryPoint>,
+}
+
 /// Error of a plot: which file, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("plotting {}: {msg}", path.display())]
@@ -170,6 +188,16 @@ pub fn bench_chart(data: &BenchPlot, base: &Path) -> Result<Vec<PathBuf>, PlotEr
 /// Writes the sweep figure to `base.svg` and `base.png`; returns the two paths.
 pub fn sweep_chart(data: &SweepPlot, base: &Path) -> Result<Vec<PathBuf>, PlotError> {
     render(&sweep_figure(data), base)
+}
+
+/// Writes the memory figure to `base.svg` and `base.png`; returns the two paths.
+pub fn memory_chart(data: &MemoryPlot, base: &Path) -> Result<Vec<PathBuf>, PlotError> {
+    render(&memory_figure(data), base)
+}
+
+/// Prints the files a chart was written to (one line on stderr).
+pub fn announce(files: &[PathBuf]) {
+    eprintln!("plot: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
 }
 
 pub fn bench_figure(data: &BenchPlot) -> Figure {
@@ -237,6 +265,42 @@ pub fn sweep_figure(data: &SweepPlot) -> Figure {
             x_axis: XAxis::Fraction,
             series,
             hlines: vec![(format!("dense {:.3}", data.dense_ppl), data.dense_ppl)],
+        }],
+    }
+}
+
+pub fn memory_figure(data: &MemoryPlot) -> Figure {
+    let mut points = data.points.clone();
+    points.sort_by_key(|p| p.context);
+    let top = points.iter().flat_map(|p| p.lines.iter().map(|l| l.1).chain([p.full_kv, p.lines.iter().map(|l| l.1).sum()])).max().unwrap_or(0);
+    let (unit, scale) = if top >= 1 << 30 { ("GiB", (1u64 << 30) as f64) } else { ("MiB", (1u64 << 20) as f64) };
+    let line = |label: String, dashed: bool, value: &dyn Fn(&MemoryPoint) -> usize| Series {
+        label,
+        points: points.iter().map(|p| Point::new(p.context as f64, value(p) as f64 / scale)).collect(),
+        dashed,
+    };
+    let mut labels: Vec<&String> = Vec::new();
+    for l in points.iter().flat_map(|p| &p.lines) {
+        if !labels.contains(&&l.0) {
+            labels.push(&l.0);
+        }
+    }
+    let mut series: Vec<Series> = labels
+        .into_iter()
+        .map(|name| line(name.clone(), false, &|p| p.lines.iter().filter(|l| &l.0 == name).map(|l| l.1).sum()))
+        .collect();
+    series.push(line("total".into(), false, &|p| p.lines.iter().map(|l| l.1).sum()));
+    series.push(line("full dense KV".into(), true, &|p| p.full_kv));
+    Figure {
+        title: data.title.clone(),
+        footnote: data.footnote.clone(),
+        panels: vec![Panel {
+            title: "memory footprint per tier".into(),
+            x_label: "context (tokens)".into(),
+            y_label: unit.into(),
+            x_axis: XAxis::Tokens,
+            series,
+            hlines: Vec::new(),
         }],
     }
 }
@@ -360,6 +424,25 @@ fn padded(v: impl Iterator<Item = f64>, pad: f64) -> Option<(f64, f64)> {
     Some((lo - d, hi + d))
 }
 
+/// Upper left when the lines rise to the right (the upper right then holds data), else upper
+/// right.
+fn legend_corner(p: &Panel) -> SeriesLabelPosition {
+    let rise: f64 = p
+        .series
+        .iter()
+        .filter_map(|s| {
+            let first = s.points.iter().filter(|q| q.y.is_finite()).min_by(|a, b| a.x.total_cmp(&b.x))?;
+            let last = s.points.iter().filter(|q| q.y.is_finite()).max_by(|a, b| a.x.total_cmp(&b.x))?;
+            Some(last.y - first.y)
+        })
+        .sum();
+    if rise > 0.0 {
+        SeriesLabelPosition::UpperLeft
+    } else {
+        SeriesLabelPosition::UpperRight
+    }
+}
+
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<(), String> {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
@@ -451,7 +534,7 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
         .label_font((FAMILY, 13))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend_corner(p))
         .draw()
         .map_err(e)?;
     Ok(())
@@ -493,6 +576,48 @@ mod tests {
             }
         }
         SweepPlot { title: "eval sweep: smollm2-135m".into(), footnote: "farsight eval sweep ...".into(), dense_ppl: 11.8, points }
+    }
+
+    fn memory_data() -> MemoryPlot {
+        let point = |context: usize| MemoryPoint {
+            context,
+            lines: vec![
+                ("weights (host)".into(), 270 << 20),
+                ("workspace (host)".into(), 20 << 20),
+                ("windows (gpu)".into(), 0),
+                ("labels (host)".into(), context * 1440),
+                ("rows (host)".into(), context * 5760),
+            ],
+            full_kv: context * 46080,
+        };
+        MemoryPlot { title: "report memory".into(), footnote: "farsight report memory ...".into(), points: vec![point(65536), point(4096), point(16384)] }
+    }
+
+    #[test]
+    fn memory_figure_has_a_line_per_item_the_total_and_the_full_kv() {
+        let f = memory_figure(&memory_data());
+        let p = &f.panels[0];
+        let names: Vec<&str> = p.series.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(names, ["weights (host)", "workspace (host)", "windows (gpu)", "labels (host)", "rows (host)", "total", "full dense KV"]);
+        assert_eq!(p.y_label, "GiB");
+        let full = &p.series[6];
+        assert!(full.dashed && full.points.windows(2).all(|w| w[0].x < w[1].x));
+        assert!((full.points[2].y - 65536.0 * 46080.0 / (1u64 << 30) as f64).abs() < 1e-9);
+        let total = &p.series[5].points[0];
+        assert!((total.y - (290.0 * 1024.0 + 4096.0 * 7200.0 / 1024.0) / (1 << 20) as f64).abs() < 1e-9);
+    }
+
+    #[test]
+    fn memory_chart_writes_svg_and_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = memory_chart(&memory_data(), &dir.path().join("memory")).unwrap();
+        let texts = svg_texts(&std::fs::read_to_string(&files[0]).unwrap());
+        for label in ["rows (host)", "full dense KV", "total", "GiB", "4k", "64k"] {
+            assert!(texts.iter().any(|t| t == label), "svg lacks {label:?}: {texts:?}");
+        }
+        let png = std::fs::read(&files[1]).unwrap();
+        assert_eq!(png_size(&png), SIZE);
+        assert!(png.len() > 10_000, "png of {} bytes", png.len());
     }
 
     fn png_size(bytes: &[u8]) -> (u32, u32) {

@@ -259,6 +259,11 @@ impl CudaBackend {
         self.ptx_from_cache
     }
 
+    /// Free device memory in bytes (what other allocations may still take).
+    pub fn free_memory(&self) -> Result<usize> {
+        self.ctx.mem_get_info().map(|(free, _)| free).map_err(|e| dev_err("cuMemGetInfo", e))
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
