@@ -26,6 +26,8 @@ pub struct PasskeyTrial {
     /// The model's answer (its first run of digits), if any.
     pub answer: Option<String>,
     pub correct: bool,
+    /// The KV store's footprint after the answer (tokens kept and evicted under a budget).
+    pub kv_memory: farsight_offload::KvMemory,
 }
 
 /// A prompt of about `length` tokens with `key` at `depth`.
@@ -53,7 +55,14 @@ pub fn first_number(text: &str) -> Option<String> {
     Some(digits)
 }
 
-/// Runs one trial with greedy decoding.
+/// Tokens a trial with `key` decodes (what a budget's planned tokens add to the prompt).
+pub fn answer_tokens(key: &str) -> usize {
+    key.len() + 4
+}
+
+/// Runs one trial with greedy decoding, the prompt prefilled in `prefill_chunk`-token calls (a
+/// store with a byte budget evicts between them).
+#[allow(clippy::too_many_arguments)]
 pub fn passkey_trial<B: Backend + 'static>(
     model: &Model<B>,
     tok: &TextTokenizer,
@@ -62,10 +71,12 @@ pub fn passkey_trial<B: Backend + 'static>(
     key: &str,
     kv_dtype: DType,
     attention: &Attention,
+    prefill_chunk: usize,
 ) -> Result<PasskeyTrial> {
     let prompt = passkey_prompt(tok, length, depth, key)?;
     let opts = GenerateOptions {
-        max_new_tokens: key.len() + 4,
+        max_new_tokens: answer_tokens(key),
+        prefill_chunk,
         sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
         kv_dtype,
         attention: attention.clone(),
@@ -79,6 +90,7 @@ pub fn passkey_trial<B: Backend + 'static>(
         key: key.to_string(),
         correct: answer.as_deref() == Some(key),
         answer,
+        kv_memory: g.kv_memory,
     })
 }
 
