@@ -137,7 +137,12 @@ fn passkey_evicts_between_prefill_chunks_under_a_budget_per_length() {
     let trials = v["trials"].as_array().unwrap();
     assert_eq!(trials.len(), 2, "{v}");
     for t in trials {
-        assert_evicted_under_budget(&t["trial"]["kv_memory"]);
+        let r = &t["trial"];
+        assert_evicted_under_budget(&r["kv_memory"]);
+        // The needle is found (the key's five digits, twice) and what survived is counted.
+        assert_eq!(r["key_tokens"], 10, "{r}");
+        assert!(r["key_tokens_kept"].as_u64().unwrap() <= 10, "{r}");
+        assert!(r["needle_tokens_kept"].as_u64().unwrap() <= r["needle_tokens"].as_u64().unwrap(), "{r}");
     }
     let b = |i: usize| v["settings"]["budgets"][i]["host_kv_budget_bytes"].as_u64().unwrap();
     assert!(b(0) < b(1), "{v}");

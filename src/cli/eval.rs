@@ -399,7 +399,15 @@ fn passkey(a: PasskeyArgs) -> Result<(), CliError> {
                             r.answer.clone().unwrap_or_else(|| "-".into()),
                             if r.correct { "ok" } else { "MISS" },
                             match r.kv_memory.budget_bytes {
-                                Some(_) => format!("  (kept {} of {} tokens)", r.kv_memory.live_tokens, r.kv_memory.positions),
+                                Some(_) => format!(
+                                    "  (kept {} of {} tokens; key digits kept {})",
+                                    r.kv_memory.live_tokens,
+                                    r.kv_memory.positions,
+                                    match (r.key_tokens_kept, r.key_tokens) {
+                                        (Some(k), Some(n)) => format!("{k}/{n}"),
+                                        _ => "-".into(),
+                                    }
+                                ),
                                 None => String::new(),
                             }
                         ))?;
