@@ -149,7 +149,7 @@ pub fn generate_in<B: Backend + 'static>(
     if prompt.len() > context {
         return Err(EngineError::PromptTooLong { tokens: prompt.len(), context });
     }
-    if kv.len() != 0 {
+    if !kv.is_empty() {
         return Err(EngineError::Invalid(format!("generate_in: the store already holds {} tokens", kv.len())));
     }
     opts.sampling.validate()?;
@@ -167,7 +167,7 @@ pub fn generate_in<B: Backend + 'static>(
         if let Some(reason) = seq.accept(tok, next, kv.len(), on_text)? {
             break reason;
         }
-        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: kv, logits: Logits::Last }];
+        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv, logits: Logits::Last }];
         let logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         steps += 1;
         next = seq.sample(&logits);
