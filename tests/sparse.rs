@@ -275,4 +275,8 @@ fn sparse_eval_commands_run_and_report_their_settings() {
     assert!(v["dense_ppl"].as_f64().unwrap() > 1.0);
     let v = json(&["eval", "passkey", "--lengths", "200", "--depths", "0.5", "--trials", "1", "--compare-dense"]);
     assert_eq!(v["summary"].as_array().unwrap().len(), 2, "{v}");
+    for t in v["trials"].as_array().unwrap() {
+        // Without a budget every token of the key stays.
+        assert_eq!((&t["trial"]["key_tokens"], &t["trial"]["key_tokens_kept"]), (&10.into(), &10.into()), "{t}");
+    }
 }

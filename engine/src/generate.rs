@@ -129,7 +129,31 @@ pub fn generate<B: Backend + 'static>(
     }
     opts.sampling.validate()?;
     let mut kv = new_store(model, opts.kv_dtype, &opts.attention)?;
-    let kv = kv.as_mut();
+    generate_in(model, tok, prompt, opts, kv.as_mut(), progress, on_text)
+}
+
+/// As [`generate`] into a given empty store (`opts.attention` is not used): for callers that
+/// inspect the store afterwards.
+pub fn generate_in<B: Backend + 'static>(
+    model: &Model<B>,
+    tok: &TextTokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    kv: &mut dyn KvStore<B>,
+    progress: &mut dyn FnMut(usize, usize),
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let context = model.cfg.context_length();
+    if prompt.len() > context {
+        return Err(EngineError::PromptTooLong { tokens: prompt.len(), context });
+    }
+    if !kv.is_empty() {
+        return Err(EngineError::Invalid(format!("generate_in: the store already holds {} tokens", kv.len())));
+    }
+    opts.sampling.validate()?;
     let mut ws = model.workspace(opts.prefill_chunk.min(prompt.len()), 1)?;
     let mut seq = Continuation::new(opts.sampling.clone(), opts.stop.clone(), opts.max_new_tokens, context);
 

@@ -14,6 +14,7 @@ use farsight_engine::sampler::argmax;
 use super::common::{read_text, with_model, CliError, ModelArgs};
 use super::sparse::SparseArgs;
 use farsight_engine::kv::{new_store, Attention};
+use farsight_offload::KvMemory;
 use super::plot::{BenchMetric, BenchPlot, BenchPoint};
 
 #[derive(Subcommand, Debug)]
@@ -136,7 +137,8 @@ impl Stats {
 }
 
 /// One prefill of `prompt` then `new_tokens` greedy decode steps on a fresh cache; returns the
-/// prefill and decode seconds (logits are read back each step, which waits for the device).
+/// prefill and decode seconds (logits are read back each step, which waits for the device) and
+/// the store's footprint at the end.
 fn timed_run<B: Backend + 'static>(
     model: &Model<B>,
     prompt: &[u32],
@@ -145,7 +147,7 @@ fn timed_run<B: Backend + 'static>(
     chunk: usize,
     new_tokens: usize,
     random_context: bool,
-) -> Result<(f64, f64), CliError> {
+) -> Result<(f64, f64, KvMemory), CliError> {
     let mut kv = new_store(model, kv_dtype, attention)?;
     let kv = kv.as_mut();
     let mut ws = model.workspace(chunk.min(prompt.len()), 1)?;
@@ -163,7 +165,8 @@ fn timed_run<B: Backend + 'static>(
         let l = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         next = argmax(&l);
     }
-    Ok((tp, t1.elapsed().as_secs_f64()))
+    let td = t1.elapsed().as_secs_f64();
+    Ok((tp, td, kv.memory()))
 }
 
 pub fn run(c: BenchCommand) -> Result<(), CliError> {
@@ -179,11 +182,18 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     if a.repeats == 0 || a.new_tokens == 0 || a.prefill_chunk == 0 {
         return Err(CliError::Usage("--repeats, --new-tokens and --prefill-chunk must be at least 1".into()));
     }
+    if a.random_context && a.sparse.host_kv_budget.is_some() {
+        return Err(CliError::Usage(
+            "--random-context fills the context in one call, which eviction cannot split: drop --host-kv-budget or --random-context".into(),
+        ));
+    }
     let mut loaded = a.model.load()?;
-    let sparse = a.sparse.attention(&a.model, &mut loaded.model)?;
-    let mut attentions = vec![Attention::Dense];
+    // A budget given as a fraction is of each context's planned tokens (context + new tokens).
+    let first = a.context.first().copied().unwrap_or(0);
+    let sparse = a.sparse.attention_planned(&a.model, &mut loaded.model, first + a.new_tokens)?;
+    let mut names = vec!["dense".to_string()];
     if !matches!(sparse, Attention::Dense) {
-        attentions.push(sparse);
+        names.push(a.sparse.label(&sparse));
     }
     let model = &loaded.model;
     let text_path = a.text.clone().unwrap_or_default();
@@ -205,21 +215,27 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut runs = Vec::new();
-    for &n in &a.context {
+    for (ci, &n) in a.context.iter().enumerate() {
         let prompt = &ids[..n];
+        let mut attentions = vec![Attention::Dense];
+        if names.len() > 1 {
+            attentions.push(if ci == 0 { sparse.clone() } else { a.sparse.budget_for(&a.model, model, &sparse, n + a.new_tokens)? });
+        }
         let k = attentions.len();
+        let mut memory = vec![KvMemory::default(); k];
         let (mut pre, mut dec) = (vec![Vec::new(); k], vec![Vec::new(); k]);
         // Repeats alternate between the attentions, so that machine noise hits both alike.
         for r in 0..a.warmup + a.repeats {
             for (i, att) in attentions.iter().enumerate() {
-                let (tp, td) = with_model!(model, m => timed_run(m, prompt, a.model.kv_dtype, att, a.prefill_chunk, a.new_tokens, a.random_context))?;
+                let (tp, td, mem) = with_model!(model, m => timed_run(m, prompt, a.model.kv_dtype, att, a.prefill_chunk, a.new_tokens, a.random_context))?;
+                memory[i] = mem;
                 if r >= a.warmup {
                     pre[i].push(n as f64 / tp);
                     dec[i].push(a.new_tokens as f64 / td);
                 }
                 eprintln!(
                     "context {n} {} run {r}: prefill {:.1} tok/s, decode {:.1} tok/s{}",
-                    att.describe(),
+                    names[i],
                     n as f64 / tp,
                     a.new_tokens as f64 / td,
                     if r < a.warmup { " (warm-up)" } else { "" }
@@ -228,12 +244,19 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
         }
         for (i, att) in attentions.iter().enumerate() {
             let ratio = (i > 0).then(|| Stats::of(&dec[i]).median / Stats::of(&dec[0]).median);
+            if a.sparse.report_memory {
+                eprintln!("memory after the last run of context {n}, {}:", names[i]);
+                let rows = a.prefill_chunk.min(n);
+                super::report::print_after_run(super::report::footprint(model, a.model.kv_dtype, memory[i].clone(), rows, 1));
+            }
             runs.push(serde_json::json!({
                 "context": n,
-                "attention": att.describe(),
+                "attention": names[i],
+                "attention_settings": att.describe(),
                 "prefill_tok_s": Stats::of(&pre[i]),
                 "decode_tok_s": Stats::of(&dec[i]),
                 "decode_vs_dense": ratio,
+                "kv_memory": memory[i],
             }));
         }
     }
@@ -269,12 +292,12 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     }
     if let Some(base) = &a.plot {
         // One panel per (measurement, attention).
-        let metric = |name: &str, key: &str, att: &Attention| BenchMetric {
-            name: if attentions.len() > 1 { format!("{name}, {}", att.describe()) } else { name.into() },
+        let metric = |name: &str, key: &str, att: &str| BenchMetric {
+            name: if names.len() > 1 { format!("{name}, {att}") } else { name.into() },
             unit: "tokens/s".into(),
             points: runs
                 .iter()
-                .filter(|r| r["attention"].as_str() == Some(att.describe().as_str()))
+                .filter(|r| r["attention"].as_str() == Some(att))
                 .filter_map(|r| bench_point(&r["context"], &r[key]))
                 .collect(),
             floor: Vec::new(),
@@ -288,7 +311,7 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
                 a.model.kv_dtype
             ),
             footnote: command.clone(),
-            metrics: attentions
+            metrics: names
                 .iter()
                 .flat_map(|att| {
                     [metric("prefill", "prefill_tok_s", att), metric(&format!("decode ({} new tokens)", a.new_tokens), "decode_tok_s", att)]

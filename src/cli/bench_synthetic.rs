@@ -39,6 +39,11 @@ pub fn run(a: CpuBenchArgs) -> Result<(), CliError> {
     if a.steps == 0 || a.repeats == 0 || a.prefill_chunk == 0 {
         return Err(CliError::Usage("--steps, --repeats and --prefill-chunk must be at least 1".into()));
     }
+    if a.sparse.attention != super::sparse::AttentionKind::Dense || a.sparse.host_kv_budget.is_some() || a.sparse.report_memory {
+        return Err(CliError::Usage(
+            "--shape times dense attention over a dense cache only: --attention, --host-kv-budget and --report-memory need --text".into(),
+        ));
+    }
     let cfg = shape_config(&shape)?;
     let dtype = parse_dtype(&a.weights_dtype)?;
     let t0 = Instant::now();

@@ -51,8 +51,9 @@ pub struct SparseArgs {
     #[arg(long)]
     pub calibration: Option<PathBuf>,
     /// Cap on the sparse store's rows + labels, enforced by Scissorhands eviction: bytes (2GiB,
-    /// 512MiB) or a fraction (0.25, 1/4) of the full KV of the run's planned tokens (prompt +
-    /// max new tokens, the evaluated tokens, or the model's context).
+    /// 512MiB) or a fraction (0.25, 1/4) of the full KV of the run's planned tokens (generate:
+    /// prompt + max new tokens; eval: the evaluated tokens, or each passkey length + its answer;
+    /// bench: each context + new tokens; report memory: --context).
     #[arg(long)]
     pub host_kv_budget: Option<HostKvBudget>,
     /// History window of the unimportance counters (forward calls).
@@ -120,20 +121,44 @@ impl SparseArgs {
         Ok(Some(EvictConfig { window: self.evict_window, threshold: self.evict_threshold, batch: self.evict_batch, ..EvictConfig::new(bytes) }))
     }
 
-    /// Resolves the flags for `model` (loaded from `dir`): reads and checks the calibration and
+    /// Resolves the flags for `model` (loaded from `dir`) for a run of at most `planned` tokens
+    /// (what a budget given as a fraction is a fraction of): reads and checks the calibration and
     /// prepares layer-ahead prediction when asked.
-    pub fn attention(&self, margs: &ModelArgs, model: &mut AnyModel) -> Result<Attention, CliError> {
-        let planned = self.context_override.unwrap_or(model.cfg().context_length());
-        self.attention_planned(margs, model, planned)
-    }
-
-    /// As [`SparseArgs::attention`] for a run of at most `planned` tokens (what a budget given
-    /// as a fraction is a fraction of).
     pub fn attention_planned(&self, margs: &ModelArgs, model: &mut AnyModel, planned: usize) -> Result<Attention, CliError> {
         self.attention_with(margs, model, self.config(), planned)
     }
 
-    /// As [`SparseArgs::attention`] with explicit settings (sweeps).
+    /// `attention` (resolved by these flags) with its byte budget re-resolved for a run of at
+    /// most `planned` tokens, printing it: commands that run several lengths (`eval passkey`,
+    /// `bench`) budget each length as a fraction of its own full KV.
+    pub fn budget_for(&self, margs: &ModelArgs, model: &AnyModel, attention: &Attention, planned: usize) -> Result<Attention, CliError> {
+        match attention {
+            Attention::DoubleSparse(s) if self.host_kv_budget.is_some() => {
+                let mut s = s.clone();
+                s.cfg.evict = self.evict(model, margs.kv_dtype, &s.cfg, planned)?;
+                Ok(Attention::DoubleSparse(s))
+            }
+            a => Ok(a.clone()),
+        }
+    }
+
+    /// A name for `attention` that is the same at every planned length: its settings with the
+    /// budget as given on the command line (not the bytes it resolves to).
+    pub fn label(&self, attention: &Attention) -> String {
+        match attention {
+            Attention::Dense => "dense".into(),
+            Attention::DoubleSparse(s) => {
+                let mut cfg = s.cfg.clone();
+                cfg.evict = None;
+                match self.host_kv_budget {
+                    Some(b) => format!("{cfg} store {} host-kv-budget {b}", s.store),
+                    None => format!("{cfg} store {}", s.store),
+                }
+            }
+        }
+    }
+
+    /// As [`SparseArgs::attention_planned`] with explicit settings (sweeps).
     pub fn attention_with(&self, margs: &ModelArgs, model: &mut AnyModel, mut cfg: SparseConfig, planned: usize) -> Result<Attention, CliError> {
         let dir = margs.model.as_path();
         self.apply_context(model)?;

@@ -38,8 +38,8 @@ pub const EVICT_EXTENT_SLOTS: usize = 64;
 /// `--host-kv-budget`: bytes, or a fraction of the full KV.
 ///
 /// A fraction is of the *full KV of the run's planned tokens* (prompt + `max_new_tokens` for
-/// `generate`, the evaluated tokens for `eval ppl`, `--context` for `report memory`, the model's
-/// context elsewhere), where the full KV of `T` tokens is `T * layers * kv_heads * 2 * head_dim *
+/// `generate`, the evaluated tokens for `eval ppl`/`agreement`, each length + the answer for
+/// `eval passkey`, each context + `--new-tokens` for `bench`, `--context` for `report memory`), where the full KV of `T` tokens is `T * layers * kv_heads * 2 * head_dim *
 /// dtype size` (what a dense cache holds). The resolved bytes cover rows *and* labels, and are
 /// printed.
 #[derive(Clone, Copy, Debug, PartialEq)]
