@@ -111,6 +111,18 @@ pub fn prefill<B: Backend>(
     Ok(last)
 }
 
+/// The checks of a generation request, made before any store is allocated.
+fn check_request<B: Backend>(model: &Model<B>, prompt: &[u32], opts: &GenerateOptions) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let context = model.cfg.context_length();
+    if prompt.len() > context {
+        return Err(EngineError::PromptTooLong { tokens: prompt.len(), context });
+    }
+    opts.sampling.validate()
+}
+
 /// Generates a continuation of `prompt` (token ids).
 pub fn generate<B: Backend + 'static>(
     model: &Model<B>,
@@ -120,14 +132,7 @@ pub fn generate<B: Backend + 'static>(
     progress: &mut dyn FnMut(usize, usize),
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(EngineError::EmptyPrompt);
-    }
-    let context = model.cfg.context_length();
-    if prompt.len() > context {
-        return Err(EngineError::PromptTooLong { tokens: prompt.len(), context });
-    }
-    opts.sampling.validate()?;
+    check_request(model, prompt, opts)?;
     let mut kv = new_store(model, opts.kv_dtype, &opts.attention)?;
     generate_in(model, tok, prompt, opts, kv.as_mut(), progress, on_text)
 }
@@ -143,17 +148,11 @@ pub fn generate_in<B: Backend + 'static>(
     progress: &mut dyn FnMut(usize, usize),
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(EngineError::EmptyPrompt);
-    }
-    let context = model.cfg.context_length();
-    if prompt.len() > context {
-        return Err(EngineError::PromptTooLong { tokens: prompt.len(), context });
-    }
+    check_request(model, prompt, opts)?;
     if !kv.is_empty() {
         return Err(EngineError::Invalid(format!("generate_in: the store already holds {} tokens", kv.len())));
     }
-    opts.sampling.validate()?;
+    let context = model.cfg.context_length();
     let mut ws = model.workspace(opts.prefill_chunk.min(prompt.len()), 1)?;
     let mut seq = Continuation::new(opts.sampling.clone(), opts.stop.clone(), opts.max_new_tokens, context);
 
