@@ -10,7 +10,10 @@ use common::*;
 /// Asserts a failed run whose stderr is exactly one `error: ...` line containing `needle`.
 fn assert_one_line_error(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
     assert_ne!(out.status.code(), Some(101), "the process panicked: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {err}");
@@ -30,7 +33,12 @@ fn generate(model: &Path, prompt: &str) -> Output {
 /// A copy of the default model's small files in a temp dir (no weights).
 fn model_skeleton() -> tempfile::TempDir {
     let t = tempfile::tempdir().unwrap();
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(model_dir().join(f), t.path().join(f)).unwrap();
     }
     t
@@ -75,7 +83,11 @@ fn missing_tensor_and_missing_weights() {
 fn unknown_architecture_and_unsupported_field() {
     let t = model_skeleton();
     let cfg = std::fs::read_to_string(t.path().join("config.json")).unwrap();
-    std::fs::write(t.path().join("config.json"), cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel")).unwrap();
+    std::fs::write(
+        t.path().join("config.json"),
+        cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel"),
+    )
+    .unwrap();
     assert_one_line_error(&generate(t.path(), "hi"), "GPT2LMHeadModel");
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     v["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "factor": 4.0});
@@ -111,7 +123,13 @@ fn prompt_longer_than_the_context() {
 fn invalid_flags() {
     let m = model_dir();
     let run = |extra: &[&str]| {
-        farsight().args(["generate", "--model"]).arg(&m).args(["--prompt", "hi"]).args(extra).output().unwrap()
+        farsight()
+            .args(["generate", "--model"])
+            .arg(&m)
+            .args(["--prompt", "hi"])
+            .args(extra)
+            .output()
+            .unwrap()
     };
     assert_one_line_error(&run(&["--temperature", "-1"]), "temperature");
     assert_one_line_error(&run(&["--top-p", "1.5"]), "top-p");
@@ -119,9 +137,20 @@ fn invalid_flags() {
     // clap's own usage errors: non-zero (2), no panic
     let out = run(&["--device", "tpu"]);
     assert_eq!(out.status.code(), Some(2));
-    let out = farsight().args(["generate", "--model"]).arg(&m).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "neither --prompt nor --prompt-file");
-    let out = farsight().args(["generate", "--prompt-file", "/nonexistent.txt"]).output().unwrap();
+    let out = farsight()
+        .args(["generate", "--model"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "neither --prompt nor --prompt-file"
+    );
+    let out = farsight()
+        .args(["generate", "--prompt-file", "/nonexistent.txt"])
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "/nonexistent.txt");
 }
 
@@ -137,13 +166,28 @@ fn corrupt_gguf_is_refused_by_convert() {
         b[off..off + 8].copy_from_slice(&val.to_le_bytes());
         let p = dir.path().join(format!("bad{i}.gguf"));
         std::fs::write(&p, &b).unwrap();
-        let out = farsight().arg("convert-gguf").arg(&p).arg(dir.path().join(format!("out{i}"))).output().unwrap();
+        let out = farsight()
+            .arg("convert-gguf")
+            .arg(&p)
+            .arg(dir.path().join(format!("out{i}")))
+            .output()
+            .unwrap();
         assert_one_line_error(&out, "");
     }
     let p = dir.path().join("truncated.gguf");
     std::fs::write(&p, head).unwrap();
-    let out = farsight().arg("convert-gguf").arg(&p).arg(dir.path().join("out-t")).output().unwrap();
+    let out = farsight()
+        .arg("convert-gguf")
+        .arg(&p)
+        .arg(dir.path().join("out-t"))
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "");
-    let out = farsight().arg("convert-gguf").arg("/nonexistent.gguf").arg(dir.path().join("o")).output().unwrap();
+    let out = farsight()
+        .arg("convert-gguf")
+        .arg("/nonexistent.gguf")
+        .arg(dir.path().join("o"))
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "/nonexistent.gguf");
 }

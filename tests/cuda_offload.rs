@@ -66,7 +66,8 @@ fn residency_keeps_hits_and_fills_misses() {
             sels.push(s);
         }
         let sel_dev = be.dev_upload(&sel).unwrap();
-        be.ds_residency(&sel_dev, cap, heads, k, &mut res, &mut stats).unwrap();
+        be.ds_residency(&sel_dev, cap, heads, k, &mut res, &mut stats)
+            .unwrap();
         let tok = be.dev_read(&res.tok).unwrap();
         let slot = be.dev_read(&res.slot).unwrap();
         let mtok = be.dev_read(&res.miss_tok).unwrap();
@@ -74,11 +75,19 @@ fn residency_keeps_hits_and_fills_misses() {
         let nmiss = be.dev_read(&res.n_miss).unwrap();
         for g in 0..heads {
             let s = &sels[g];
-            assert_eq!(&tok[g * cap..g * cap + k], &s[..], "round {round} head {g}: resident = selection");
+            assert_eq!(
+                &tok[g * cap..g * cap + k],
+                &s[..],
+                "round {round} head {g}: resident = selection"
+            );
             let slots: Vec<i32> = slot[g * cap..g * cap + k].to_vec();
             let mut sorted = slots.clone();
             sorted.sort();
-            assert_eq!(sorted, (0..k as i32).collect::<Vec<_>>(), "round {round} head {g}: slots are 0..k, each once");
+            assert_eq!(
+                sorted,
+                (0..k as i32).collect::<Vec<_>>(),
+                "round {round} head {g}: slots are 0..k, each once"
+            );
             let mut misses = Vec::new();
             for (i, &t) in s.iter().enumerate() {
                 match prev[g].iter().find(|&&(pt, _)| pt == t) {
@@ -93,8 +102,13 @@ fn residency_keeps_hits_and_fills_misses() {
                 }
             }
             let n = nmiss[g] as usize;
-            let got: Vec<(i32, i32)> = (0..n).map(|m| (mtok[g * cap + m], mslot[g * cap + m])).collect();
-            assert_eq!(got, misses, "round {round} head {g}: the misses, in order, with their slots");
+            let got: Vec<(i32, i32)> = (0..n)
+                .map(|m| (mtok[g * cap + m], mslot[g * cap + m]))
+                .collect();
+            assert_eq!(
+                got, misses,
+                "round {round} head {g}: the misses, in order, with their slots"
+            );
             prev[g] = s.iter().copied().zip(slots).collect();
         }
     }
@@ -109,13 +123,23 @@ fn small_model(be: CudaBackend) -> Model<CudaBackend> {
     Model::synthetic(cfg, be, DType::BF16, 7).unwrap()
 }
 
-fn offload_cfg(m: &Model<CudaBackend>, budget: TokenBudget, recent: usize, predict: Predict, home: RowHome, capacity: usize) -> OffloadConfig {
+fn offload_cfg(
+    m: &Model<CudaBackend>,
+    budget: TokenBudget,
+    recent: usize,
+    predict: Predict,
+    home: RowHome,
+    capacity: usize,
+) -> OffloadConfig {
     let c = &m.cfg;
     OffloadConfig {
         budget,
         sink: 4,
         recent,
-        channels: vec![vec![(0..8).map(|i| i * 7 % c.head_dim).collect(); c.num_kv_heads]; c.num_layers],
+        channels: vec![
+            vec![(0..8).map(|i| i * 7 % c.head_dim).collect(); c.num_kv_heads];
+            c.num_layers
+        ],
         predict,
         dtype: DType::BF16,
         capacity,
@@ -125,12 +149,21 @@ fn offload_cfg(m: &Model<CudaBackend>, budget: TokenBudget, recent: usize, predi
 }
 
 /// Greedy decode of `n` steps; the logits of every step.
-fn decode(m: &Model<CudaBackend>, kv: &mut dyn KvStore<CudaBackend>, first: u32, n: usize) -> Vec<Vec<f32>> {
+fn decode(
+    m: &Model<CudaBackend>,
+    kv: &mut dyn KvStore<CudaBackend>,
+    first: u32,
+    n: usize,
+) -> Vec<Vec<f32>> {
     let mut ws = m.workspace(1, 1).unwrap();
     let mut tok = first;
     let mut out = Vec::new();
     for _ in 0..n {
-        let mut segs = [Segment { tokens: std::slice::from_ref(&tok), kv: &mut *kv, logits: Logits::Last }];
+        let mut segs = [Segment {
+            tokens: std::slice::from_ref(&tok),
+            kv: &mut *kv,
+            logits: Logits::Last,
+        }];
         let l = m.forward(&mut ws, &mut segs).unwrap().swap_remove(0);
         tok = argmax(&l);
         out.push(l);
@@ -152,7 +185,14 @@ fn offloaded_rows_equal_device_rows() {
     let Some(be) = backend() else { return };
     let m = small_model(be);
     let run = |home: RowHome| {
-        let cfg = offload_cfg(&m, TokenBudget::Fraction(16), 16, Predict::SameLayer, home, 4096);
+        let cfg = offload_cfg(
+            &m,
+            TokenBudget::Fraction(16),
+            16,
+            Predict::SameLayer,
+            home,
+            4096,
+        );
         let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
         s.fill_random(&m.backend, 3000, 1.0, 99).unwrap();
         let logits = decode(&m, &mut s, 5, 12);
@@ -160,22 +200,51 @@ fn offloaded_rows_equal_device_rows() {
     };
     let (host, hs) = run(RowHome::Host);
     let (dev, ds) = run(RowHome::Device);
-    assert_eq!((hs.misses, hs.hits), (ds.misses, ds.hits), "same rows fetched and kept");
-    assert!(hs.misses > 0 && hs.hits > 0, "the row cache both missed and hit ({hs:?})");
+    assert_eq!(
+        (hs.misses, hs.hits),
+        (ds.misses, ds.hits),
+        "same rows fetched and kept"
+    );
+    assert!(
+        hs.misses > 0 && hs.hits > 0,
+        "the row cache both missed and hit ({hs:?})"
+    );
     for (i, (a, b)) in host.iter().zip(&dev).enumerate() {
-        assert!(a == b, "step {i}: offloaded logits differ from device-resident ones");
+        assert!(
+            a == b,
+            "step {i}: offloaded logits differ from device-resident ones"
+        );
     }
-    println!("offload same-layer: 12 steps bit-identical, hit rate {:.3} ({} misses)", hs.hit_rate(), hs.misses);
+    println!(
+        "offload same-layer: 12 steps bit-identical, hit rate {:.3} ({} misses)",
+        hs.hit_rate(),
+        hs.misses
+    );
 }
 
 #[test]
 fn offloaded_rows_equal_device_rows_layer_ahead() {
     let Some(be) = backend() else { return };
     let mut m = small_model(be);
-    let ch = offload_cfg(&m, TokenBudget::Fraction(16), 16, Predict::LayerAhead, RowHome::Host, 1).channels;
+    let ch = offload_cfg(
+        &m,
+        TokenBudget::Fraction(16),
+        16,
+        Predict::LayerAhead,
+        RowHome::Host,
+        1,
+    )
+    .channels;
     m.enable_layer_ahead(&ch).unwrap();
     let run = |home: RowHome, recall: bool| {
-        let mut cfg = offload_cfg(&m, TokenBudget::Fraction(16), 16, Predict::LayerAhead, home, 4096);
+        let mut cfg = offload_cfg(
+            &m,
+            TokenBudget::Fraction(16),
+            16,
+            Predict::LayerAhead,
+            home,
+            4096,
+        );
         cfg.measure_recall = recall;
         let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
         s.fill_random(&m.backend, 3000, 1.0, 99).unwrap();
@@ -184,14 +253,27 @@ fn offloaded_rows_equal_device_rows_layer_ahead() {
     };
     let (host, hs) = run(RowHome::Host, false);
     let (dev, ds) = run(RowHome::Device, false);
-    assert_eq!((hs.misses, hs.hits), (ds.misses, ds.hits), "same rows fetched and kept");
+    assert_eq!(
+        (hs.misses, hs.hits),
+        (ds.misses, ds.hits),
+        "same rows fetched and kept"
+    );
     for (i, (a, b)) in host.iter().zip(&dev).enumerate() {
-        assert!(a == b, "step {i}: offloaded logits differ from device-resident ones");
+        assert!(
+            a == b,
+            "step {i}: offloaded logits differ from device-resident ones"
+        );
     }
     let (_, rs) = run(RowHome::Host, true);
     let recall = rs.recall();
-    assert!(rs.recall_total > 0 && (0.0..=1.0).contains(&recall), "recall counted: {rs:?}");
-    println!("offload layer-ahead: 12 steps bit-identical, hit rate {:.3}, recall {recall:.3}", hs.hit_rate());
+    assert!(
+        rs.recall_total > 0 && (0.0..=1.0).contains(&recall),
+        "recall counted: {rs:?}"
+    );
+    println!(
+        "offload layer-ahead: 12 steps bit-identical, hit rate {:.3}, recall {recall:.3}",
+        hs.hit_rate()
+    );
 }
 
 /// A full budget selects every token, so decode must match dense attention (to the rounding
@@ -200,8 +282,18 @@ fn offloaded_rows_equal_device_rows_layer_ahead() {
 fn full_budget_matches_dense_and_sees_the_newest_token() {
     let Some(be) = backend() else { return };
     let mut m = small_model(be);
-    let prompt: Vec<u32> = (0..700u32).map(|i| (i * 2_654_435_761u32) % 49_152).collect();
-    let ch = offload_cfg(&m, TokenBudget::Tokens(1 << 20), 1, Predict::LayerAhead, RowHome::Host, 1).channels;
+    let prompt: Vec<u32> = (0..700u32)
+        .map(|i| (i * 2_654_435_761u32) % 49_152)
+        .collect();
+    let ch = offload_cfg(
+        &m,
+        TokenBudget::Tokens(1 << 20),
+        1,
+        Predict::LayerAhead,
+        RowHome::Host,
+        1,
+    )
+    .channels;
     m.enable_layer_ahead(&ch).unwrap();
     let mut ws = m.workspace(128, 1).unwrap();
     let mut dense = new_cache(&m, DType::BF16).unwrap();
@@ -210,18 +302,37 @@ fn full_budget_matches_dense_and_sees_the_newest_token() {
     let want = decode(&m, &mut dense, first, 16);
     for predict in [Predict::SameLayer, Predict::LayerAhead] {
         for recent in [1usize, 8] {
-            let cfg = offload_cfg(&m, TokenBudget::Tokens(1 << 20), recent, predict, RowHome::Host, 1024);
-            let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
+            let cfg = offload_cfg(
+                &m,
+                TokenBudget::Tokens(1 << 20),
+                recent,
+                predict,
+                RowHome::Host,
+                1024,
+            );
+            let mut s =
+                OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
             let ol = prefill(&m, &mut ws, &mut s, &prompt, 128, &mut |_, _| {}).unwrap();
-            assert!(rel_l2(&ol, &dl) < 1e-5, "{predict} recent {recent}: prefill logits {:.2e} from dense", rel_l2(&ol, &dl));
+            assert!(
+                rel_l2(&ol, &dl) < 1e-5,
+                "{predict} recent {recent}: prefill logits {:.2e} from dense",
+                rel_l2(&ol, &dl)
+            );
             assert_eq!(argmax(&ol), first);
             let got = decode(&m, &mut s, first, 16);
             let mut worst = 0.0f64;
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 let e = rel_l2(a, b);
                 worst = worst.max(e);
-                assert!(e < 2e-3, "{predict} recent {recent} step {i}: logits {e:.2e} from dense");
-                assert_eq!(argmax(a), argmax(b), "{predict} recent {recent} step {i}: greedy token differs");
+                assert!(
+                    e < 2e-3,
+                    "{predict} recent {recent} step {i}: logits {e:.2e} from dense"
+                );
+                assert_eq!(
+                    argmax(a),
+                    argmax(b),
+                    "{predict} recent {recent} step {i}: greedy token differs"
+                );
             }
             let st = s.stats(&m.backend).unwrap();
             assert!(st.staged_bytes > 0, "prefill staged rows from host");

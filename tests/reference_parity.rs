@@ -24,7 +24,14 @@ fn f32_model_dir() -> PathBuf {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let t = tempfile::tempdir().unwrap();
-        convert_gguf(&gguf_path(), t.path(), &ConvertOptions { dtype: OutDtype::F32 }).unwrap();
+        convert_gguf(
+            &gguf_path(),
+            t.path(),
+            &ConvertOptions {
+                dtype: OutDtype::F32,
+            },
+        )
+        .unwrap();
         t
     })
     .path()
@@ -46,7 +53,11 @@ fn greedy(model: &Model<CpuBackend>, ids: &[u32], n: usize, kv: DType) -> Vec<u3
     for _ in 0..n {
         let t = argmax(&logits);
         out.push(t);
-        let mut segs = [Segment { tokens: std::slice::from_ref(&t), kv: &mut cache, logits: Logits::Last }];
+        let mut segs = [Segment {
+            tokens: std::slice::from_ref(&t),
+            kv: &mut cache,
+            logits: Logits::Last,
+        }];
         logits = model.forward(&mut ws, &mut segs).unwrap().swap_remove(0);
     }
     out
@@ -54,8 +65,19 @@ fn greedy(model: &Model<CpuBackend>, ids: &[u32], n: usize, kv: DType) -> Vec<u3
 
 /// Greedy ids must agree until the first step whose reference top-2 margin is within the
 /// logits error we allow (a tie there may flip legitimately); at least `min_steps` must agree.
-fn check_greedy(name: &str, got: &[u32], want: &[u32], margins: &[f64], tol: f64, min_steps: usize) -> usize {
-    let first_diff = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(want.len());
+fn check_greedy(
+    name: &str,
+    got: &[u32],
+    want: &[u32],
+    margins: &[f64],
+    tol: f64,
+    min_steps: usize,
+) -> usize {
+    let first_diff = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(want.len());
     let first_close = margins.iter().position(|&m| m < tol).unwrap_or(want.len());
     println!("{name}: greedy ids identical for {first_diff} of {} steps (first near-tie at step {first_close})", want.len());
     assert!(
@@ -68,7 +90,11 @@ fn check_greedy(name: &str, got: &[u32], want: &[u32], margins: &[f64], tol: f64
 }
 
 fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -76,7 +102,12 @@ fn token_ids_match_the_reference_on_tricky_strings() {
     let tok = TextTokenizer::from_dir(&model_dir(), &[2]).unwrap();
     let fx = fixture();
     let mut n = 0;
-    for case in fx["tokenization"].as_array().unwrap().iter().chain(fx["prompts"].as_array().unwrap()) {
+    for case in fx["tokenization"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(fx["prompts"].as_array().unwrap())
+    {
         let text = case["text"].as_str().unwrap();
         let want = ids(&case["ids"]);
         assert_eq!(tok.encode(text).unwrap(), want, "ids of {text:?}");
@@ -88,7 +119,10 @@ fn token_ids_match_the_reference_on_tricky_strings() {
 #[test]
 fn chat_template_renders_like_transformers() {
     let tok = TextTokenizer::from_dir(&model_dir(), &[2]).unwrap();
-    let tmpl = tok.chat_template.as_ref().expect("the default model has a chat template");
+    let tmpl = tok
+        .chat_template
+        .as_ref()
+        .expect("the default model has a chat template");
     let fx = fixture();
     for case in fx["chat"].as_array().unwrap() {
         let msgs: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
@@ -112,7 +146,14 @@ fn f32_weights_match_transformers_logits_and_greedy_tokens() {
         println!("{name}: f32 weights, f32 KV: logits rel L2 {e:.2e}");
         assert!(e < 1e-3, "prompt {i} ({name}): rel L2 {e}");
         let g = greedy(&model, &prompt, 40, DType::F32);
-        let same = check_greedy(name, &g, &ids(&p["greedy_ids"]), &f64s(&p["greedy_top2_margin"]), 1e-2, 32);
+        let same = check_greedy(
+            name,
+            &g,
+            &ids(&p["greedy_ids"]),
+            &f64s(&p["greedy_top2_margin"]),
+            1e-2,
+            32,
+        );
         // The same weights in f32: at least 32 identical greedy tokens, near-ties or not.
         assert!(same >= 32, "{name}: only {same} identical greedy tokens");
     }
@@ -132,7 +173,14 @@ fn default_f16_model_stays_close_to_transformers() {
             assert!(e < 3e-3, "{name} with {kv} KV: rel L2 {e}");
         }
         let g = greedy(&model, &prompt, 40, DType::F16);
-        check_greedy(name, &g, &ids(&p["greedy_ids"]), &f64s(&p["greedy_top2_margin"]), 0.1, 16);
+        check_greedy(
+            name,
+            &g,
+            &ids(&p["greedy_ids"]),
+            &f64s(&p["greedy_top2_margin"]),
+            0.1,
+            16,
+        );
     }
 }
 
@@ -150,7 +198,12 @@ fn perplexity_matches_transformers_within_half_a_percent() {
         let (m, _) = load(&dir, 2);
         let r = perplexity(&m, &tokens, 256, kv, &mut |_, _| {}).unwrap();
         let dev = (r.ppl / want - 1.0).abs();
-        println!("{}: ppl {:.4} vs transformers {want:.4} ({:+.3}%)", dir.display(), r.ppl, 100.0 * (r.ppl / want - 1.0));
+        println!(
+            "{}: ppl {:.4} vs transformers {want:.4} ({:+.3}%)",
+            dir.display(),
+            r.ppl,
+            100.0 * (r.ppl / want - 1.0)
+        );
         assert!(dev < 0.005, "ppl {} vs {want}", r.ppl);
     }
     drop(model);

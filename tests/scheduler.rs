@@ -14,7 +14,12 @@ use farsight_engine::sampler::SamplingParams;
 use farsight_kernels::DType;
 
 fn request(prompt: Vec<u32>, max_new_tokens: usize) -> SeqRequest {
-    SeqRequest { prompt, max_new_tokens, sampling: SamplingParams::default(), stop: Vec::new() }
+    SeqRequest {
+        prompt,
+        max_new_tokens,
+        sampling: SamplingParams::default(),
+        stop: Vec::new(),
+    }
 }
 
 /// Prompts of quite different lengths (5 to ~700 tokens).
@@ -35,18 +40,33 @@ fn batched_greedy_equals_single_sequence_generate() {
     let (model, tok) = load(&model_dir(), 0);
     let prompts = prompts(&tok);
     assert!(prompts[1].len() > 600, "{}", prompts[1].len());
-    let opts = GenerateOptions { max_new_tokens: 20, kv_dtype: DType::F16, ..Default::default() };
-    let single: Vec<_> = prompts.iter().map(|p| generate(&model, &tok, p, &opts, &mut |_, _| {}, &mut |_| {}).unwrap()).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 20,
+        kv_dtype: DType::F16,
+        ..Default::default()
+    };
+    let single: Vec<_> = prompts
+        .iter()
+        .map(|p| generate(&model, &tok, p, &opts, &mut |_, _| {}, &mut |_| {}).unwrap())
+        .collect();
 
-    let cfg = BatchConfig { max_running: 3, prefill_tokens_per_step: 128, kv_dtype: DType::F16, kv_token_budget: 0 };
+    let cfg = BatchConfig {
+        max_running: 3,
+        prefill_tokens_per_step: 128,
+        kv_dtype: DType::F16,
+        kv_token_budget: 0,
+    };
     let mut s = Scheduler::new(&model, &tok, cfg).unwrap();
     let streamed: Vec<Rc<RefCell<String>>> = prompts.iter().map(|_| Rc::default()).collect();
     for (p, buf) in prompts.iter().zip(&streamed) {
         let buf = buf.clone();
-        s.submit(request(p.clone(), 20), Box::new(move |d| {
-            buf.borrow_mut().push_str(d);
-            true
-        }))
+        s.submit(
+            request(p.clone(), 20),
+            Box::new(move |d| {
+                buf.borrow_mut().push_str(d);
+                true
+            }),
+        )
         .unwrap();
     }
     let mut out: Vec<SeqOutput> = Vec::new();
@@ -71,8 +91,15 @@ fn batched_greedy_equals_single_sequence_generate() {
 #[test]
 fn a_finished_sequence_leaves_and_a_waiting_one_joins() {
     let (model, tok) = load(&model_dir(), 0);
-    let p = tok.encode("Once upon a time, in a small village by the sea,").unwrap();
-    let cfg = BatchConfig { max_running: 2, prefill_tokens_per_step: 256, kv_dtype: DType::F16, kv_token_budget: 0 };
+    let p = tok
+        .encode("Once upon a time, in a small village by the sea,")
+        .unwrap();
+    let cfg = BatchConfig {
+        max_running: 2,
+        prefill_tokens_per_step: 256,
+        kv_dtype: DType::F16,
+        kv_token_budget: 0,
+    };
     let mut s = Scheduler::new(&model, &tok, cfg).unwrap();
     for n in [3, 10, 5, 5] {
         s.submit(request(p.clone(), n), Box::new(|_| true)).unwrap();
@@ -97,10 +124,17 @@ fn decode_goes_on_while_a_long_prompt_is_read_in_chunks() {
     let (model, tok) = load(&model_dir(), 0);
     let short = tok.encode("The capital of France is").unwrap();
     let long = prompts(&tok).swap_remove(1);
-    let cfg = BatchConfig { max_running: 2, prefill_tokens_per_step: 100, kv_dtype: DType::F16, kv_token_budget: 0 };
+    let cfg = BatchConfig {
+        max_running: 2,
+        prefill_tokens_per_step: 100,
+        kv_dtype: DType::F16,
+        kv_token_budget: 0,
+    };
     let mut s = Scheduler::new(&model, &tok, cfg).unwrap();
     let a = s.submit(request(short, 4), Box::new(|_| true)).unwrap();
-    let b = s.submit(request(long.clone(), 1), Box::new(|_| true)).unwrap();
+    let b = s
+        .submit(request(long.clone(), 1), Box::new(|_| true))
+        .unwrap();
     let mut ends = Vec::new();
     for step in 1..=20 {
         for o in s.step().unwrap() {
@@ -120,7 +154,12 @@ fn decode_goes_on_while_a_long_prompt_is_read_in_chunks() {
 fn kv_budget_limits_admission_and_refuses_what_never_fits() {
     let (model, tok) = load(&model_dir(), 0);
     let p = tok.encode("Once upon a time").unwrap();
-    let cfg = BatchConfig { max_running: 4, prefill_tokens_per_step: 64, kv_dtype: DType::F16, kv_token_budget: 2 * (p.len() + 4) };
+    let cfg = BatchConfig {
+        max_running: 4,
+        prefill_tokens_per_step: 64,
+        kv_dtype: DType::F16,
+        kv_token_budget: 2 * (p.len() + 4),
+    };
     let mut s = Scheduler::new(&model, &tok, cfg).unwrap();
     for _ in 0..3 {
         s.submit(request(p.clone(), 4), Box::new(|_| true)).unwrap();
@@ -128,7 +167,10 @@ fn kv_budget_limits_admission_and_refuses_what_never_fits() {
     s.step().unwrap();
     assert_eq!((s.running(), s.waiting()), (2, 1));
     let too_long: Vec<u32> = std::iter::repeat_n(p[0], 3 * p.len() + 9).collect();
-    let e = s.submit(request(too_long, 1), Box::new(|_| true)).unwrap_err().to_string();
+    let e = s
+        .submit(request(too_long, 1), Box::new(|_| true))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("KV budget"), "{e}");
     while !s.is_idle() {
         s.step().unwrap();
@@ -139,9 +181,12 @@ fn kv_budget_limits_admission_and_refuses_what_never_fits() {
 #[test]
 fn a_closed_sink_cancels_and_bad_requests_are_refused() {
     let (model, tok) = load(&model_dir(), 0);
-    let p = tok.encode("Once upon a time, in a small village by the sea,").unwrap();
+    let p = tok
+        .encode("Once upon a time, in a small village by the sea,")
+        .unwrap();
     let mut s = Scheduler::new(&model, &tok, BatchConfig::default()).unwrap();
-    s.submit(request(p.clone(), 50), Box::new(|_| false)).unwrap();
+    s.submit(request(p.clone(), 50), Box::new(|_| false))
+        .unwrap();
     let mut out = Vec::new();
     while !s.is_idle() {
         out.extend(s.step().unwrap());
@@ -149,9 +194,20 @@ fn a_closed_sink_cancels_and_bad_requests_are_refused() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].finish, FinishReason::Cancelled);
     assert!(out[0].new_token_ids.len() < 50);
-    assert!(s.submit(request(Vec::new(), 5), Box::new(|_| true)).is_err());
-    let bad = SeqRequest { sampling: SamplingParams { temperature: -1.0, ..Default::default() }, ..request(p, 5) };
+    assert!(s
+        .submit(request(Vec::new(), 5), Box::new(|_| true))
+        .is_err());
+    let bad = SeqRequest {
+        sampling: SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        },
+        ..request(p, 5)
+    };
     assert!(s.submit(bad, Box::new(|_| true)).is_err());
-    let e = s.submit(request(vec![1; 9000], 5), Box::new(|_| true)).unwrap_err().to_string();
+    let e = s
+        .submit(request(vec![1; 9000], 5), Box::new(|_| true))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("context is 8192"), "{e}");
 }

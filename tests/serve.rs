@@ -33,7 +33,10 @@ impl Server {
         let mut line = String::new();
         let addr = loop {
             line.clear();
-            assert!(err.read_line(&mut line).unwrap() > 0, "server exited before listening");
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "server exited before listening"
+            );
             if let Some(i) = line.find("listening on http://") {
                 break line[i + "listening on http://".len()..].trim().to_string();
             }
@@ -60,7 +63,11 @@ impl Server {
 
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let (status, b) = self.call("POST", path, body.to_string().as_bytes());
-        (status, serde_json::from_slice(&b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&b))))
+        (
+            status,
+            serde_json::from_slice(&b)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&b))),
+        )
     }
 
     fn get(&self, path: &str) -> Value {
@@ -74,7 +81,10 @@ impl Server {
         let (status, b) = self.call("POST", path, body.to_string().as_bytes());
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
         let text = String::from_utf8(b).unwrap();
-        text.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).map(str::to_string).collect()
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+            .map(str::to_string)
+            .collect()
     }
 }
 
@@ -86,7 +96,10 @@ impl Drop for Server {
 }
 
 fn parse_response(raw: &[u8]) -> (u16, Vec<u8>) {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no header end");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no header end");
     let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
     let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut body = raw[split + 4..].to_vec();
@@ -95,7 +108,8 @@ fn parse_response(raw: &[u8]) -> (u16, Vec<u8>) {
         let mut rest = &body[..];
         loop {
             let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
+                .unwrap();
             if n == 0 {
                 break;
             }
@@ -109,13 +123,23 @@ fn parse_response(raw: &[u8]) -> (u16, Vec<u8>) {
 
 /// Joins the text of streamed chunks; returns it and the last chunk's finish reason.
 fn join_stream(events: &[String], chat: bool) -> (String, String) {
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
     let mut text = String::new();
     let mut finish = String::new();
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap();
-        let Some(c) = v["choices"].get(0) else { continue };
-        let piece = if chat { &c["delta"]["content"] } else { &c["text"] };
+        let Some(c) = v["choices"].get(0) else {
+            continue;
+        };
+        let piece = if chat {
+            &c["delta"]["content"]
+        } else {
+            &c["text"]
+        };
         text.push_str(piece.as_str().unwrap_or(""));
         if let Some(f) = c["finish_reason"].as_str() {
             finish = f.to_string();
@@ -164,7 +188,10 @@ fn chat_whole_and_streamed_and_models() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(text.contains("Paris"), "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     let mut sreq = req.clone();
@@ -182,11 +209,21 @@ fn chat_whole_and_streamed_and_models() {
 #[test]
 fn concurrent_requests_are_correct_and_batched() {
     let srv = Server::start(&["--batch-size", "4"]);
-    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are"];
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "def fibonacci(n):",
+        "The three primary colors are",
+    ];
     let req = |p: &str| json!({"prompt": p, "max_tokens": 16, "temperature": 0});
     let alone: Vec<String> = prompts
         .iter()
-        .map(|p| srv.post("/v1/completions", &req(p)).1["choices"][0]["text"].as_str().unwrap().to_string())
+        .map(|p| {
+            srv.post("/v1/completions", &req(p)).1["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(srv.get("/health")["scheduler"]["batched_steps"], 0);
     let together: Vec<String> = std::thread::scope(|s| {
@@ -194,7 +231,12 @@ fn concurrent_requests_are_correct_and_batched() {
             .iter()
             .map(|p| {
                 let (srv, body) = (&srv, req(p));
-                s.spawn(move || srv.post("/v1/completions", &body).1["choices"][0]["text"].as_str().unwrap().to_string())
+                s.spawn(move || {
+                    srv.post("/v1/completions", &body).1["choices"][0]["text"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -210,30 +252,58 @@ fn concurrent_requests_are_correct_and_batched() {
 
 #[test]
 fn errors_have_the_openai_shape() {
-    let srv = Server::start(&["--max-body-bytes", "4096", "--max-prompt-tokens", "16", "--max-concurrent", "1"]);
+    let srv = Server::start(&[
+        "--max-body-bytes",
+        "4096",
+        "--max-prompt-tokens",
+        "16",
+        "--max-concurrent",
+        "1",
+    ]);
     let code = |v: &Value| v["error"]["code"].as_str().unwrap_or("").to_string();
     let big = json!({"prompt": "a".repeat(10_000)});
     let (status, v) = srv.post("/v1/completions", &big);
-    assert_eq!((status, code(&v).as_str()), (413, "request_too_large"), "{v}");
+    assert_eq!(
+        (status, code(&v).as_str()),
+        (413, "request_too_large"),
+        "{v}"
+    );
     let (status, b) = srv.call("POST", "/v1/chat/completions", b"{\"messages\": [");
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(status, 400);
     assert_eq!(v["error"]["type"], "invalid_request_error");
-    assert!(v["error"]["message"].as_str().unwrap().contains("invalid request body"), "{v}");
-    let (status, v) = srv.post("/v1/completions", &json!({"prompt": "hi", "model": "gpt-4"}));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid request body"),
+        "{v}"
+    );
+    let (status, v) = srv.post(
+        "/v1/completions",
+        &json!({"prompt": "hi", "model": "gpt-4"}),
+    );
     assert_eq!((status, code(&v).as_str()), (404, "model_not_found"));
     let (status, v) = srv.post("/v1/completions", &json!({"prompt": "hi", "n": 2}));
     assert_eq!((status, code(&v).as_str()), (400, "invalid_n"));
     let (status, v) = srv.post("/v1/completions", &json!({"prompt": "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen"}));
-    assert_eq!((status, code(&v).as_str()), (400, "context_length_exceeded"));
-    let (status, v) = srv.post("/v1/completions", &json!({"prompt": "hi", "temperature": -1}));
+    assert_eq!(
+        (status, code(&v).as_str()),
+        (400, "context_length_exceeded")
+    );
+    let (status, v) = srv.post(
+        "/v1/completions",
+        &json!({"prompt": "hi", "temperature": -1}),
+    );
     assert_eq!((status, code(&v).as_str()), (400, "invalid_sampling"));
     let (status, _) = srv.call("GET", "/v1/nothing", b"");
     assert_eq!(status, 404);
 
     // One request in flight (a long stream, read up to its first chunk) fills --max-concurrent 1.
     let mut s = TcpStream::connect(&srv.addr).unwrap();
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true}).to_string();
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true})
+            .to_string();
     write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -242,7 +312,11 @@ fn errors_have_the_openai_shape() {
         assert!(r.read_line(&mut line).unwrap() > 0);
     }
     let (status, v) = srv.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 1}));
-    assert_eq!((status, v["error"]["type"].as_str()), (429, Some("rate_limit_error")), "{v}");
+    assert_eq!(
+        (status, v["error"]["type"].as_str()),
+        (429, Some("rate_limit_error")),
+        "{v}"
+    );
     drop(r); // the client goes away: the stream is cancelled and the slot freed
     let mut ok = false;
     for _ in 0..100 {

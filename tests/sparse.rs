@@ -39,25 +39,42 @@ fn calibration_file() -> PathBuf {
             .current_dir(root())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         path
     })
     .clone()
 }
 
 /// All-position logits of `ids` through `kv`, in 100-token calls.
-fn logits(model: &farsight_engine::Model<farsight_kernels::cpu::CpuBackend>, ids: &[u32], kv: &mut dyn KvStore<farsight_kernels::cpu::CpuBackend>) -> Vec<f32> {
+fn logits(
+    model: &farsight_engine::Model<farsight_kernels::cpu::CpuBackend>,
+    ids: &[u32],
+    kv: &mut dyn KvStore<farsight_kernels::cpu::CpuBackend>,
+) -> Vec<f32> {
     let mut ws = model.workspace(100, 100).unwrap();
     let mut all = Vec::new();
     for part in ids.chunks(100) {
-        let mut segs = [Segment { tokens: part, kv: &mut *kv, logits: Logits::All }];
+        let mut segs = [Segment {
+            tokens: part,
+            kv: &mut *kv,
+            logits: Logits::All,
+        }];
         all.extend(model.forward(&mut ws, &mut segs).unwrap().swap_remove(0));
     }
     all
 }
 
 fn setup(cfg: SparseConfig, store: KvStoreSpec, ranking: ChannelRanking) -> SparseSetup {
-    SparseSetup { cfg, ranking, store, capacity: None }
+    SparseSetup {
+        cfg,
+        ranking,
+        store,
+        capacity: None,
+    }
 }
 
 #[test]
@@ -77,25 +94,49 @@ fn full_budget_sparse_equals_dense_and_disk_equals_host() {
     for dt in [DType::F32, DType::F16] {
         let mut dense = new_store(&model, dt, &Attention::Dense).unwrap();
         let want = logits(&model, &ids, dense.as_mut());
-        let mut host = new_sparse_store(&model, dt, &setup(cfg.clone(), KvStoreSpec::Host, natural.clone())).unwrap();
+        let mut host = new_sparse_store(
+            &model,
+            dt,
+            &setup(cfg.clone(), KvStoreSpec::Host, natural.clone()),
+        )
+        .unwrap();
         let got = logits(&model, &ids, &mut host);
         let err = rel_l2(&got, &want);
-        assert!(err < 1e-6, "{dt}: sparse with everything selected vs dense: rel L2 {err}");
+        assert!(
+            err < 1e-6,
+            "{dt}: sparse with everything selected vs dense: rel L2 {err}"
+        );
     }
     let mut dense = new_store(&model, DType::F16, &Attention::Dense).unwrap();
     let want = logits(&model, &ids, dense.as_mut());
 
     // A real budget on both tiers: identical logits, bit for bit.
     let dir = tempfile::tempdir_in(root().join("target")).unwrap();
-    let small = SparseConfig { budget: TokenBudget::Fraction(8), label_channels: 8, ..cfg };
-    let mut host = new_sparse_store(&model, DType::F16, &setup(small.clone(), KvStoreSpec::Host, natural.clone())).unwrap();
+    let small = SparseConfig {
+        budget: TokenBudget::Fraction(8),
+        label_channels: 8,
+        ..cfg
+    };
+    let mut host = new_sparse_store(
+        &model,
+        DType::F16,
+        &setup(small.clone(), KvStoreSpec::Host, natural.clone()),
+    )
+    .unwrap();
     let disk_spec = KvStoreSpec::Disk(dir.path().to_path_buf());
     let mut disk = new_sparse_store(&model, DType::F16, &setup(small, disk_spec, natural)).unwrap();
-    assert!(disk.tier_name().starts_with("disk:"), "{}", disk.tier_name());
+    assert!(
+        disk.tier_name().starts_with("disk:"),
+        "{}",
+        disk.tier_name()
+    );
     let a = logits(&model, &ids, &mut host);
     let b = logits(&model, &ids, &mut disk);
     assert_eq!(a, b, "disk tier differs from host tier");
-    assert!(rel_l2(&a, &want) > 1e-4, "a 1/8 budget should change the logits");
+    assert!(
+        rel_l2(&a, &want) > 1e-4,
+        "a 1/8 budget should change the logits"
+    );
     let st = host.stats();
     assert!(st.sparse_rows < st.visible_rows / 4, "{st:?}");
 }
@@ -112,10 +153,13 @@ fn layer_ahead_predicts_most_of_the_selection() {
         sparse_prefill: true,
         ..SparseConfig::default()
     };
-    let channels = ranking.top(cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim).unwrap();
+    let channels = ranking
+        .top(cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim)
+        .unwrap();
     model.enable_layer_ahead(&channels).unwrap();
     let ids = text_ids(400);
-    let mut kv = new_sparse_store(&model, DType::F16, &setup(cfg, KvStoreSpec::Host, ranking)).unwrap();
+    let mut kv =
+        new_sparse_store(&model, DType::F16, &setup(cfg, KvStoreSpec::Host, ranking)).unwrap();
     perplexity_with(&model, &ids, 128, &mut kv, &mut |_, _| {}).unwrap();
     let st = kv.stats();
     let per = st.recall_per_layer();
@@ -137,7 +181,10 @@ fn calibration_is_deterministic_and_accumulates_every_chunk() {
     for (la, lb) in a.scores.iter().zip(&b.scores) {
         for (ha, hb) in la.iter().zip(lb) {
             for (x, y) in ha.iter().zip(hb) {
-                assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "chunking changed the statistic: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                    "chunking changed the statistic: {x} vs {y}"
+                );
             }
         }
     }
@@ -170,7 +217,15 @@ fn prompt_file(dir: &Path, chars: usize) -> PathBuf {
 
 fn sparse_generate(extra: &[&str]) -> Output {
     let cal = calibration_file();
-    let mut args = vec!["generate", "--max-new-tokens", "4", "--attention", "double-sparse", "--calibration", cal.to_str().unwrap()];
+    let mut args = vec![
+        "generate",
+        "--max-new-tokens",
+        "4",
+        "--attention",
+        "double-sparse",
+        "--calibration",
+        cal.to_str().unwrap(),
+    ];
     if !extra.contains(&"--prompt-file") {
         args.extend(["--prompt", "The history of the long voyage"]);
     }
@@ -181,14 +236,33 @@ fn sparse_generate(extra: &[&str]) -> Output {
 #[test]
 fn calibration_of_another_model_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(calibration_file()).unwrap()).unwrap();
-    v["model_identity"] = serde_json::json!("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(calibration_file()).unwrap()).unwrap();
+    v["model_identity"] =
+        serde_json::json!("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
     let other = dir.path().join("other.json");
     std::fs::write(&other, v.to_string()).unwrap();
-    let out = run(&["generate", "--prompt", "x", "--attention", "double-sparse", "--calibration", other.to_str().unwrap()]);
+    let out = run(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--attention",
+        "double-sparse",
+        "--calibration",
+        other.to_str().unwrap(),
+    ]);
     assert_one_line_error(&out, "made for another model");
     let missing = dir.path().join("none.json");
-    let out = run(&["eval", "ppl", "--text", "data/eval.txt", "--attention", "double-sparse", "--calibration", missing.to_str().unwrap()]);
+    let out = run(&[
+        "eval",
+        "ppl",
+        "--text",
+        "data/eval.txt",
+        "--attention",
+        "double-sparse",
+        "--calibration",
+        missing.to_str().unwrap(),
+    ]);
     assert_one_line_error(&out, "farsight calibrate");
 }
 
@@ -196,7 +270,10 @@ fn calibration_of_another_model_is_refused() {
 fn bad_sparse_settings_are_refused() {
     assert_one_line_error(&sparse_generate(&["--token-budget", "0"]), "at least 1");
     assert_one_line_error(&sparse_generate(&["--token-budget", "1/0"]), "at least 1");
-    assert_one_line_error(&sparse_generate(&["--label-channels", "65"]), "head dimension 64");
+    assert_one_line_error(
+        &sparse_generate(&["--label-channels", "65"]),
+        "head dimension 64",
+    );
     assert_one_line_error(&sparse_generate(&["--label-bits", "8"]), "16 or 4");
     assert_one_line_error(&sparse_generate(&["--dense-layers", "30"]), "layer 30");
     assert_one_line_error(&sparse_generate(&["--kv-store", "tape:/x"]), "disk:PATH");
@@ -226,7 +303,12 @@ fn a_disk_that_fills_up_mid_run_is_a_clear_error() {
         cal.display(),
         kv_dir.display()
     );
-    let out = std::process::Command::new("sh").arg("-c").arg(&script).current_dir(root()).output().unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(root())
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "file size limit");
     // The KV file is removed on the way out.
     assert_eq!(std::fs::read_dir(&kv_dir).unwrap().count(), 0);
@@ -237,7 +319,13 @@ fn generate_on_disk_equals_host() {
     let dir = tempfile::tempdir_in(root().join("target")).unwrap();
     let store = format!("disk:{}", dir.path().display());
     let prompt = prompt_file(dir.path(), 3000);
-    let base = ["--prompt-file", prompt.to_str().unwrap(), "--token-budget", "64", "--json"];
+    let base = [
+        "--prompt-file",
+        prompt.to_str().unwrap(),
+        "--token-budget",
+        "64",
+        "--json",
+    ];
     let host_args = base.to_vec();
     let mut cmd_host: Vec<&str> = host_args.clone();
     cmd_host.extend(["--kv-store", "host"]);
@@ -250,33 +338,94 @@ fn generate_on_disk_equals_host() {
     let ja: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
     let jb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
     assert_eq!(ja["new_token_ids"], jb["new_token_ids"]);
-    assert!(jb["settings"]["attention"].as_str().unwrap().contains("disk:"), "{jb}");
+    assert!(
+        jb["settings"]["attention"]
+            .as_str()
+            .unwrap()
+            .contains("disk:"),
+        "{jb}"
+    );
 }
-
 
 #[test]
 fn sparse_eval_commands_run_and_report_their_settings() {
     let cal = calibration_file();
     let cal = cal.to_str().unwrap();
-    let common = ["--attention", "double-sparse", "--calibration", cal, "--json"];
+    let common = [
+        "--attention",
+        "double-sparse",
+        "--calibration",
+        cal,
+        "--json",
+    ];
     let json = |args: &[&str]| -> serde_json::Value {
         let mut all: Vec<&str> = args.to_vec();
         all.extend_from_slice(&common);
         let out = run(&all);
-        assert!(out.status.success(), "{:?}: {}", args, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let v = json(&["eval", "agreement", "--text", "data/eval.txt", "--max-tokens", "96", "--token-budget", "16"]);
+    let v = json(&[
+        "eval",
+        "agreement",
+        "--text",
+        "data/eval.txt",
+        "--max-tokens",
+        "96",
+        "--token-budget",
+        "16",
+    ]);
     let top1 = v["agreement"]["top1"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&top1) && v["agreement"]["positions"] == 96, "{v}");
-    assert!(v["settings"]["attention"].as_str().unwrap().contains("budget 16"), "{v}");
-    let v = json(&["eval", "sweep", "--text", "data/eval.txt", "--max-tokens", "64", "--budgets", "1/2", "--channels", "8", "--bits", "4"]);
+    assert!(
+        (0.0..=1.0).contains(&top1) && v["agreement"]["positions"] == 96,
+        "{v}"
+    );
+    assert!(
+        v["settings"]["attention"]
+            .as_str()
+            .unwrap()
+            .contains("budget 16"),
+        "{v}"
+    );
+    let v = json(&[
+        "eval",
+        "sweep",
+        "--text",
+        "data/eval.txt",
+        "--max-tokens",
+        "64",
+        "--budgets",
+        "1/2",
+        "--channels",
+        "8",
+        "--bits",
+        "4",
+    ]);
     assert_eq!(v["rows"].as_array().unwrap().len(), 1, "{v}");
     assert!(v["dense_ppl"].as_f64().unwrap() > 1.0);
-    let v = json(&["eval", "passkey", "--lengths", "200", "--depths", "0.5", "--trials", "1", "--compare-dense"]);
+    let v = json(&[
+        "eval",
+        "passkey",
+        "--lengths",
+        "200",
+        "--depths",
+        "0.5",
+        "--trials",
+        "1",
+        "--compare-dense",
+    ]);
     assert_eq!(v["summary"].as_array().unwrap().len(), 2, "{v}");
     for t in v["trials"].as_array().unwrap() {
         // Without a budget every token of the key stays.
-        assert_eq!((&t["trial"]["key_tokens"], &t["trial"]["key_tokens_kept"]), (&10.into(), &10.into()), "{t}");
+        assert_eq!(
+            (&t["trial"]["key_tokens"], &t["trial"]["key_tokens_kept"]),
+            (&10.into(), &10.into()),
+            "{t}"
+        );
     }
 }

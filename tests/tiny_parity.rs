@@ -39,7 +39,10 @@ const CHUNK: usize = 7;
 fn tiny_root() -> PathBuf {
     // FARSIGHT_REPO_ROOT: where the fixtures are when the test binary runs on another machine
     // (the GPU machine gets a copy of the repository elsewhere).
-    std::env::var_os("FARSIGHT_REPO_ROOT").map(PathBuf::from).unwrap_or_else(root).join("tests/fixtures/tiny")
+    std::env::var_os("FARSIGHT_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(root)
+        .join("tests/fixtures/tiny")
 }
 
 fn tiny_dir(name: &str) -> PathBuf {
@@ -48,18 +51,23 @@ fn tiny_dir(name: &str) -> PathBuf {
 
 fn reference(dir: &Path) -> Value {
     let p = dir.join("reference.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn read_f32(path: &Path) -> Vec<f32> {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(b.len() % 4, 0, "{}", path.display());
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn load(dir: &Path) -> Model<CpuBackend> {
-    Model::load(dir, CpuBackend::new(2).unwrap()).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+    Model::load(dir, CpuBackend::new(2).unwrap())
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
 /// All-position logits of `ids` fed `chunk` tokens per forward call into one dense f32 cache.
@@ -68,7 +76,11 @@ fn logits_in_chunks<B: Backend>(model: &Model<B>, ids: &[u32], chunk: usize) -> 
     let mut ws = model.workspace(chunk, chunk).unwrap();
     let mut out = Vec::with_capacity(ids.len() * model.cfg.vocab_size);
     for part in ids.chunks(chunk) {
-        let mut segs = [Segment { tokens: part, kv: &mut cache, logits: Logits::All }];
+        let mut segs = [Segment {
+            tokens: part,
+            kv: &mut cache,
+            logits: Logits::All,
+        }];
         let mut got = model
             .forward(&mut ws, &mut segs)
             .unwrap_or_else(|e| panic!("forward of {} tokens (chunk {chunk}): {e}", part.len()));
@@ -83,13 +95,21 @@ fn logits_in_chunks<B: Backend>(model: &Model<B>, ids: &[u32], chunk: usize) -> 
 fn greedy<B: Backend>(model: &Model<B>, ids: &[u32], n: usize) -> Vec<u32> {
     let mut cache = new_cache(model, DType::F32).unwrap();
     let mut ws = model.workspace(ids.len(), 1).unwrap();
-    let mut segs = [Segment { tokens: ids, kv: &mut cache, logits: Logits::Last }];
+    let mut segs = [Segment {
+        tokens: ids,
+        kv: &mut cache,
+        logits: Logits::Last,
+    }];
     let mut logits = model.forward(&mut ws, &mut segs).unwrap().swap_remove(0);
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let t = argmax(&logits);
         out.push(t);
-        let mut segs = [Segment { tokens: std::slice::from_ref(&t), kv: &mut cache, logits: Logits::Last }];
+        let mut segs = [Segment {
+            tokens: std::slice::from_ref(&t),
+            kv: &mut cache,
+            logits: Logits::Last,
+        }];
         logits = model
             .forward(&mut ws, &mut segs)
             .unwrap_or_else(|e| panic!("decode step {} of greedy: {e}", out.len()))
@@ -132,34 +152,62 @@ fn check_variant_on<B: Backend>(name: &str, model: &Model<B>, tol_scale: f64, st
     let wdtype = fx["weights_dtype"].as_str().unwrap();
     // f32 weights: only the summation order differs. bf16/f16: the reference ran the same
     // rounded weights upcast to f32, farsight upcasts them in its kernels.
-    let tol = if wdtype == "f32" { 1e-4 } else { 1e-3 * tol_scale };
+    let tol = if wdtype == "f32" {
+        1e-4
+    } else {
+        1e-3 * tol_scale
+    };
     let full_want = read_f32(&dir.join(fx["logits_file"].as_str().unwrap()));
     assert_eq!(full_want.len(), prompt.len() * vocab);
     // Dynamic NTK rope depends on the longest position of each call, so transformers' own
     // chunked and stepped runs are the references for those (the same as `full` otherwise).
-    let chunk_want = fx["chunk_logits_file"].as_str().map(|f| read_f32(&dir.join(f)));
-    let step_want = fx["step_logits_file"].as_str().map(|f| read_f32(&dir.join(f)));
+    let chunk_want = fx["chunk_logits_file"]
+        .as_str()
+        .map(|f| read_f32(&dir.join(f)));
+    let step_want = fx["step_logits_file"]
+        .as_str()
+        .map(|f| read_f32(&dir.join(f)));
 
     let mut errors = Vec::new();
     let mut report = format!("{name} ({wdtype} weights, tol {tol:.0e}):");
     for (what, chunk, want) in [
         ("one call", prompt.len(), &full_want),
-        ("7-token chunks", CHUNK, chunk_want.as_ref().unwrap_or(&full_want)),
-        ("token by token", 1, step_want.as_ref().unwrap_or(&full_want)),
+        (
+            "7-token chunks",
+            CHUNK,
+            chunk_want.as_ref().unwrap_or(&full_want),
+        ),
+        (
+            "token by token",
+            1,
+            step_want.as_ref().unwrap_or(&full_want),
+        ),
     ] {
         let got = logits_in_chunks(model, &prompt, chunk);
         let e = rel_l2(&got, want);
         report += &format!(" {what} {e:.2e};");
         if !(e < tol) {
-            errors.push(format!("{what}: rel L2 {e:.3e} >= {tol:.0e}; {}", worst_row(&got, want, vocab)));
+            errors.push(format!(
+                "{what}: rel L2 {e:.3e} >= {tol:.0e}; {}",
+                worst_row(&got, want, vocab)
+            ));
         }
     }
     let want_greedy = ids(&fx["greedy_ids"]);
     let got_greedy = greedy(model, &prompt, want_greedy.len());
-    report += &format!(" greedy {}", if got_greedy == want_greedy { "equal" } else { "DIFFERENT" });
+    report += &format!(
+        " greedy {}",
+        if got_greedy == want_greedy {
+            "equal"
+        } else {
+            "DIFFERENT"
+        }
+    );
     println!("{report}");
     if got_greedy != want_greedy && (strict_greedy || wdtype == "f32") {
-        errors.push(format!("greedy ids: got {got_greedy:?}, want {want_greedy:?}"));
+        errors.push(format!(
+            "greedy ids: got {got_greedy:?}, want {want_greedy:?}"
+        ));
     }
     assert!(errors.is_empty(), "{name}:\n  {}", errors.join("\n  "));
 }
@@ -207,21 +255,30 @@ fn every_fixture_has_a_test() {
 #[test]
 fn config_json_is_what_transformers_5_writes() {
     // The fixtures are only meaningful if they exercise transformers 5's config layout.
-    let c: Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny_dir("llama3-rope-sharded").join("config.json")).unwrap())
-            .unwrap();
+    let c: Value = serde_json::from_str(
+        &std::fs::read_to_string(tiny_dir("llama3-rope-sharded").join("config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(c["rope_parameters"]["rope_type"], "llama3", "{c}");
-    assert!(tiny_dir("llama3-rope-sharded").join("model.safetensors.index.json").exists());
+    assert!(tiny_dir("llama3-rope-sharded")
+        .join("model.safetensors.index.json")
+        .exists());
     let m = load(&tiny_dir("llama3-rope-sharded"));
     assert_eq!(m.cfg.rope_theta, 10000.0);
     assert!(matches!(
         m.cfg.rope_scaling,
-        farsight_engine::rope::RopeScaling::Llama3 { original_max: 32, .. }
+        farsight_engine::rope::RopeScaling::Llama3 {
+            original_max: 32,
+            ..
+        }
     ));
     let m = load(&tiny_dir("mistral-window"));
     assert_eq!(m.cfg.sliding_window, Some(8));
     let m = load(&tiny_dir("llama-headdim"));
-    assert_eq!((m.cfg.head_dim, m.cfg.hidden_size, m.cfg.num_heads), (32, 64, 4));
+    assert_eq!(
+        (m.cfg.head_dim, m.cfg.hidden_size, m.cfg.num_heads),
+        (32, 64, 4)
+    );
 }
 
 /// A copy of a fixture model directory (model files only) in a temporary directory.
@@ -260,8 +317,14 @@ fn wrong_tensor_shape_is_named() {
         });
         let msg = load_err(t.path());
         println!("{name}, intermediate_size + 1: {msg}");
-        assert!(msg.contains("model.layers.0.mlp.gate_proj.weight"), "{name}: {msg}");
-        assert!(msg.contains("[128, 64]") && msg.contains("[129, 64]"), "{name}: {msg}");
+        assert!(
+            msg.contains("model.layers.0.mlp.gate_proj.weight"),
+            "{name}: {msg}"
+        );
+        assert!(
+            msg.contains("[128, 64]") && msg.contains("[129, 64]"),
+            "{name}: {msg}"
+        );
     }
 }
 
@@ -284,8 +347,11 @@ fn tensor_missing_from_the_index_is_named() {
 fn rename_in_safetensors(path: &Path, from: &str, to: &str) -> bool {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let Some(entry) = header.remove(from) else { return false };
+    let mut header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let Some(entry) = header.remove(from) else {
+        return false;
+    };
     header.insert(to.to_string(), entry);
     let mut h = serde_json::to_vec(&header).unwrap();
     while h.len() % 8 != 0 {
@@ -306,7 +372,11 @@ fn tensor_missing_from_the_files_is_named() {
         for e in std::fs::read_dir(t.path()).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "safetensors") {
-                renamed += usize::from(rename_in_safetensors(&p, VICTIM, &format!("{VICTIM}_renamed")));
+                renamed += usize::from(rename_in_safetensors(
+                    &p,
+                    VICTIM,
+                    &format!("{VICTIM}_renamed"),
+                ));
             }
         }
         assert_eq!(renamed, 1, "{name}");
@@ -320,7 +390,10 @@ fn tensor_missing_from_the_files_is_named() {
         }
         let msg = load_err(t.path());
         println!("{name}, renamed in the file: {msg}");
-        assert!(msg.contains(&format!("missing tensor `{VICTIM}`")), "{name}: {msg}");
+        assert!(
+            msg.contains(&format!("missing tensor `{VICTIM}`")),
+            "{name}: {msg}"
+        );
     }
 }
 

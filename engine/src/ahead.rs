@@ -25,11 +25,21 @@ pub struct LayerAhead<B: Backend> {
 impl<B: Backend> LayerAhead<B> {
     /// Cuts the label rows for `channels` out of every layer's fused `[q; k; v]` matrix (and
     /// query bias), where the weights live.
-    pub fn new(cfg: &ModelConfig, backend: &B, channels: &[Vec<Vec<usize>>], qkv: &[(&B::Matrix, Option<&B::Tensor>)]) -> Result<LayerAhead<B>> {
+    pub fn new(
+        cfg: &ModelConfig,
+        backend: &B,
+        channels: &[Vec<Vec<usize>>],
+        qkv: &[(&B::Matrix, Option<&B::Tensor>)],
+    ) -> Result<LayerAhead<B>> {
         let (d, group) = (cfg.head_dim, cfg.num_heads / cfg.num_kv_heads);
-        let r = channels.first().and_then(|l| l.first()).map_or(0, |c| c.len());
+        let r = channels
+            .first()
+            .and_then(|l| l.first())
+            .map_or(0, |c| c.len());
         if channels.len() != cfg.num_layers || qkv.len() != cfg.num_layers || r == 0 {
-            return Err(EngineError::Invalid("layer-ahead channels do not fit the model".into()));
+            return Err(EngineError::Invalid(
+                "layer-ahead channels do not fit the model".into(),
+            ));
         }
         let mut rows = vec![None];
         let mut bias = vec![None];
@@ -38,7 +48,10 @@ impl<B: Backend> LayerAhead<B> {
             for h in 0..cfg.num_heads {
                 let ch = &layer_channels[h / group];
                 for partner in [false, true] {
-                    idx.extend(ch.iter().map(|&c| h * d + if partner { (c + d / 2) % d } else { c }));
+                    idx.extend(
+                        ch.iter()
+                            .map(|&c| h * d + if partner { (c + d / 2) % d } else { c }),
+                    );
                 }
             }
             let (m, qb) = qkv[l];
@@ -51,7 +64,12 @@ impl<B: Backend> LayerAhead<B> {
                 None => None,
             });
         }
-        Ok(LayerAhead { channels: channels.to_vec(), rows, bias, r })
+        Ok(LayerAhead {
+            channels: channels.to_vec(),
+            rows,
+            bias,
+            r,
+        })
     }
 
     /// Output columns of a layer's label-row matmul.
@@ -71,7 +89,15 @@ impl<B: Backend> LayerAhead<B> {
 
     /// Turns one token's raw matmul output (`n_heads * 2r` values) for layer `layer` into
     /// rotated label values (`n_heads * r`), appended to `out`.
-    pub fn rotate(&self, cfg: &ModelConfig, layer: usize, raw: &[f32], pos: u32, rope: &Rope, out: &mut Vec<f32>) {
+    pub fn rotate(
+        &self,
+        cfg: &ModelConfig,
+        layer: usize,
+        raw: &[f32],
+        pos: u32,
+        rope: &Rope,
+        out: &mut Vec<f32>,
+    ) {
         let (d, r, group) = (cfg.head_dim, self.r, cfg.num_heads / cfg.num_kv_heads);
         let bias = self.bias[layer].as_deref();
         for h in 0..cfg.num_heads {
@@ -82,7 +108,11 @@ impl<B: Backend> LayerAhead<B> {
                 let angle = pos as f32 * rope.inv_freq[c % (d / 2)];
                 let (sin, cos) = angle.sin_cos();
                 let (sin, cos) = (sin * rope.attention_scaling, cos * rope.attention_scaling);
-                out.push(if c < d / 2 { x * cos - partner * sin } else { x * cos + partner * sin });
+                out.push(if c < d / 2 {
+                    x * cos - partner * sin
+                } else {
+                    x * cos + partner * sin
+                });
             }
         }
     }

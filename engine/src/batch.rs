@@ -38,7 +38,12 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig { max_running: 8, prefill_tokens_per_step: 256, kv_dtype: DType::F16, kv_token_budget: 0 }
+        BatchConfig {
+            max_running: 8,
+            prefill_tokens_per_step: 256,
+            kv_dtype: DType::F16,
+            kv_token_budget: 0,
+        }
     }
 }
 
@@ -137,10 +142,24 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
     /// A scheduler with no sequences.
     pub fn new(model: &'m Model<B>, tok: &'m TextTokenizer, cfg: BatchConfig) -> Result<Self> {
         if cfg.max_running == 0 || cfg.prefill_tokens_per_step == 0 {
-            return Err(EngineError::Invalid("batch size and prefill tokens per step must be at least 1".into()));
+            return Err(EngineError::Invalid(
+                "batch size and prefill tokens per step must be at least 1".into(),
+            ));
         }
-        let ws = model.workspace(cfg.max_running + cfg.prefill_tokens_per_step, cfg.max_running)?;
-        Ok(Scheduler { model, tok, cfg, ws, waiting: VecDeque::new(), running: Vec::new(), next_id: 0, stats: SchedulerStats::default() })
+        let ws = model.workspace(
+            cfg.max_running + cfg.prefill_tokens_per_step,
+            cfg.max_running,
+        )?;
+        Ok(Scheduler {
+            model,
+            tok,
+            cfg,
+            ws,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            stats: SchedulerStats::default(),
+        })
     }
 
     /// The longest a sequence may grow (prompt plus new tokens): the context, or the KV budget.
@@ -162,7 +181,10 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
         if req.prompt.len() > limit {
             let context = self.model.cfg.context_length();
             return Err(if limit == context {
-                EngineError::PromptTooLong { tokens: req.prompt.len(), context }
+                EngineError::PromptTooLong {
+                    tokens: req.prompt.len(),
+                    context,
+                }
             } else {
                 EngineError::Invalid(format!(
                     "the prompt has {} tokens but the KV budget is {limit} tokens",
@@ -173,7 +195,12 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
         req.sampling.validate()?;
         let id = self.next_id;
         self.next_id += 1;
-        self.waiting.push_back(Waiting { id, req, sink, submitted: Instant::now() });
+        self.waiting.push_back(Waiting {
+            id,
+            req,
+            sink,
+            submitted: Instant::now(),
+        });
         Ok(id)
     }
 
@@ -198,7 +225,10 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
 
     /// KV tokens a request reserves: its prompt plus its token limit, capped.
     fn reservation(&self, req: &SeqRequest) -> usize {
-        req.prompt.len().saturating_add(req.max_new_tokens).min(self.max_sequence_tokens())
+        req.prompt
+            .len()
+            .saturating_add(req.max_new_tokens)
+            .min(self.max_sequence_tokens())
     }
 
     /// Moves waiting sequences in, oldest first, while there is room.
@@ -210,10 +240,17 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
             if self.cfg.kv_token_budget > 0 && reserved + need > self.cfg.kv_token_budget {
                 break;
             }
-            let Some(w) = self.waiting.pop_front() else { break };
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
             reserved += need;
             let limit = self.max_sequence_tokens();
-            let Waiting { id, req, sink, submitted } = w;
+            let Waiting {
+                id,
+                req,
+                sink,
+                submitted,
+            } = w;
             self.running.push(Running {
                 id,
                 kv: new_cache(self.model, self.cfg.kv_dtype)?,
@@ -243,19 +280,33 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
         let mut segs = Vec::with_capacity(self.running.len());
         let mut rows = Vec::with_capacity(self.running.len());
         for (i, r) in self.running.iter_mut().enumerate() {
-            let Running { kv, prompt, next, prefilled, .. } = r;
+            let Running {
+                kv,
+                prompt,
+                next,
+                prefilled,
+                ..
+            } = r;
             let (tokens, logits) = match next {
                 Some(t) => (std::slice::from_ref(&*t), Logits::Last),
                 None if budget > 0 => {
                     let end = prompt.len().min(*prefilled + budget);
                     budget -= end - *prefilled;
-                    let want = if end == prompt.len() { Logits::Last } else { Logits::None };
+                    let want = if end == prompt.len() {
+                        Logits::Last
+                    } else {
+                        Logits::None
+                    };
                     (&prompt[*prefilled..end], want)
                 }
                 None => continue,
             };
             rows.push((i, tokens.len()));
-            segs.push(Segment { tokens, kv: kv as &mut dyn KvStore<B>, logits });
+            segs.push(Segment {
+                tokens,
+                kv: kv as &mut dyn KvStore<B>,
+                logits,
+            });
         }
         let logits = self.model.forward(&mut self.ws, &mut segs)?;
         drop(segs);
@@ -281,7 +332,9 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
             let mut alive = true;
             let sink = &mut r.sink;
             let before = r.seq.generated();
-            let end = r.seq.accept(self.tok, t, r.kv.len(), &mut |d| alive &= sink(d))?;
+            let end = r
+                .seq
+                .accept(self.tok, t, r.kv.len(), &mut |d| alive &= sink(d))?;
             self.stats.generated_tokens += (r.seq.generated() - before) as u64;
             match (end, alive) {
                 (Some(reason), _) => ended.push((i, reason)),
@@ -299,7 +352,16 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
     }
 
     fn finish(&mut self, r: Running<'s, B>, reason: FinishReason) -> Result<SeqOutput> {
-        let Running { id, prompt, mut sink, seq, submitted, admitted, first_token, .. } = r;
+        let Running {
+            id,
+            prompt,
+            mut sink,
+            seq,
+            submitted,
+            admitted,
+            first_token,
+            ..
+        } = r;
         let done = seq.finish(self.tok, reason, &mut |d| {
             sink(d);
         })?;

@@ -55,7 +55,11 @@ pub fn model_identity(dir: &Path, cfg: &ModelConfig) -> Result<String> {
     h.update(std::fs::read(&config).map_err(|e| EngineError::io(&config, e))?);
     let w = Weights::open(dir)?;
     for l in [0, cfg.num_layers - 1] {
-        let m = w.matrix(&format!("model.layers.{l}.self_attn.k_proj.weight"), cfg.kv_width(), cfg.hidden_size)?;
+        let m = w.matrix(
+            &format!("model.layers.{l}.self_attn.k_proj.weight"),
+            cfg.kv_width(),
+            cfg.hidden_size,
+        )?;
         h.update(m.bytes);
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
@@ -80,7 +84,16 @@ impl<B: Backend> KvStore<B> for Collector<B> {
         self.inner.reserve(backend, n)
     }
     /// The model writes `[q | k | v]` rows with `q` from column 0 (see `Model::forward`).
-    fn write(&mut self, be: &B, layer: usize, src: &B::Tensor, row0: usize, k_col0: usize, v_col0: usize, n: usize) -> KResult<()> {
+    fn write(
+        &mut self,
+        be: &B,
+        layer: usize,
+        src: &B::Tensor,
+        row0: usize,
+        k_col0: usize,
+        v_col0: usize,
+        n: usize,
+    ) -> KResult<()> {
         let cols = be.tensor_shape(src).1;
         let rows = be.read_rows(src, row0, n)?;
         let d = self.head_dim;
@@ -105,7 +118,14 @@ impl<B: Backend> KvStore<B> for Collector<B> {
     fn truncate(&mut self, len: usize) {
         self.inner.truncate(len)
     }
-    fn attend(&self, be: &B, layer: usize, args: &CausalAttn, q: &B::Tensor, out: &mut B::Tensor) -> KResult<()> {
+    fn attend(
+        &self,
+        be: &B,
+        layer: usize,
+        args: &CausalAttn,
+        q: &B::Tensor,
+        out: &mut B::Tensor,
+    ) -> KResult<()> {
         self.inner.attend(be, layer, args, q, out)
     }
     fn bytes(&self) -> usize {
@@ -124,14 +144,25 @@ pub fn calibrate<B: Backend>(
 ) -> Result<Calibration> {
     let c = &model.cfg;
     if tokens.is_empty() {
-        return Err(EngineError::Invalid("calibration needs at least one token of text".into()));
+        return Err(EngineError::Invalid(
+            "calibration needs at least one token of text".into(),
+        ));
     }
     if tokens.len() > c.context_length() {
-        return Err(EngineError::PromptTooLong { tokens: tokens.len(), context: c.context_length() });
+        return Err(EngineError::PromptTooLong {
+            tokens: tokens.len(),
+            context: c.context_length(),
+        });
     }
     let (h, d) = (c.num_heads, c.head_dim);
     let mut col = Collector {
-        inner: DenseKvCache::new(&model.backend, c.num_layers, c.kv_width(), DType::F32, c.context_length())?,
+        inner: DenseKvCache::new(
+            &model.backend,
+            c.num_layers,
+            c.kv_width(),
+            DType::F32,
+            c.context_length(),
+        )?,
         heads: h,
         group: h / c.num_kv_heads,
         head_dim: d,
@@ -142,21 +173,34 @@ pub fn calibrate<B: Backend>(
     let mut ws = model.workspace(chunk.min(tokens.len()), 1)?;
     let mut done = 0;
     for part in tokens.chunks(chunk) {
-        let mut segs = [Segment { tokens: part, kv: &mut col, logits: Logits::None }];
+        let mut segs = [Segment {
+            tokens: part,
+            kv: &mut col,
+            logits: Logits::None,
+        }];
         model.forward(&mut ws, &mut segs)?;
         done += part.len();
         progress(done, tokens.len());
     }
     let n = col.tokens as f64;
-    let scores: Vec<Vec<Vec<f64>>> =
-        col.sums.iter().map(|l| l.chunks(d).map(|hc| hc.iter().map(|s| s / n).collect()).collect()).collect();
+    let scores: Vec<Vec<Vec<f64>>> = col
+        .sums
+        .iter()
+        .map(|l| {
+            l.chunks(d)
+                .map(|hc| hc.iter().map(|s| s / n).collect())
+                .collect()
+        })
+        .collect();
     let group = h / c.num_kv_heads;
     let ranking = scores
         .iter()
         .map(|layer| {
             (0..c.num_kv_heads)
                 .map(|g| {
-                    let total: Vec<f64> = (0..d).map(|ch| (0..group).map(|j| layer[g * group + j][ch]).sum()).collect();
+                    let total: Vec<f64> = (0..d)
+                        .map(|ch| (0..group).map(|j| layer[g * group + j][ch]).sum())
+                        .collect();
                     let mut order: Vec<usize> = (0..d).collect();
                     order.sort_by(|&a, &b| total[b].total_cmp(&total[a]).then(a.cmp(&b)));
                     order
@@ -182,7 +226,9 @@ pub fn calibrate<B: Backend>(
 impl Calibration {
     /// The ranking, for a sparse store.
     pub fn channel_ranking(&self) -> ChannelRanking {
-        ChannelRanking { order: self.ranking.clone() }
+        ChannelRanking {
+            order: self.ranking.clone(),
+        }
     }
 
     /// Writes the file (to a temporary name first, then renamed: never a half-written file).
@@ -203,7 +249,10 @@ impl Calibration {
 
     /// Reads and checks the calibration at `path` for the model `dir` / `cfg`.
     pub fn load(path: &Path, dir: &Path, cfg: &ModelConfig) -> Result<Calibration> {
-        let bad = |msg: String| EngineError::Config { path: path.to_path_buf(), msg };
+        let bad = |msg: String| EngineError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -219,9 +268,13 @@ impl Calibration {
         if text.len() > 64 << 20 {
             return Err(bad("calibration file larger than 64 MiB".into()));
         }
-        let c: Calibration = serde_json::from_str(&text).map_err(|e| bad(format!("not a calibration file: {e}")))?;
+        let c: Calibration =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a calibration file: {e}")))?;
         if c.format != FORMAT || c.version != VERSION {
-            return Err(bad(format!("format {:?} version {}, expected {FORMAT:?} version {VERSION}", c.format, c.version)));
+            return Err(bad(format!(
+                "format {:?} version {}, expected {FORMAT:?} version {VERSION}",
+                c.format, c.version
+            )));
         }
         let id = model_identity(dir, cfg)?;
         if c.model_identity != id {
@@ -233,9 +286,16 @@ impl Calibration {
             )));
         }
         let shape = (c.layers, c.heads, c.kv_heads, c.head_dim);
-        let want = (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let want = (
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
         if shape != want {
-            return Err(bad(format!("shape {shape:?} (layers, heads, kv heads, head dim), model {want:?}")));
+            return Err(bad(format!(
+                "shape {shape:?} (layers, heads, kv heads, head dim), model {want:?}"
+            )));
         }
         c.channel_ranking()
             .top(1, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)

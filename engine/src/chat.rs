@@ -27,7 +27,11 @@ fn raise_exception(msg: String) -> std::result::Result<String, Error> {
 
 impl ChatTemplate {
     /// Compiles `source`.
-    pub fn new(source: String, bos_token: Option<String>, eos_token: Option<String>) -> Result<ChatTemplate> {
+    pub fn new(
+        source: String,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<ChatTemplate> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -39,12 +43,19 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source)
             .map_err(|e| EngineError::Template(e.to_string()))?;
-        Ok(ChatTemplate { env, bos_token, eos_token })
+        Ok(ChatTemplate {
+            env,
+            bos_token,
+            eos_token,
+        })
     }
 
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let t = self.env.get_template("chat").map_err(|e| EngineError::Template(e.to_string()))?;
+        let t = self
+            .env
+            .get_template("chat")
+            .map_err(|e| EngineError::Template(e.to_string()))?;
         t.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
@@ -64,16 +75,30 @@ mod tests {
         let src = "{% for m in messages %}{% if m.role == 'system' %}[S]{{ m.content.strip() }}\n{% else %}<{{ m.role }}>{{ m.content }}{{ eos_token }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
         let t = ChatTemplate::new(src.into(), None, Some("</s>".into())).unwrap();
         let msgs = vec![
-            Message { role: "system".into(), content: "  be brief ".into() },
-            Message { role: "user".into(), content: "hi".into() },
+            Message {
+                role: "system".into(),
+                content: "  be brief ".into(),
+            },
+            Message {
+                role: "user".into(),
+                content: "hi".into(),
+            },
         ];
-        assert_eq!(t.render(&msgs, true).unwrap(), "[S]be brief\n<user>hi</s>\n<assistant>");
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "[S]be brief\n<user>hi</s>\n<assistant>"
+        );
         assert_eq!(t.render(&msgs[1..], false).unwrap(), "<user>hi</s>\n");
     }
 
     #[test]
     fn raise_exception_and_syntax_errors_are_errors() {
-        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}".into(), None, None).unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('roles must alternate') }}".into(),
+            None,
+            None,
+        )
+        .unwrap();
         let e = t.render(&[], false).unwrap_err().to_string();
         assert!(e.contains("roles must alternate"), "{e}");
         assert!(ChatTemplate::new("{% for %}".into(), None, None).is_err());

@@ -44,16 +44,21 @@ const ARCHITECTURES: &[(&str, &str)] = &[
 ];
 
 fn err(path: &Path, msg: impl Into<String>) -> EngineError {
-    EngineError::Config { path: path.to_path_buf(), msg: msg.into() }
+    EngineError::Config {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 fn get_usize(m: &Map<String, Value>, key: &str, path: &Path) -> Result<Option<usize>, EngineError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(|x| Some(x as usize))
-            .ok_or_else(|| err(path, format!("`{key}` must be a non-negative integer, got {v}"))),
+        Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+            err(
+                path,
+                format!("`{key}` must be a non-negative integer, got {v}"),
+            )
+        }),
     }
 }
 
@@ -84,7 +89,10 @@ fn get_bool(m: &Map<String, Value>, key: &str, path: &Path) -> Result<Option<boo
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -101,9 +109,15 @@ impl ModelConfig {
     pub fn from_json(text: &str, path: &Path) -> Result<ModelConfig, EngineError> {
         let v: Value =
             serde_json::from_str(text).map_err(|e| err(path, format!("not valid JSON: {e}")))?;
-        let m = v.as_object().ok_or_else(|| err(path, "not a JSON object"))?;
+        let m = v
+            .as_object()
+            .ok_or_else(|| err(path, "not a JSON object"))?;
 
-        let model_type = m.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        let model_type = m
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let arch = m
             .get("architectures")
             .and_then(Value::as_array)
@@ -131,7 +145,11 @@ impl ModelConfig {
         }
         let model_type = if model_type.is_empty() {
             let a = arch.unwrap_or_default();
-            ARCHITECTURES.iter().find(|(n, _)| *n == a).map(|(_, t)| t.to_string()).unwrap_or_default()
+            ARCHITECTURES
+                .iter()
+                .find(|(n, _)| *n == a)
+                .map(|(_, t)| t.to_string())
+                .unwrap_or_default()
         } else if ARCHITECTURES.iter().any(|(_, t)| *t == model_type) {
             model_type
         } else {
@@ -143,7 +161,9 @@ impl ModelConfig {
 
         if let Some(act) = m.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(EngineError::Unsupported(format!("hidden_act `{act}` (only silu)")));
+                return Err(EngineError::Unsupported(format!(
+                    "hidden_act `{act}` (only silu)"
+                )));
             }
         }
         if get_bool(m, "mlp_bias", path)? == Some(true) {
@@ -161,27 +181,40 @@ impl ModelConfig {
         }
         let head_dim = get_usize(m, "head_dim", path)?.unwrap_or(hidden_size / num_heads);
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(err(path, format!("head_dim {head_dim} must be even and positive")));
+            return Err(err(
+                path,
+                format!("head_dim {head_dim} must be even and positive"),
+            ));
         }
         let max_position_embeddings =
             get_usize(m, "max_position_embeddings", path)?.unwrap_or(2048);
 
         // Rope: transformers 4 writes rope_theta + rope_scaling; transformers 5 rope_parameters.
         let params = m.get("rope_parameters").and_then(Value::as_object);
-        let rope_theta = match params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
+        let rope_theta = match params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+        {
             Some(t) => t,
             None => get_f64(m, "rope_theta", path)?.unwrap_or(10000.0),
         };
         let scaling_obj = match m.get("rope_scaling") {
             Some(Value::Object(o)) => Some(o),
             Some(Value::Null) | None => params,
-            Some(other) => return Err(err(path, format!("`rope_scaling` must be an object, got {other}"))),
+            Some(other) => {
+                return Err(err(
+                    path,
+                    format!("`rope_scaling` must be an object, got {other}"),
+                ))
+            }
         };
         let rope_scaling = RopeScaling::from_json(scaling_obj, max_position_embeddings)
             .map_err(|msg| err(path, msg))?;
         if let Some(f) = get_f64(m, "partial_rotary_factor", path)? {
             if (f - 1.0).abs() > 1e-9 {
-                return Err(EngineError::Unsupported(format!("partial_rotary_factor {f}")));
+                return Err(EngineError::Unsupported(format!(
+                    "partial_rotary_factor {f}"
+                )));
             }
         }
 
@@ -191,7 +224,9 @@ impl ModelConfig {
         let sliding_window = match model_type.as_str() {
             "mistral" => get_usize(m, "sliding_window", path)?,
             "qwen2" if get_bool(m, "use_sliding_window", path)? == Some(true) => {
-                return Err(EngineError::Unsupported("qwen2 use_sliding_window = true".into()))
+                return Err(EngineError::Unsupported(
+                    "qwen2 use_sliding_window = true".into(),
+                ))
             }
             _ => None,
         };

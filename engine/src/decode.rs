@@ -44,7 +44,11 @@ pub(crate) struct StopFilter {
 
 impl StopFilter {
     pub(crate) fn new(stops: Vec<String>) -> StopFilter {
-        StopFilter { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), text: String::new(), emitted: 0 }
+        StopFilter {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            text: String::new(),
+            emitted: 0,
+        }
     }
 
     /// Adds a delta; returns true when a stop string was found (the text is then cut before it).
@@ -55,7 +59,11 @@ impl StopFilter {
         while !self.text.is_char_boundary(from) {
             from -= 1;
         }
-        let hit = self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+            .min();
         if let Some(at) = hit {
             self.text.truncate(at);
             self.release(at, out);
@@ -65,7 +73,11 @@ impl StopFilter {
         let mut safe = self.text.len();
         for (i, _) in self.text.char_indices().rev().take(64) {
             let tail = &self.text[i..];
-            if self.stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail)) {
+            if self
+                .stops
+                .iter()
+                .any(|s| s.len() > tail.len() && s.starts_with(tail))
+            {
                 safe = i;
             }
         }
@@ -104,7 +116,12 @@ pub struct Finished {
 
 impl Continuation {
     /// A fresh state; `context` is the model's context length.
-    pub fn new(sampling: SamplingParams, stop: Vec<String>, max_new_tokens: usize, context: usize) -> Continuation {
+    pub fn new(
+        sampling: SamplingParams,
+        stop: Vec<String>,
+        max_new_tokens: usize,
+        context: usize,
+    ) -> Continuation {
         Continuation {
             sampler: Sampler::new(sampling),
             stream: StreamDecoder::default(),
@@ -158,7 +175,12 @@ impl Continuation {
 
     /// Ends the sequence for `reason`: flushes held-back bytes and text (unless a stop string
     /// ended it, or the caller cancelled it) and returns the result.
-    pub fn finish(mut self, tok: &TextTokenizer, reason: FinishReason, on_text: &mut dyn FnMut(&str)) -> Result<Finished> {
+    pub fn finish(
+        mut self,
+        tok: &TextTokenizer,
+        reason: FinishReason,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Finished> {
         let mut finish = reason;
         if !matches!(reason, FinishReason::Stop | FinishReason::Cancelled) {
             let hit = match self.stream.flush(tok)? {
@@ -172,7 +194,11 @@ impl Continuation {
                 self.filter.release(end, on_text);
             }
         }
-        Ok(Finished { ids: self.ids, text: self.filter.text, finish })
+        Ok(Finished {
+            ids: self.ids,
+            text: self.filter.text,
+            finish,
+        })
     }
 }
 

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("model directory {} not found{hint}", path.display())]
     MissingModel { path: PathBuf, hint: String },
     #[error("{}: {msg}", path.display())]
@@ -34,7 +37,10 @@ pub enum EngineError {
 impl EngineError {
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> EngineError {
-        EngineError::Io { path: path.to_path_buf(), source }
+        EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 

@@ -50,7 +50,10 @@ fn check_text<B: Backend>(model: &Model<B>, tokens: &[u32]) -> Result<()> {
     }
     let context = model.cfg.context_length();
     if tokens.len() > context {
-        return Err(EngineError::PromptTooLong { tokens: tokens.len(), context });
+        return Err(EngineError::PromptTooLong {
+            tokens: tokens.len(),
+            context,
+        });
     }
     Ok(())
 }
@@ -75,7 +78,11 @@ pub fn perplexity_with<B: Backend>(
     while start < tokens.len() {
         let end = (start + chunk).min(tokens.len());
         let part = &tokens[start..end];
-        let mut segs = [Segment { tokens: part, kv: &mut *kv, logits: Logits::All }];
+        let mut segs = [Segment {
+            tokens: part,
+            kv: &mut *kv,
+            logits: Logits::All,
+        }];
         let logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         for i in 0..part.len() {
             let pos = start + i;
@@ -88,7 +95,12 @@ pub fn perplexity_with<B: Backend>(
         progress(start, tokens.len());
     }
     let nll_mean = total / count as f64;
-    Ok(Perplexity { tokens: tokens.len(), nll_mean, ppl: nll_mean.exp(), seconds: t0.elapsed().as_secs_f64() })
+    Ok(Perplexity {
+        tokens: tokens.len(),
+        nll_mean,
+        ppl: nll_mean.exp(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// How closely one store's logits follow another's (sparse vs dense) over a text.
@@ -107,12 +119,19 @@ pub struct Agreement {
 
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = logits
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     logits.iter().map(|&v| v as f64 - lse).collect()
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b })
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (i, &x)| if x > v[b] { i } else { b })
 }
 
 /// Teacher-forces `tokens` through two stores (`reference`, `candidate`) in `chunk`-token calls
@@ -132,15 +151,31 @@ pub fn agreement<B: Backend>(
     let vocab = model.cfg.vocab_size;
     let (mut same, mut kl_sum, mut kl_max, mut n) = (0usize, 0.0f64, 0.0f64, 0usize);
     for (ci, part) in tokens.chunks(chunk).enumerate() {
-        let mut a = [Segment { tokens: part, kv: &mut *reference, logits: Logits::All }];
+        let mut a = [Segment {
+            tokens: part,
+            kv: &mut *reference,
+            logits: Logits::All,
+        }];
         let la = model.forward(&mut ws, &mut a)?.swap_remove(0);
-        let mut b = [Segment { tokens: part, kv: &mut *candidate, logits: Logits::All }];
+        let mut b = [Segment {
+            tokens: part,
+            kv: &mut *candidate,
+            logits: Logits::All,
+        }];
         let lb = model.forward(&mut ws, &mut b)?.swap_remove(0);
         for i in 0..part.len() {
-            let (ra, rb) = (&la[i * vocab..(i + 1) * vocab], &lb[i * vocab..(i + 1) * vocab]);
+            let (ra, rb) = (
+                &la[i * vocab..(i + 1) * vocab],
+                &lb[i * vocab..(i + 1) * vocab],
+            );
             same += usize::from(argmax(ra) == argmax(rb));
             let (pa, pb) = (log_softmax(ra), log_softmax(rb));
-            let kl: f64 = pa.iter().zip(&pb).map(|(x, y)| x.exp() * (x - y)).sum::<f64>().max(0.0);
+            let kl: f64 = pa
+                .iter()
+                .zip(&pb)
+                .map(|(x, y)| x.exp() * (x - y))
+                .sum::<f64>()
+                .max(0.0);
             kl_sum += kl;
             kl_max = kl_max.max(kl);
             n += 1;

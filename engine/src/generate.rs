@@ -13,8 +13,8 @@ use crate::model::{Logits, Model, Segment, Workspace};
 use crate::sampler::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 
-pub use crate::decode::FinishReason;
 use crate::decode::Continuation;
+pub use crate::decode::FinishReason;
 
 /// What to generate and how.
 #[derive(Clone, Debug)]
@@ -84,7 +84,13 @@ impl Generation {
 /// A dense KV cache sized for `model`.
 pub fn new_cache<B: Backend>(model: &Model<B>, dtype: DType) -> Result<DenseKvCache<B>> {
     let c = &model.cfg;
-    Ok(DenseKvCache::new(&model.backend, c.num_layers, c.kv_width(), dtype, c.context_length())?)
+    Ok(DenseKvCache::new(
+        &model.backend,
+        c.num_layers,
+        c.kv_width(),
+        dtype,
+        c.context_length(),
+    )?)
 }
 
 /// Runs `prompt` through `model` into `kv` in chunks, reporting `(0, total)` first and
@@ -103,8 +109,16 @@ pub fn prefill<B: Backend>(
     progress(0, prompt.len());
     for part in prompt.chunks(chunk) {
         done += part.len();
-        let want = if done == prompt.len() { Logits::Last } else { Logits::None };
-        let mut segs = [Segment { tokens: part, kv: &mut *kv, logits: want }];
+        let want = if done == prompt.len() {
+            Logits::Last
+        } else {
+            Logits::None
+        };
+        let mut segs = [Segment {
+            tokens: part,
+            kv: &mut *kv,
+            logits: want,
+        }];
         last = model.forward(ws, &mut segs)?.swap_remove(0);
         progress(done, prompt.len());
     }
@@ -112,13 +126,20 @@ pub fn prefill<B: Backend>(
 }
 
 /// The checks of a generation request, made before any store is allocated.
-fn check_request<B: Backend>(model: &Model<B>, prompt: &[u32], opts: &GenerateOptions) -> Result<()> {
+fn check_request<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Result<()> {
     if prompt.is_empty() {
         return Err(EngineError::EmptyPrompt);
     }
     let context = model.cfg.context_length();
     if prompt.len() > context {
-        return Err(EngineError::PromptTooLong { tokens: prompt.len(), context });
+        return Err(EngineError::PromptTooLong {
+            tokens: prompt.len(),
+            context,
+        });
     }
     opts.sampling.validate()
 }
@@ -150,11 +171,19 @@ pub fn generate_in<B: Backend + 'static>(
 ) -> Result<Generation> {
     check_request(model, prompt, opts)?;
     if !kv.is_empty() {
-        return Err(EngineError::Invalid(format!("generate_in: the store already holds {} tokens", kv.len())));
+        return Err(EngineError::Invalid(format!(
+            "generate_in: the store already holds {} tokens",
+            kv.len()
+        )));
     }
     let context = model.cfg.context_length();
     let mut ws = model.workspace(opts.prefill_chunk.min(prompt.len()), 1)?;
-    let mut seq = Continuation::new(opts.sampling.clone(), opts.stop.clone(), opts.max_new_tokens, context);
+    let mut seq = Continuation::new(
+        opts.sampling.clone(),
+        opts.stop.clone(),
+        opts.max_new_tokens,
+        context,
+    );
 
     let t0 = Instant::now();
     let logits = prefill(model, &mut ws, kv, prompt, opts.prefill_chunk, progress)?;
@@ -167,7 +196,11 @@ pub fn generate_in<B: Backend + 'static>(
         if let Some(reason) = seq.accept(tok, next, kv.len(), on_text)? {
             break reason;
         }
-        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv, logits: Logits::Last }];
+        let mut segs = [Segment {
+            tokens: std::slice::from_ref(&next),
+            kv,
+            logits: Logits::Last,
+        }];
         let logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         steps += 1;
         next = seq.sample(&logits);

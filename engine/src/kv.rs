@@ -56,19 +56,30 @@ impl Attention {
 }
 
 /// A store for one sequence of `model`.
-pub fn new_store<B: Backend + 'static>(model: &Model<B>, dtype: DType, attention: &Attention) -> Result<Box<dyn KvStore<B>>> {
+pub fn new_store<B: Backend + 'static>(
+    model: &Model<B>,
+    dtype: DType,
+    attention: &Attention,
+) -> Result<Box<dyn KvStore<B>>> {
     let c = &model.cfg;
     Ok(match attention {
-        Attention::Dense => {
-            Box::new(DenseKvCache::new(&model.backend, c.num_layers, c.kv_width(), dtype, c.context_length())?)
-        }
+        Attention::Dense => Box::new(DenseKvCache::new(
+            &model.backend,
+            c.num_layers,
+            c.kv_width(),
+            dtype,
+            c.context_length(),
+        )?),
         Attention::DoubleSparse(s) => {
             let any: &dyn std::any::Any = &model.backend;
             if let Some(cuda) = any.downcast_ref::<CudaBackend>() {
                 // On the GPU: the offloaded store (rows in pinned host memory).
-                let store: Box<dyn KvStore<CudaBackend>> = Box::new(new_offload_store(model, cuda, dtype, s)?);
+                let store: Box<dyn KvStore<CudaBackend>> =
+                    Box::new(new_offload_store(model, cuda, dtype, s)?);
                 let boxed: Box<dyn std::any::Any> = Box::new(store);
-                return Ok(*boxed.downcast::<Box<dyn KvStore<B>>>().expect("B is CudaBackend here"));
+                return Ok(*boxed
+                    .downcast::<Box<dyn KvStore<B>>>()
+                    .expect("B is CudaBackend here"));
             }
             Box::new(new_sparse_store(model, dtype, s)?)
         }
@@ -78,9 +89,18 @@ pub fn new_store<B: Backend + 'static>(model: &Model<B>, dtype: DType, attention
 /// The offloaded Double Sparsity store (`farsight-prefetch`) for a model on the GPU: the full
 /// KV in pinned host memory, labels and a row cache on the GPU. Settings it does not implement
 /// are refused by name.
-pub fn new_offload_store<B: Backend>(model: &Model<B>, cuda: &CudaBackend, dtype: DType, s: &SparseSetup) -> Result<OffloadKvStore> {
+pub fn new_offload_store<B: Backend>(
+    model: &Model<B>,
+    cuda: &CudaBackend,
+    dtype: DType,
+    s: &SparseSetup,
+) -> Result<OffloadKvStore> {
     let c = &model.cfg;
-    let refuse = |what: &str| Err(EngineError::Unsupported(format!("{what} with --device cuda and --attention double-sparse (the offloaded store)")));
+    let refuse = |what: &str| {
+        Err(EngineError::Unsupported(format!(
+            "{what} with --device cuda and --attention double-sparse (the offloaded store)"
+        )))
+    };
     if !matches!(s.store, KvStoreSpec::Host) {
         return refuse("--kv-store disk:PATH");
     }
@@ -96,7 +116,12 @@ pub fn new_offload_store<B: Backend>(model: &Model<B>, cuda: &CudaBackend, dtype
     if s.cfg.sparse_prefill {
         return refuse("per-position sparse evaluation (eval ppl/sweep)");
     }
-    let channels = s.ranking.top(s.cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim)?;
+    let channels = s.ranking.top(
+        s.cfg.label_channels,
+        c.num_layers,
+        c.num_kv_heads,
+        c.head_dim,
+    )?;
     let cfg = OffloadConfig {
         budget: s.cfg.budget,
         sink: s.cfg.sink,
@@ -108,11 +133,20 @@ pub fn new_offload_store<B: Backend>(model: &Model<B>, cuda: &CudaBackend, dtype
         home: RowHome::Host,
         measure_recall: false,
     };
-    Ok(OffloadKvStore::new(cuda, cfg, model.attn_shape(), c.num_layers)?)
+    Ok(OffloadKvStore::new(
+        cuda,
+        cfg,
+        model.attn_shape(),
+        c.num_layers,
+    )?)
 }
 
 /// A sparse store for one sequence of `model` (typed, for callers that read its statistics).
-pub fn new_sparse_store<B: Backend>(model: &Model<B>, dtype: DType, s: &SparseSetup) -> Result<SparseKvStore> {
+pub fn new_sparse_store<B: Backend>(
+    model: &Model<B>,
+    dtype: DType,
+    s: &SparseSetup,
+) -> Result<SparseKvStore> {
     let c = &model.cfg;
     let shape = model.attn_shape();
     let mut layout = row_layout(c.num_layers, &shape, dtype);
@@ -120,7 +154,15 @@ pub fn new_sparse_store<B: Backend>(model: &Model<B>, dtype: DType, s: &SparseSe
         layout.extent_slots = EVICT_EXTENT_SLOTS;
     }
     let tier = s.store.open(layout)?;
-    Ok(SparseKvStore::new(s.cfg.clone(), shape, c.num_layers, dtype, &s.ranking, tier, c.context_length())?)
+    Ok(SparseKvStore::new(
+        s.cfg.clone(),
+        shape,
+        c.num_layers,
+        dtype,
+        &s.ranking,
+        tier,
+        c.context_length(),
+    )?)
 }
 
 /// Bytes a dense cache holds for `tokens` tokens of `cfg` in `dtype` (the "full KV" that budget

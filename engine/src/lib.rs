@@ -2,9 +2,9 @@
 //! template, the Llama forward pass written once over a `Backend`, sampling and generation.
 
 pub mod ahead;
+pub mod batch;
 pub mod calibrate;
 pub mod chat;
-pub mod batch;
 pub mod config;
 pub mod decode;
 pub mod error;

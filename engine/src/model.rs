@@ -136,7 +136,12 @@ impl<B: Backend> Model<B> {
                 ],
                 "q/k/v",
             )?;
-            let qkv = backend.upload_matrix(HostMatrix { rows, cols, dtype, bytes: &bytes })?;
+            let qkv = backend.upload_matrix(HostMatrix {
+                rows,
+                cols,
+                dtype,
+                bytes: &bytes,
+            })?;
             let qkv_bias = if cfg.qkv_bias {
                 let mut b = w.vector(&format!("{p}.self_attn.q_proj.bias"), qw)?;
                 b.extend(w.vector(&format!("{p}.self_attn.k_proj.bias"), kvw)?);
@@ -162,16 +167,29 @@ impl<B: Backend> Model<B> {
                 ],
                 "gate/up",
             )?;
-            let gate_up = backend.upload_matrix(HostMatrix { rows, cols, dtype, bytes: &bytes })?;
+            let gate_up = backend.upload_matrix(HostMatrix {
+                rows,
+                cols,
+                dtype,
+                bytes: &bytes,
+            })?;
             layers.push(Layer {
                 attn_norm: vector(&format!("{p}.input_layernorm.weight"))?,
                 qkv,
                 qkv_bias,
-                o: backend.upload_matrix(w.matrix(&format!("{p}.self_attn.o_proj.weight"), hd, qw)?)?,
+                o: backend.upload_matrix(w.matrix(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    hd,
+                    qw,
+                )?)?,
                 o_bias,
                 mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"))?,
                 gate_up,
-                down: backend.upload_matrix(w.matrix(&format!("{p}.mlp.down_proj.weight"), hd, inter)?)?,
+                down: backend.upload_matrix(w.matrix(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    hd,
+                    inter,
+                )?)?,
             });
         }
         let norm = vector("model.norm.weight")?;
@@ -199,7 +217,11 @@ impl<B: Backend> Model<B> {
         if self.ahead.as_ref().is_some_and(|a| a.channels == channels) {
             return Ok(());
         }
-        let qkv: Vec<_> = self.layers.iter().map(|l| (&l.qkv, l.qkv_bias.as_ref())).collect();
+        let qkv: Vec<_> = self
+            .layers
+            .iter()
+            .map(|l| (&l.qkv, l.qkv_bias.as_ref()))
+            .collect();
         self.ahead = Some(LayerAhead::new(&self.cfg, &self.backend, channels, &qkv)?);
         Ok(())
     }
@@ -219,9 +241,13 @@ impl<B: Backend> Model<B> {
             return Ok(());
         }
         let ahead = self.ahead.as_ref().ok_or_else(|| {
-            EngineError::Invalid("layer-ahead prediction asked for, but the model has no label rows".into())
+            EngineError::Invalid(
+                "layer-ahead prediction asked for, but the model has no label rows".into(),
+            )
         })?;
-        let Some(m) = ahead.rows(next) else { return Ok(()) };
+        let Some(m) = ahead.rows(next) else {
+            return Ok(());
+        };
         let be = &self.backend;
         let n: usize = segs.iter().map(|s| s.tokens.len()).sum();
         let width = ahead.width(self.cfg.num_heads);
@@ -236,21 +262,34 @@ impl<B: Backend> Model<B> {
             match s.kv.ahead_channels() {
                 None => continue,
                 Some(ch) if ch != &ahead.channels[..] => {
-                    return Err(EngineError::Invalid("store and model disagree on the label channels".into()));
+                    return Err(EngineError::Invalid(
+                        "store and model disagree on the label channels".into(),
+                    ));
                 }
                 Some(_) => {}
             }
             let len = s.tokens.len();
-            if ahead.bias(next).is_none() && s.kv.predict_raw(be, next, out, r0, len, positions[r0], rope)? {
+            if ahead.bias(next).is_none()
+                && s.kv
+                    .predict_raw(be, next, out, r0, len, positions[r0], rope)?
+            {
                 continue;
             }
             if raw.is_none() {
                 raw = Some(be.read_rows(out, 0, n)?);
             }
             let raw = raw.as_deref().expect("read above");
-            let mut q_hat = Vec::with_capacity(len * self.cfg.num_heads * ahead.channels[next][0].len());
+            let mut q_hat =
+                Vec::with_capacity(len * self.cfg.num_heads * ahead.channels[next][0].len());
             for i in r0..r0 + len {
-                ahead.rotate(&self.cfg, next, &raw[i * width..(i + 1) * width], positions[i], rope, &mut q_hat);
+                ahead.rotate(
+                    &self.cfg,
+                    next,
+                    &raw[i * width..(i + 1) * width],
+                    positions[i],
+                    rope,
+                    &mut q_hat,
+                );
             }
             s.kv.predict(next, &q_hat, len)?;
         }
@@ -280,7 +319,11 @@ impl<B: Backend> Model<B> {
     /// Bytes of f32 buffers a [`Model::workspace`] of this size holds.
     pub fn workspace_bytes(&self, rows: usize, logit_rows: usize) -> usize {
         let c = &self.cfg;
-        let per_row = 3 * c.hidden_size + c.q_width() + 2 * c.kv_width() + c.q_width() + 3 * c.intermediate_size;
+        let per_row = 3 * c.hidden_size
+            + c.q_width()
+            + 2 * c.kv_width()
+            + c.q_width()
+            + 3 * c.intermediate_size;
         4 * (rows.max(1) * per_row + logit_rows.max(1) * (c.hidden_size + c.vocab_size))
     }
 
@@ -308,7 +351,11 @@ impl<B: Backend> Model<B> {
 
     /// Runs the segments' new tokens through the model, appending their K/V rows to each
     /// segment's store. Returns, per segment, the requested logits (`vocab` values per row).
-    pub fn forward(&self, ws: &mut Workspace<B>, segs: &mut [Segment<'_, B>]) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(
+        &self,
+        ws: &mut Workspace<B>,
+        segs: &mut [Segment<'_, B>],
+    ) -> Result<Vec<Vec<f32>>> {
         let be = &self.backend;
         let c = &self.cfg;
         let n: usize = segs.iter().map(|s| s.tokens.len()).sum();
@@ -364,7 +411,14 @@ impl<B: Backend> Model<B> {
             self.predict_ahead(ws, segs, &row0, &positions, l + 1, rope)?;
             be.matmul(&ws.xn, &layer.qkv, layer.qkv_bias.as_ref(), &mut ws.qkv, n)?;
             be.rope(&mut ws.qkv, 0, c.num_heads, c.head_dim, &positions, rope)?;
-            be.rope(&mut ws.qkv, qw, c.num_kv_heads, c.head_dim, &positions, rope)?;
+            be.rope(
+                &mut ws.qkv,
+                qw,
+                c.num_kv_heads,
+                c.head_dim,
+                &positions,
+                rope,
+            )?;
             for (s, &r0) in segs.iter_mut().zip(&row0) {
                 let len = s.tokens.len();
                 if len == 0 {

@@ -10,9 +10,11 @@ use crate::model::Model;
 use crate::sampler::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 
-const INTRO: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. \
+const INTRO: &str =
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. \
 I will quiz you about the important information there.\n";
-const FILLER: &str = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
+const FILLER: &str =
+    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
 const QUESTION: &str = "\nWhat is the pass key? The pass key is";
 
 /// One retrieval trial.
@@ -41,18 +43,31 @@ pub struct PasskeyTrial {
 }
 
 /// A prompt of about `length` tokens with `key` at `depth`.
-pub fn passkey_prompt(tok: &TextTokenizer, length: usize, depth: f64, key: &str) -> Result<Vec<u32>> {
+pub fn passkey_prompt(
+    tok: &TextTokenizer,
+    length: usize,
+    depth: f64,
+    key: &str,
+) -> Result<Vec<u32>> {
     Ok(passkey_prompt_needle(tok, length, depth, key)?.0)
 }
 
 /// As [`passkey_prompt`], with the prompt positions of the needle sentence when its tokens
 /// appear as they do alone (they do for tokenizers that split at the spaces around it).
-pub fn passkey_prompt_needle(tok: &TextTokenizer, length: usize, depth: f64, key: &str) -> Result<(Vec<u32>, Option<std::ops::Range<usize>>)> {
+pub fn passkey_prompt_needle(
+    tok: &TextTokenizer,
+    length: usize,
+    depth: f64,
+    key: &str,
+) -> Result<(Vec<u32>, Option<std::ops::Range<usize>>)> {
     let needle = format!(" The pass key is {key}. Remember it. {key} is the pass key.");
     let fixed = tok.encode(&format!("{INTRO}{needle}{QUESTION}"))?.len();
     let unit = tok.encode(FILLER)?.len().max(1);
     if length < fixed + unit {
-        return Err(EngineError::Invalid(format!("passkey length {length} is too short (at least {} tokens)", fixed + unit)));
+        return Err(EngineError::Invalid(format!(
+            "passkey length {length} is too short (at least {} tokens)",
+            fixed + unit
+        )));
     }
     let units = (length - fixed) / unit;
     let before = ((units as f64) * depth.clamp(0.0, 1.0)).round() as usize;
@@ -63,14 +78,21 @@ pub fn passkey_prompt_needle(tok: &TextTokenizer, length: usize, depth: f64, key
     );
     let ids = tok.encode(&text)?;
     let alone = tok.encode(&needle)?;
-    let at = if alone.is_empty() { None } else { ids.windows(alone.len()).position(|w| w == alone.as_slice()) };
+    let at = if alone.is_empty() {
+        None
+    } else {
+        ids.windows(alone.len()).position(|w| w == alone.as_slice())
+    };
     Ok((ids, at.map(|s| s..s + alone.len())))
 }
 
 /// The first run of ASCII digits in `text`.
 pub fn first_number(text: &str) -> Option<String> {
     let start = text.find(|c: char| c.is_ascii_digit())?;
-    let digits: String = text[start..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    let digits: String = text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
     Some(digits)
 }
 
@@ -93,12 +115,18 @@ pub fn passkey_trial<B: Backend + 'static>(
     prefill_chunk: usize,
 ) -> Result<PasskeyTrial> {
     let (prompt, needle) = passkey_prompt_needle(tok, length, depth, key)?;
-    let digit = |p: &usize| tok.decode(&prompt[*p..*p + 1]).is_ok_and(|t| !t.trim().is_empty() && t.trim().chars().all(|c| c.is_ascii_digit()));
+    let digit = |p: &usize| {
+        tok.decode(&prompt[*p..*p + 1])
+            .is_ok_and(|t| !t.trim().is_empty() && t.trim().chars().all(|c| c.is_ascii_digit()))
+    };
     let key_pos: Option<Vec<usize>> = needle.clone().map(|r| r.filter(digit).collect());
     let opts = GenerateOptions {
         max_new_tokens: answer_tokens(key),
         prefill_chunk,
-        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
         kv_dtype,
         attention: attention.clone(),
         ..GenerateOptions::default()
@@ -107,12 +135,31 @@ pub fn passkey_trial<B: Backend + 'static>(
     let (g, kept): (_, Box<dyn Fn(usize) -> bool>) = match attention {
         Attention::DoubleSparse(s) => {
             let mut kv = new_sparse_store(model, kv_dtype, s)?;
-            let g = generate_in(model, tok, &prompt, &opts, &mut kv, &mut |_, _| {}, &mut |_| {})?;
+            let g = generate_in(
+                model,
+                tok,
+                &prompt,
+                &opts,
+                &mut kv,
+                &mut |_, _| {},
+                &mut |_| {},
+            )?;
             (g, Box::new(move |p| kv.slot_of(p).is_some()))
         }
         Attention::Dense => {
             let mut kv = new_store(model, kv_dtype, attention)?;
-            (generate_in(model, tok, &prompt, &opts, kv.as_mut(), &mut |_, _| {}, &mut |_| {})?, Box::new(|_| true))
+            (
+                generate_in(
+                    model,
+                    tok,
+                    &prompt,
+                    &opts,
+                    kv.as_mut(),
+                    &mut |_, _| {},
+                    &mut |_| {},
+                )?,
+                Box::new(|_| true),
+            )
         }
     };
     let answer = first_number(&g.text);

@@ -11,11 +11,16 @@ use serde_json::{Map, Value};
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Dynamic NTK: the base grows once the sequence passes `original_max` (the config's
     /// `max_position_embeddings`); the frequencies of a forward call follow its longest position,
     /// and cached keys keep the rotation they were written with, as in transformers.
-    Dynamic { factor: f64, original_max: usize },
+    Dynamic {
+        factor: f64,
+        original_max: usize,
+    },
     Yarn {
         factor: f64,
         original_max: usize,
@@ -24,7 +29,12 @@ pub enum RopeScaling {
         attention_factor: f64,
         truncate: bool,
     },
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max: usize },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max: usize,
+    },
 }
 
 fn num(o: &Map<String, Value>, key: &str) -> Option<f64> {
@@ -46,13 +56,16 @@ impl RopeScaling {
         o: Option<&Map<String, Value>>,
         max_position_embeddings: usize,
     ) -> Result<RopeScaling, String> {
-        let Some(o) = o else { return Ok(RopeScaling::None) };
+        let Some(o) = o else {
+            return Ok(RopeScaling::None);
+        };
         let ty = o
             .get("rope_type")
             .or_else(|| o.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
-        let factor = || num(o, "factor").ok_or_else(|| format!("rope_scaling `{ty}` needs `factor`"));
+        let factor =
+            || num(o, "factor").ok_or_else(|| format!("rope_scaling `{ty}` needs `factor`"));
         let original_max = o
             .get("original_max_position_embeddings")
             .and_then(Value::as_u64)
@@ -112,14 +125,20 @@ impl RopeScaling {
 pub fn rope_for(theta: f64, head_dim: usize, scaling: &RopeScaling, seq_len: usize) -> Rope {
     let dim = head_dim as f64;
     let base_freqs = |base: f64| -> Vec<f64> {
-        (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim)).collect()
+        (0..head_dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / dim))
+            .collect()
     };
     let (inv, scale) = match *scaling {
         RopeScaling::None => (base_freqs(theta), 1.0),
-        RopeScaling::Linear { factor } => {
-            (base_freqs(theta).into_iter().map(|f| f / factor).collect(), 1.0)
-        }
-        RopeScaling::Dynamic { factor, original_max } => {
+        RopeScaling::Linear { factor } => (
+            base_freqs(theta).into_iter().map(|f| f / factor).collect(),
+            1.0,
+        ),
+        RopeScaling::Dynamic {
+            factor,
+            original_max,
+        } => {
             let base = if seq_len > original_max {
                 theta
                     * ((factor * seq_len as f64 / original_max as f64) - (factor - 1.0))
@@ -129,10 +148,16 @@ pub fn rope_for(theta: f64, head_dim: usize, scaling: &RopeScaling, seq_len: usi
             };
             (base_freqs(base), 1.0)
         }
-        RopeScaling::Yarn { factor, original_max, beta_fast, beta_slow, attention_factor, truncate } => {
-            let corr = |rot: f64| {
-                dim * (original_max as f64 / (rot * 2.0 * PI)).ln() / (2.0 * theta.ln())
-            };
+        RopeScaling::Yarn {
+            factor,
+            original_max,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        } => {
+            let corr =
+                |rot: f64| dim * (original_max as f64 / (rot * 2.0 * PI)).ln() / (2.0 * theta.ln());
             let (mut low, mut high) = (corr(beta_fast), corr(beta_slow));
             if truncate {
                 low = low.floor();
@@ -153,7 +178,12 @@ pub fn rope_for(theta: f64, head_dim: usize, scaling: &RopeScaling, seq_len: usi
                 .collect();
             (inv, attention_factor)
         }
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max,
+        } => {
             let old = original_max as f64;
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
@@ -166,8 +196,8 @@ pub fn rope_for(theta: f64, head_dim: usize, scaling: &RopeScaling, seq_len: usi
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -175,7 +205,10 @@ pub fn rope_for(theta: f64, head_dim: usize, scaling: &RopeScaling, seq_len: usi
             (inv, 1.0)
         }
     };
-    Rope { inv_freq: inv.into_iter().map(|f: f64| f as f32).collect(), attention_scaling: scale as f32 }
+    Rope {
+        inv_freq: inv.into_iter().map(|f: f64| f as f32).collect(),
+        attention_scaling: scale as f32,
+    }
 }
 
 #[cfg(test)]
@@ -221,22 +254,30 @@ mod tests {
 
     #[test]
     fn linear_dynamic_and_yarn() {
-        let lin = RopeScaling::from_json(Some(&obj(r#"{"type":"linear","factor":4.0}"#)), 4096).unwrap();
+        let lin =
+            RopeScaling::from_json(Some(&obj(r#"{"type":"linear","factor":4.0}"#)), 4096).unwrap();
         assert!((rope_for(10000.0, 8, &lin, 1).inv_freq[1] - 0.025).abs() < 1e-8);
-        let dynm = RopeScaling::from_json(Some(&obj(r#"{"type":"dynamic","factor":2.0}"#)), 100).unwrap();
-        assert_eq!(rope_for(10000.0, 8, &dynm, 100), rope_for(10000.0, 8, &RopeScaling::None, 1));
+        let dynm =
+            RopeScaling::from_json(Some(&obj(r#"{"type":"dynamic","factor":2.0}"#)), 100).unwrap();
+        assert_eq!(
+            rope_for(10000.0, 8, &dynm, 100),
+            rope_for(10000.0, 8, &RopeScaling::None, 1)
+        );
         // seq 200 with factor 2 over 100: base * (2*2 - 1)^(8/6)
         let b = 10000.0 * 3f64.powf(8.0 / 6.0);
         let got = rope_for(10000.0, 8, &dynm, 200).inv_freq[1];
         assert!((got as f64 - 1.0 / b.powf(0.25)).abs() < 1e-7);
-        let yarn = RopeScaling::from_json(Some(&obj(r#"{"rope_type":"yarn","factor":4.0}"#)), 4096).unwrap();
+        let yarn = RopeScaling::from_json(Some(&obj(r#"{"rope_type":"yarn","factor":4.0}"#)), 4096)
+            .unwrap();
         let r = rope_for(10000.0, 64, &yarn, 1);
         let base = rope_for(10000.0, 64, &RopeScaling::None, 1);
         assert_eq!(r.inv_freq[0], base.inv_freq[0]); // extrapolated
         assert!((r.inv_freq[31] - base.inv_freq[31] / 4.0).abs() < 1e-12); // interpolated
         assert!((r.attention_scaling - (0.1 * 4f32.ln() + 1.0)).abs() < 1e-6);
-        assert!(RopeScaling::from_json(Some(&obj(r#"{"type":"longrope","factor":4.0}"#)), 1)
-            .unwrap_err()
-            .contains("longrope"));
+        assert!(
+            RopeScaling::from_json(Some(&obj(r#"{"type":"longrope","factor":4.0}"#)), 1)
+                .unwrap_err()
+                .contains("longrope")
+        );
     }
 }

@@ -20,7 +20,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -28,10 +33,16 @@ impl SamplingParams {
     /// Rejects values with no meaning (negative temperature, top-p outside (0, 1]).
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
-            return Err(EngineError::Invalid(format!("temperature {} (must be >= 0)", self.temperature)));
+            return Err(EngineError::Invalid(format!(
+                "temperature {} (must be >= 0)",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(EngineError::Invalid(format!("top-p {} (must be in (0, 1])", self.top_p)));
+            return Err(EngineError::Invalid(format!(
+                "top-p {} (must be in (0, 1])",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -59,7 +70,11 @@ pub fn argmax(logits: &[f32]) -> u32 {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Sampler { params, rng, cand: Vec::new() }
+        Sampler {
+            params,
+            rng,
+            cand: Vec::new(),
+        }
     }
 
     /// Picks a token from one row of logits.
@@ -69,7 +84,12 @@ impl Sampler {
             return argmax(logits);
         }
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &v)| (v / p.temperature, i as u32)));
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (v / p.temperature, i as u32)),
+        );
         let by_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && p.top_k < self.cand.len() {
             self.cand.select_nth_unstable_by(p.top_k - 1, by_desc);
@@ -119,32 +139,76 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seed_reproduces() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 3 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 3,
+        });
         assert_eq!(s.sample(&logits), argmax(&logits));
-        let p = SamplingParams { temperature: 0.8, top_k: 0, top_p: 0.9, seed: 42 };
-        let a: Vec<u32> = { let mut s = Sampler::new(p.clone()); (0..50).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p); (0..50).map(|_| s.sample(&logits)).collect() };
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.9,
+            seed: 42,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone());
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != a[0]), "sampling at T=0.8 should vary");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "sampling at T=0.8 should vary"
+        );
     }
 
     #[test]
     fn top_p_keeps_only_the_nucleus() {
         // probabilities ~ 0.6, 0.3, 0.1: top_p 0.5 keeps the first only.
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 1 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 1,
+        });
         for _ in 0..100 {
             assert_eq!(s.sample(&logits), 0);
         }
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.85, seed: 1 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.85,
+            seed: 1,
+        });
         let draws: Vec<u32> = (0..300).map(|_| s.sample(&logits)).collect();
         assert!(draws.contains(&1) && !draws.contains(&2));
     }
 
     #[test]
     fn invalid_params_are_rejected() {
-        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { top_p: 1.5, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -104,9 +104,17 @@ impl<B: Backend> Model<B> {
             layers.push(Layer {
                 attn_norm: ones(be, hd)?,
                 qkv: mat(be, qw + 2 * kvw, hd, bound(hd), next())?,
-                qkv_bias: if cfg.qkv_bias { Some(bias(be, qw + 2 * kvw, next())?) } else { None },
+                qkv_bias: if cfg.qkv_bias {
+                    Some(bias(be, qw + 2 * kvw, next())?)
+                } else {
+                    None
+                },
                 o: mat(be, hd, qw, bound(qw), next())?,
-                o_bias: if cfg.o_bias { Some(bias(be, hd, next())?) } else { None },
+                o_bias: if cfg.o_bias {
+                    Some(bias(be, hd, next())?)
+                } else {
+                    None
+                },
                 mlp_norm: ones(be, hd)?,
                 gate_up: mat(be, 2 * inter, hd, bound(hd), next())?,
                 down: mat(be, hd, inter, bound(inter), next())?,
@@ -179,7 +187,10 @@ mod tests {
             assert!(c.num_layers > 0 && c.hidden_size > 0, "{name}");
         }
         let c = shape_config("llama-3.1-8b").unwrap();
-        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size), (32, 8, 128, 128256));
+        assert_eq!(
+            (c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size),
+            (32, 8, 128, 128256)
+        );
         assert_eq!(c.context_length(), 131072);
         assert!(shape_config("gpt-5").is_err());
     }
@@ -201,7 +212,11 @@ mod tests {
             assert_eq!(kv.len(), 100);
             let mut ws = m.workspace(8, 1).unwrap();
             let toks = [3u32, 7, 11];
-            let mut segs = [Segment { tokens: &toks, kv: &mut kv, logits: Logits::Last }];
+            let mut segs = [Segment {
+                tokens: &toks,
+                kv: &mut kv,
+                logits: Logits::Last,
+            }];
             let l = m.forward(&mut ws, &mut segs).unwrap().swap_remove(0);
             assert_eq!(l.len(), 512);
             assert!(l.iter().all(|x| x.is_finite()));

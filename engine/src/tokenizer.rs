@@ -33,13 +33,19 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| EngineError::Config { path: path.to_path_buf(), msg: format!("not valid JSON: {e}") })
+        .map_err(|e| EngineError::Config {
+            path: path.to_path_buf(),
+            msg: format!("not valid JSON: {e}"),
+        })
 }
 
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -50,7 +56,10 @@ impl TextTokenizer {
     pub fn from_dir(dir: &Path, config_eos: &[u32]) -> Result<TextTokenizer> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(EngineError::Tokenizer(format!("{} not found", path.display())));
+            return Err(EngineError::Tokenizer(format!(
+                "{} not found",
+                path.display()
+            )));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
@@ -86,7 +95,13 @@ impl TextTokenizer {
         let chat_template = template
             .map(|t| ChatTemplate::new(t, bos_token.clone(), eos_token.clone()))
             .transpose()?;
-        Ok(TextTokenizer { inner, eos_ids, bos_token, eos_token, chat_template })
+        Ok(TextTokenizer {
+            inner,
+            eos_ids,
+            bos_token,
+            eos_token,
+            chat_template,
+        })
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds (for
@@ -100,7 +115,9 @@ impl TextTokenizer {
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// Vocabulary size including added tokens.
@@ -141,6 +158,9 @@ impl StreamDecoder {
         let now = tok.decode(&self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
-        Ok(now.get(before.len()..).filter(|d| !d.is_empty()).map(str::to_string))
+        Ok(now
+            .get(before.len()..)
+            .filter(|d| !d.is_empty())
+            .map(str::to_string))
     }
 }

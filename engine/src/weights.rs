@@ -31,7 +31,10 @@ pub struct Weights {
 }
 
 fn werr(path: &Path, msg: impl Into<String>) -> EngineError {
-    EngineError::Weights { path: path.to_path_buf(), msg: msg.into() }
+    EngineError::Weights {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 impl Weights {
@@ -50,7 +53,9 @@ impl Weights {
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| werr(&index, "no `weight_map` object"))?;
             for (t, f) in map {
-                let f = f.as_str().ok_or_else(|| werr(&index, format!("non-string shard name for `{t}`")))?;
+                let f = f
+                    .as_str()
+                    .ok_or_else(|| werr(&index, format!("non-string shard name for `{t}`")))?;
                 index_map.push((t.clone(), f.to_string()));
             }
             let mut names: Vec<String> = index_map.iter().map(|(_, f)| f.clone()).collect();
@@ -58,17 +63,26 @@ impl Weights {
             names.dedup();
             for n in &names {
                 if n.contains('/') || n.contains('\\') || n.starts_with('.') {
-                    return Err(werr(&index, format!("shard name `{n}` is not a plain file name")));
+                    return Err(werr(
+                        &index,
+                        format!("shard name `{n}` is not a plain file name"),
+                    ));
                 }
             }
             names.into_iter().map(|n| dir.join(n)).collect()
         } else if single.exists() {
             vec![single]
         } else {
-            return Err(werr(dir, "no model.safetensors or model.safetensors.index.json"));
+            return Err(werr(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
         };
 
-        let mut out = Weights { files: Vec::new(), entries: HashMap::new() };
+        let mut out = Weights {
+            files: Vec::new(),
+            entries: HashMap::new(),
+        };
         for (fi, path) in files.into_iter().enumerate() {
             let f = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
             // SAFETY: the file is opened read-only; farsight never writes model files while a
@@ -84,19 +98,32 @@ impl Weights {
                     Dtype::F16 => DType::F16,
                     Dtype::BF16 => DType::BF16,
                     other => {
-                        return Err(werr(&path, format!("tensor `{name}` has dtype {other:?} (need f32, f16 or bf16)")))
+                        return Err(werr(
+                            &path,
+                            format!("tensor `{name}` has dtype {other:?} (need f32, f16 or bf16)"),
+                        ))
                     }
                 };
                 let (s, e) = info.data_offsets;
                 out.entries.insert(
                     name.clone(),
-                    Entry { file: fi, dtype, shape: info.shape.clone(), start: data_start + s, end: data_start + e },
+                    Entry {
+                        file: fi,
+                        dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + s,
+                        end: data_start + e,
+                    },
                 );
             }
             out.files.push((path, map));
         }
         for (t, f) in &index_map {
-            let in_shard = out.entries.get(t).map(|e| &out.files[e.file].0).and_then(|p| p.file_name());
+            let in_shard = out
+                .entries
+                .get(t)
+                .map(|e| &out.files[e.file].0)
+                .and_then(|p| p.file_name());
             if in_shard.and_then(|n| n.to_str()) != Some(f.as_str()) {
                 return Err(werr(
                     &index,
@@ -114,12 +141,18 @@ impl Weights {
 
     /// Shape and dtype of a tensor.
     pub fn info(&self, name: &str) -> Option<(&[usize], DType)> {
-        self.entries.get(name).map(|e| (e.shape.as_slice(), e.dtype))
+        self.entries
+            .get(name)
+            .map(|e| (e.shape.as_slice(), e.dtype))
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
         self.entries.get(name).ok_or_else(|| {
-            let dir = self.files.first().and_then(|(p, _)| p.parent()).unwrap_or(Path::new("."));
+            let dir = self
+                .files
+                .first()
+                .and_then(|(p, _)| p.parent())
+                .unwrap_or(Path::new("."));
             werr(dir, format!("missing tensor `{name}`"))
         })
     }
@@ -129,9 +162,20 @@ impl Weights {
         let e = self.entry(name)?;
         let path = &self.files[e.file].0;
         if e.shape != [rows, cols] {
-            return Err(werr(path, format!("tensor `{name}` has shape {:?}, expected [{rows}, {cols}]", e.shape)));
+            return Err(werr(
+                path,
+                format!(
+                    "tensor `{name}` has shape {:?}, expected [{rows}, {cols}]",
+                    e.shape
+                ),
+            ));
         }
-        Ok(HostMatrix { rows, cols, dtype: e.dtype, bytes: &self.files[e.file].1[e.start..e.end] })
+        Ok(HostMatrix {
+            rows,
+            cols,
+            dtype: e.dtype,
+            bytes: &self.files[e.file].1[e.start..e.end],
+        })
     }
 
     /// A 1-D tensor of `len` values, converted to f32.
@@ -139,11 +183,17 @@ impl Weights {
         let e = self.entry(name)?;
         let path = &self.files[e.file].0;
         if e.shape != [len] {
-            return Err(werr(path, format!("tensor `{name}` has shape {:?}, expected [{len}]", e.shape)));
+            return Err(werr(
+                path,
+                format!("tensor `{name}` has shape {:?}, expected [{len}]", e.shape),
+            ));
         }
         let b = &self.files[e.file].1[e.start..e.end];
         Ok(match e.dtype {
-            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             DType::F16 => b
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())

@@ -68,7 +68,10 @@ impl<'a> HostMatrix<'a> {
             .rows
             .checked_mul(self.cols)
             .and_then(|n| n.checked_mul(self.dtype.size()))
-            .ok_or(KernelError::Shape(format!("matrix {}x{} overflows", self.rows, self.cols)))?;
+            .ok_or(KernelError::Shape(format!(
+                "matrix {}x{} overflows",
+                self.rows, self.cols
+            )))?;
         if want != self.bytes.len() {
             return Err(KernelError::Shape(format!(
                 "matrix {}x{} {} needs {} bytes, got {}",
@@ -150,9 +153,7 @@ pub fn splitmix64(mut z: u64) -> u64 {
 /// so any backend computes the same f32 for the same `(seed, i)` in any order. The random
 /// weights of synthetic models ([`Backend::random_matrix`], [`Backend::fill_random`]).
 pub fn random_value(seed: u64, i: u64, scale: f32) -> f32 {
-    let z = splitmix64(
-        splitmix64(seed).wrapping_add(i.wrapping_add(1).wrapping_mul(RANDOM_GAMMA)),
-    );
+    let z = splitmix64(splitmix64(seed).wrapping_add(i.wrapping_add(1).wrapping_mul(RANDOM_GAMMA)));
     let u = ((z >> 40) as f32 * (1.0 / 16_777_216.0)) * 2.0 - 1.0;
     u * scale
 }
@@ -285,17 +286,27 @@ pub mod checks {
     /// `need` rows of a tensor with `rows` rows.
     pub fn rows(rows: usize, need: usize, what: &str) -> Result<()> {
         if need > rows {
-            return Err(err(format!("{what}: {need} rows requested, tensor has {rows}")));
+            return Err(err(format!(
+                "{what}: {need} rows requested, tensor has {rows}"
+            )));
         }
         Ok(())
     }
 
     /// RMS norm of `n` rows of x `(rows, cols)` with a `weight_len` weight into out `(rows, cols)`.
-    pub fn rms_norm(n: usize, x: (usize, usize), weight_len: usize, out: (usize, usize)) -> Result<()> {
+    pub fn rms_norm(
+        n: usize,
+        x: (usize, usize),
+        weight_len: usize,
+        out: (usize, usize),
+    ) -> Result<()> {
         rows(x.0, n, "rms_norm")?;
         rows(out.0, n, "rms_norm out")?;
         if weight_len != x.1 || out.1 != x.1 {
-            return Err(err(format!("rms_norm width {}, weight {weight_len}, out {}", x.1, out.1)));
+            return Err(err(format!(
+                "rms_norm width {}, weight {weight_len}, out {}",
+                x.1, out.1
+            )));
         }
         Ok(())
     }
@@ -376,10 +387,16 @@ pub mod checks {
             let s = self.shape;
             let total = self.n_past + self.n_q;
             if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
-                return Err(err(format!("{} heads over {} KV heads", s.n_heads, s.n_kv_heads)));
+                return Err(err(format!(
+                    "{} heads over {} KV heads",
+                    s.n_heads, s.n_kv_heads
+                )));
             }
             if total > k.0 || total > v.0 || k.1 != s.kv_width() || v.1 != k.1 {
-                return Err(err(format!("attention over {total} rows: cache {}x{}", k.0, k.1)));
+                return Err(err(format!(
+                    "attention over {total} rows: cache {}x{}",
+                    k.0, k.1
+                )));
             }
             rows(q.0, self.q_row0 + self.n_q, "attention q")?;
             rows(out.0, self.out_row0 + self.n_q, "attention out")?;

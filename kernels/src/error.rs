@@ -15,5 +15,9 @@ pub enum KernelError {
     /// A file operation failed (the KV disk tier); `what` says which operation, and for a full
     /// disk or a file size limit (ENOSPC, EFBIG) says so in words.
     #[error("I/O error on {}: {what}: {source}", path.display())]
-    Io { path: std::path::PathBuf, what: String, source: std::io::Error },
+    Io {
+        path: std::path::PathBuf,
+        what: String,
+        source: std::io::Error,
+    },
 }

@@ -12,8 +12,6 @@ use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{cpu::CpuBackend, AttnShape, Backend, CausalAttn, DType, HostMatrix, Rope};
 use half::bf16;
 
-
-
 #[derive(Clone, Copy)]
 struct Cfg {
     hidden: usize,

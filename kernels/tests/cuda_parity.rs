@@ -50,7 +50,6 @@ fn cpu() -> &'static CpuBackend {
 
 /// Deterministic pseudo-random values in [-1, 1) (a different stream per seed).
 
-
 fn tol(d: DType) -> f64 {
     match d {
         DType::F32 => 1e-4,
@@ -574,7 +573,11 @@ fn attention_case(
     );
     // The f32 kernels meet the f32 bound with every KV dtype (both caches hold the same rounded
     // rows); the flash kernel rounds Q and P to the KV dtype on the way into the tensor cores.
-    let t = if kernel == AttnKernel::Flash { tol(dt) } else { 1e-4 };
+    let t = if kernel == AttnKernel::Flash {
+        tol(dt)
+    } else {
+        1e-4
+    };
     check("attention", &case, &got, want, t);
 }
 
@@ -660,15 +663,15 @@ fn flash_attention_matches_cpu() {
     for m in [SMOL, LLAMA] {
         for &dt in &[DType::BF16, DType::F16] {
             for (n_past, n_q, window, q_row0, out_row0) in [
-                (0, 16, None, 0, 0),           // the smallest flash call
-                (0, 64, None, 0, 0),           // one tile
-                (0, 333, None, 0, 0),          // partial last tiles
-                (300, 37, None, 2, 3),         // a chunk at n_past > 0, offset rows
-                (1000, 512, None, 0, 0),       // a long chunk
-                (4000, 129, None, 5, 1),       // late chunk, a partial query tile
-                (0, 700, Some(128), 0, 0),     // window inside one prefill call
-                (500, 200, Some(100), 1, 0),   // window, chunked; whole tiles masked for rows
-                (4095, 64, Some(4096), 0, 0),  // window exactly the context
+                (0, 16, None, 0, 0),          // the smallest flash call
+                (0, 64, None, 0, 0),          // one tile
+                (0, 333, None, 0, 0),         // partial last tiles
+                (300, 37, None, 2, 3),        // a chunk at n_past > 0, offset rows
+                (1000, 512, None, 0, 0),      // a long chunk
+                (4000, 129, None, 5, 1),      // late chunk, a partial query tile
+                (0, 700, Some(128), 0, 0),    // window inside one prefill call
+                (500, 200, Some(100), 1, 0),  // window, chunked; whole tiles masked for rows
+                (4095, 64, Some(4096), 0, 0), // window exactly the context
             ] {
                 seed += 7;
                 attention_case(&cu, &m, dt, n_past, n_q, window, q_row0, out_row0, seed, "");
@@ -681,7 +684,18 @@ fn flash_attention_matches_cpu() {
 #[test]
 fn flash_attention_long_chunk_matches_cpu() {
     let Some(cu) = cuda() else { return };
-    attention_case(cu, &LLAMA, DType::BF16, 32_768 - 512, 512, None, 0, 0, 99, "");
+    attention_case(
+        cu,
+        &LLAMA,
+        DType::BF16,
+        32_768 - 512,
+        512,
+        None,
+        0,
+        0,
+        99,
+        "",
+    );
 }
 
 /// Random matrices and tensors generated on the GPU are bit-identical to the CPU backend's
@@ -700,8 +714,17 @@ fn random_fills_match_cpu() {
             cpu().embedding(&mc, &ids, &mut oc).unwrap();
             cu.embedding(&mg, &ids, &mut og).unwrap();
             let got = cu.read_rows(&og, 0, rows).unwrap();
-            let same = got.iter().zip(&oc.data).all(|(a, b)| a.to_bits() == b.to_bits());
-            check("random_matrix", &format!("{rows}x{cols} {dt}"), &got, &oc.data, 1e-7);
+            let same = got
+                .iter()
+                .zip(&oc.data)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            check(
+                "random_matrix",
+                &format!("{rows}x{cols} {dt}"),
+                &got,
+                &oc.data,
+                1e-7,
+            );
             assert!(same, "random_matrix {rows}x{cols} {dt}: not bit-identical");
         }
     }
@@ -710,5 +733,8 @@ fn random_fills_match_cpu() {
     cu.fill_random(&mut tg, 3.0, 42).unwrap();
     let got = cu.read_rows(&tg, 0, 9).unwrap();
     check("fill_random", "9x1000", &got, &tc.data, 1e-7);
-    assert!(got.iter().zip(&tc.data).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(got
+        .iter()
+        .zip(&tc.data)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
 }

@@ -11,7 +11,6 @@ use common::vals;
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, HostMatrix};
 
-
 /// Median over 5 batches of the per-call seconds of `f`, after 3 warm-up calls.
 fn time(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..3 {

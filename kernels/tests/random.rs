@@ -25,7 +25,9 @@ fn stream_is_uniform_in_range_and_deterministic() {
     assert!((var - 1.0 / 12.0).abs() < 2e-3, "variance {var}");
     assert!((-0.5..0.5).contains(&lo) && (-0.5..0.5).contains(&hi) && lo < -0.49 && hi > 0.49);
     // Different seeds give different streams.
-    let same = (0..1000).filter(|&i| random_value(7, i, 1.0) == random_value(8, i, 1.0)).count();
+    let same = (0..1000)
+        .filter(|&i| random_value(7, i, 1.0) == random_value(8, i, 1.0))
+        .count();
     assert!(same < 5, "{same} equal values across seeds");
 }
 
@@ -40,15 +42,25 @@ fn cpu_random_matrix_and_fill() {
         match &m.data {
             Store::F32(v) => assert!(v.iter().enumerate().all(|(i, &x)| x == want(i))),
             Store::F16(v) => {
-                assert!(v.iter().enumerate().all(|(i, &x)| x == half::f16::from_f32(want(i))))
+                assert!(v
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == half::f16::from_f32(want(i))))
             }
             Store::BF16(v) => {
-                assert!(v.iter().enumerate().all(|(i, &x)| x == half::bf16::from_f32(want(i))))
+                assert!(v
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == half::bf16::from_f32(want(i))))
             }
         }
     }
     let mut t = be.tensor(5, 9).unwrap();
     be.fill_random(&mut t, 2.0, 3).unwrap();
-    assert!(t.data.iter().enumerate().all(|(i, &x)| x == random_value(3, i as u64, 2.0)));
+    assert!(t
+        .data
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == random_value(3, i as u64, 2.0)));
     assert!(t.data.iter().any(|&x| x != 0.0));
 }

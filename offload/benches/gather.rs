@@ -30,8 +30,18 @@ struct Shape {
 }
 
 const SHAPES: [Shape; 2] = [
-    Shape { name: "SmolLM2-135M", layers: 30, kv_heads: 3, head_dim: 64 },
-    Shape { name: "Llama-3.1-8B", layers: 32, kv_heads: 8, head_dim: 128 },
+    Shape {
+        name: "SmolLM2-135M",
+        layers: 30,
+        kv_heads: 3,
+        head_dim: 64,
+    },
+    Shape {
+        name: "Llama-3.1-8B",
+        layers: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    },
 ];
 
 /// xorshift64*: deterministic selections.
@@ -82,7 +92,9 @@ fn fill(tier: &mut dyn KvTier) {
     let mut data = vec![0u8; bytes];
     for slot in 0..TOKENS as u32 {
         for layer in 0..STORED_LAYERS {
-            data.iter_mut().enumerate().for_each(|(i, b)| *b = (i as u32 ^ slot) as u8);
+            data.iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i as u32 ^ slot) as u8);
             tier.write(layer, slot, &data).unwrap();
         }
     }
@@ -126,11 +138,16 @@ fn main() {
             row_bytes: row,
             extent_slots: EXTENT_SLOTS,
         };
-        let per_token = RowLayout { kv_heads: 1, row_bytes: row * shape.kv_heads, ..per_head };
+        let per_token = RowLayout {
+            kv_heads: 1,
+            row_bytes: row * shape.kv_heads,
+            ..per_head
+        };
         for (sel_name, run) in [("random", 1), ("clustered", 16)] {
             let mut rng = Rng(0x5eed ^ shape.kv_heads as u64 ^ run as u64);
-            let sels: Vec<Vec<u32>> =
-                (0..shape.kv_heads).map(|_| select(&mut rng, k, run)).collect();
+            let sels: Vec<Vec<u32>> = (0..shape.kv_heads)
+                .map(|_| select(&mut rng, k, run))
+                .collect();
             let mut union: Vec<u32> = sels.concat();
             union.sort_unstable();
             union.dedup();
@@ -138,7 +155,10 @@ fn main() {
                 (
                     "row/token/head",
                     per_head,
-                    sels.iter().enumerate().map(|(h, s)| (h, s.clone())).collect::<Vec<_>>(),
+                    sels.iter()
+                        .enumerate()
+                        .map(|(h, s)| (h, s.clone()))
+                        .collect::<Vec<_>>(),
                 ),
                 ("row/token", per_token, vec![(0, union.clone())]),
             ] {

@@ -38,7 +38,14 @@ impl<B: Backend> DenseKvCache<B> {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(DenseKvCache { layers, len: 0, capacity, kv_width, dtype, max_tokens })
+        Ok(DenseKvCache {
+            layers,
+            len: 0,
+            capacity,
+            kv_width,
+            dtype,
+            max_tokens,
+        })
     }
 
     /// The KV element type.
@@ -100,7 +107,10 @@ impl<B: Backend> KvStore<B> for DenseKvCache<B> {
     }
 
     fn commit(&mut self, n: usize) {
-        assert!(self.len + n <= self.capacity, "commit past the reserved rows");
+        assert!(
+            self.len + n <= self.capacity,
+            "commit past the reserved rows"
+        );
         self.len += n;
     }
 

@@ -85,7 +85,14 @@ pub trait KvStore<B: Backend> {
     fn bytes(&self) -> usize;
     /// Where those bytes are and what eviction did (`farsight report memory`, `--report-memory`).
     fn memory(&self) -> KvMemory {
-        KvMemory { tier: "device".into(), row_bytes: self.bytes(), label_bytes: 0, positions: self.len(), live_tokens: self.len(), ..KvMemory::default() }
+        KvMemory {
+            tier: "device".into(),
+            row_bytes: self.bytes(),
+            label_bytes: 0,
+            positions: self.len(),
+            live_tokens: self.len(),
+            ..KvMemory::default()
+        }
     }
     /// Layer-ahead prediction: the label channels (`[layer][kv_head]`) whose query values the
     /// store wants predicted one layer early, or `None` when it wants no prediction.

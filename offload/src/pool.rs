@@ -44,7 +44,12 @@ impl Default for SlotPool {
 impl SlotPool {
     /// An empty pool (capacity 0).
     pub fn new() -> Self {
-        SlotPool { next: Vec::new(), free_head: END_OF_FREE_LIST, in_use: 0, max_slots: MAX_SLOTS }
+        SlotPool {
+            next: Vec::new(),
+            free_head: END_OF_FREE_LIST,
+            in_use: 0,
+            max_slots: MAX_SLOTS,
+        }
     }
 
     /// Takes a slot: the most recently freed one, or a new slot past the capacity when none is
@@ -121,7 +126,10 @@ mod tests {
     #[test]
     fn new_pool_is_empty() {
         let pool = SlotPool::new();
-        assert_eq!((pool.in_use(), pool.capacity(), pool.free_count()), (0, 0, 0));
+        assert_eq!(
+            (pool.in_use(), pool.capacity(), pool.free_count()),
+            (0, 0, 0)
+        );
         assert!(!pool.is_allocated(0));
     }
 
@@ -186,7 +194,10 @@ mod tests {
 
     #[test]
     fn alloc_fails_when_every_slot_is_owned() {
-        let mut pool = SlotPool { max_slots: 2, ..SlotPool::new() };
+        let mut pool = SlotPool {
+            max_slots: 2,
+            ..SlotPool::new()
+        };
         pool.alloc().unwrap();
         pool.alloc().unwrap();
         let err = pool.alloc().unwrap_err().to_string();

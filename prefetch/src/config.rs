@@ -38,17 +38,27 @@ pub struct OffloadConfig {
 impl OffloadConfig {
     /// Label channels per KV head.
     pub fn r(&self) -> usize {
-        self.channels.first().and_then(|l| l.first()).map_or(0, |c| c.len())
+        self.channels
+            .first()
+            .and_then(|l| l.first())
+            .map_or(0, |c| c.len())
     }
 
     /// Rows of the GPU row cache per (layer, KV head): the largest top-k a query can ask for.
     pub fn cache_rows(&self) -> usize {
-        self.budget.tokens(self.capacity).saturating_sub(self.sink + self.recent).max(1)
+        self.budget
+            .tokens(self.capacity)
+            .saturating_sub(self.sink + self.recent)
+            .max(1)
     }
 
     /// Top-k size for a query that sees `visible` tokens (0 when everything is in the window).
     pub fn top_k(&self, visible: usize) -> usize {
         let middle = visible.saturating_sub(self.sink + self.recent);
-        middle.min(self.budget.tokens(visible).saturating_sub(self.sink + self.recent))
+        middle.min(
+            self.budget
+                .tokens(visible)
+                .saturating_sub(self.sink + self.recent),
+        )
     }
 }

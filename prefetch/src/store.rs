@@ -25,7 +25,10 @@
 
 use std::sync::Mutex;
 
-use farsight_kernels::cuda::{CudaBackend, CudaCache, CudaTensor, DevBuf, KvRows, PinnedBuf, Residency, RowSlab, StreamEvent, TopkScratch};
+use farsight_kernels::cuda::{
+    CudaBackend, CudaCache, CudaTensor, DevBuf, KvRows, PinnedBuf, Residency, RowSlab, StreamEvent,
+    TopkScratch,
+};
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, KernelError, Result, Rope};
 use farsight_offload::sparse::Predict;
 use farsight_offload::{KvMemory, KvStore};
@@ -78,7 +81,11 @@ impl OffloadStats {
     }
     /// Layer-ahead recall (1 when not measured).
     pub fn recall(&self) -> f64 {
-        if self.recall_total == 0 { 1.0 } else { self.recall_hits as f64 / self.recall_total as f64 }
+        if self.recall_total == 0 {
+            1.0
+        } else {
+            self.recall_hits as f64 / self.recall_total as f64
+        }
     }
 }
 
@@ -121,23 +128,41 @@ fn bad(msg: String) -> KernelError {
 
 impl OffloadKvStore {
     /// A store for one sequence of up to `cfg.capacity` tokens of a model of `layers` layers.
-    pub fn new(be: &CudaBackend, cfg: OffloadConfig, shape: AttnShape, layers: usize) -> Result<OffloadKvStore> {
+    pub fn new(
+        be: &CudaBackend,
+        cfg: OffloadConfig,
+        shape: AttnShape,
+        layers: usize,
+    ) -> Result<OffloadKvStore> {
         let (n_kv, d) = (shape.n_kv_heads, shape.head_dim);
         let r = cfg.r();
-        if cfg.channels.len() != layers || cfg.channels.iter().any(|l| l.len() != n_kv || l.iter().any(|c| c.len() != r || c.iter().any(|&x| x >= d))) {
-            return Err(bad(format!("label channels do not fit {layers} layers x {n_kv} KV heads x D {d}")));
+        if cfg.channels.len() != layers
+            || cfg.channels.iter().any(|l| {
+                l.len() != n_kv || l.iter().any(|c| c.len() != r || c.iter().any(|&x| x >= d))
+            })
+        {
+            return Err(bad(format!(
+                "label channels do not fit {layers} layers x {n_kv} KV heads x D {d}"
+            )));
         }
         if r == 0 || r > farsight_kernels::cuda::DS_MAX_R {
-            return Err(bad(format!("{r} label channels: 1 to {} supported", farsight_kernels::cuda::DS_MAX_R)));
+            return Err(bad(format!(
+                "{r} label channels: 1 to {} supported",
+                farsight_kernels::cuda::DS_MAX_R
+            )));
         }
         if cfg.recent == 0 {
             return Err(bad("the offloaded store needs a recent window of at least 1 token (the token being decoded)".into()));
         }
         if !matches!(cfg.dtype, DType::F16 | DType::BF16) {
-            return Err(bad("the offloaded store keeps f16 or bf16 rows (--kv-dtype f16|bf16)".into()));
+            return Err(bad(
+                "the offloaded store keeps f16 or bf16 rows (--kv-dtype f16|bf16)".into(),
+            ));
         }
         if shape.window.is_some() {
-            return Err(bad("sliding-window attention is not supported by the offloaded store".into()));
+            return Err(bad(
+                "sliding-window attention is not supported by the offloaded store".into(),
+            ));
         }
         let es = cfg.dtype.size();
         let cap = cfg.capacity.max(1);
@@ -158,7 +183,11 @@ impl OffloadKvStore {
                     (Slab::Device(b), ptr)
                 }
             };
-            let chan: Vec<i32> = cfg.channels[l].iter().flatten().map(|&c| c as i32).collect();
+            let chan: Vec<i32> = cfg.channels[l]
+                .iter()
+                .flatten()
+                .map(|&c| c as i32)
+                .collect();
             let window = be.dev_zeros::<u8>(n_kv * w * 2 * d * es)?;
             let window_ptr = be.dev_ptr(&window);
             rows.push(LayerRows {
@@ -171,15 +200,24 @@ impl OffloadKvStore {
             });
         }
         let select = |b: &CudaBackend| -> Result<Select> {
-            Ok(Select { scores: b.dev_zeros(n_kv * cap)?, sel: b.dev_zeros(n_kv * cache_rows)?, topk: b.ds_topk_scratch(n_kv, cap)? })
+            Ok(Select {
+                scores: b.dev_zeros(n_kv * cap)?,
+                sel: b.dev_zeros(n_kv * cache_rows)?,
+                topk: b.ds_topk_scratch(n_kv, cap)?,
+            })
         };
         let prefetch = be.sibling()?;
         let st = State {
-            res: (0..layers).map(|_| be.ds_residency_state(n_kv, cache_rows)).collect::<Result<_>>()?,
+            res: (0..layers)
+                .map(|_| be.ds_residency_state(n_kv, cache_rows))
+                .collect::<Result<_>>()?,
             ready: (0..layers).map(|_| None).collect(),
             compute: select(be)?,
             ahead: select(&prefetch)?,
-            q_hat: [be.tensor(1, shape.q_width())?, be.tensor(1, shape.q_width())?],
+            q_hat: [
+                be.tensor(1, shape.q_width())?,
+                be.tensor(1, shape.q_width())?,
+            ],
             inv_freq: None,
             res_stats: be.dev_zeros(2)?,
             recall_stats: be.dev_zeros(2)?,
@@ -189,7 +227,15 @@ impl OffloadKvStore {
             staged_bytes: 0,
         };
         be.synchronize()?;
-        Ok(OffloadKvStore { cfg, shape, layers: rows, prefetch, kc: cache_rows, len: 0, st: Mutex::new(st) })
+        Ok(OffloadKvStore {
+            cfg,
+            shape,
+            layers: rows,
+            prefetch,
+            kc: cache_rows,
+            len: 0,
+            st: Mutex::new(st),
+        })
     }
 
     pub fn config(&self) -> &OffloadConfig {
@@ -211,12 +257,20 @@ impl OffloadKvStore {
 
     /// Another token budget (benchmarks sweep budgets over one filled context): the row caches
     /// are resized for it and start empty; the sinks and recent ring are kept.
-    pub fn set_budget(&mut self, be: &CudaBackend, budget: farsight_offload::sparse::TokenBudget) -> Result<()> {
+    pub fn set_budget(
+        &mut self,
+        be: &CudaBackend,
+        budget: farsight_offload::sparse::TokenBudget,
+    ) -> Result<()> {
         self.prefetch.synchronize()?;
         be.synchronize()?;
         self.cfg.budget = budget;
         let kc = self.cfg.cache_rows();
-        let (n_kv, d, es) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.dtype.size());
+        let (n_kv, d, es) = (
+            self.shape.n_kv_heads,
+            self.shape.head_dim,
+            self.cfg.dtype.size(),
+        );
         let fixed = self.cfg.sink + self.cfg.recent;
         let (old_w, new_w) = (fixed + self.kc, fixed + kc);
         let row = 2 * d * es;
@@ -224,7 +278,11 @@ impl OffloadKvStore {
             let window = be.dev_zeros::<u8>(n_kv * new_w * row)?;
             let ptr = be.dev_ptr(&window);
             for g in 0..n_kv {
-                be.copy_ptr(ptr + (g * new_w * row) as u64, lay.window_ptr + (g * old_w * row) as u64, fixed * row)?;
+                be.copy_ptr(
+                    ptr + (g * new_w * row) as u64,
+                    lay.window_ptr + (g * old_w * row) as u64,
+                    fixed * row,
+                )?;
             }
             be.synchronize()?;
             lay.window = window;
@@ -238,8 +296,16 @@ impl OffloadKvStore {
             *r = None;
         }
         let cap = self.cfg.capacity.max(1);
-        st.compute = Select { scores: be.dev_zeros(n_kv * cap)?, sel: be.dev_zeros(n_kv * kc)?, topk: be.ds_topk_scratch(n_kv, cap)? };
-        st.ahead = Select { scores: self.prefetch.dev_zeros(n_kv * cap)?, sel: self.prefetch.dev_zeros(n_kv * kc)?, topk: self.prefetch.ds_topk_scratch(n_kv, cap)? };
+        st.compute = Select {
+            scores: be.dev_zeros(n_kv * cap)?,
+            sel: be.dev_zeros(n_kv * kc)?,
+            topk: be.ds_topk_scratch(n_kv, cap)?,
+        };
+        st.ahead = Select {
+            scores: self.prefetch.dev_zeros(n_kv * cap)?,
+            sel: self.prefetch.dev_zeros(n_kv * kc)?,
+            topk: self.prefetch.ds_topk_scratch(n_kv, cap)?,
+        };
         self.kc = kc;
         be.synchronize()?;
         self.prefetch.synchronize()
@@ -252,12 +318,22 @@ impl OffloadKvStore {
 
     fn slab(&self, l: usize) -> RowSlab {
         let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
-        RowSlab { ptr: self.layers[l].slab_ptr, tok_stride: n_kv * 2 * d, head_stride: 2 * d, dtype: self.cfg.dtype }
+        RowSlab {
+            ptr: self.layers[l].slab_ptr,
+            tok_stride: n_kv * 2 * d,
+            head_stride: 2 * d,
+            dtype: self.cfg.dtype,
+        }
     }
 
     fn window(&self, l: usize) -> RowSlab {
         let d = self.shape.head_dim;
-        RowSlab { ptr: self.layers[l].window_ptr, tok_stride: 2 * d, head_stride: self.window_rows() * 2 * d, dtype: self.cfg.dtype }
+        RowSlab {
+            ptr: self.layers[l].window_ptr,
+            tok_stride: 2 * d,
+            head_stride: self.window_rows() * 2 * d,
+            dtype: self.cfg.dtype,
+        }
     }
 
     /// Counters so far (synchronizes both streams).
@@ -293,7 +369,10 @@ impl OffloadKvStore {
         gpu += st.res.iter().map(|r| 5 * r.tok.len * 4).sum::<usize>();
         gpu += 2 * (st.compute.scores.len * 4 + st.compute.sel.len * 4);
         if let Some(s) = &st.staging {
-            gpu += s.iter().map(|(k, v)| (k.capacity * k.cols + v.capacity * v.cols) * 2).sum::<usize>();
+            gpu += s
+                .iter()
+                .map(|(k, v)| (k.capacity * k.cols + v.capacity * v.cols) * 2)
+                .sum::<usize>();
         }
         (gpu, host)
     }
@@ -302,7 +381,10 @@ impl OffloadKvStore {
     /// labels, and marks them committed: a context for decode benchmarks without a prefill.
     pub fn fill_random(&mut self, be: &CudaBackend, n: usize, scale: f32, seed: u64) -> Result<()> {
         if n > self.cfg.capacity {
-            return Err(bad(format!("{n} tokens exceed the store's capacity {}", self.cfg.capacity)));
+            return Err(bad(format!(
+                "{n} tokens exceed the store's capacity {}",
+                self.cfg.capacity
+            )));
         }
         let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
         let cap = self.cfg.capacity.max(1);
@@ -319,20 +401,60 @@ impl OffloadKvStore {
             for t0 in (0..n).step_by(chunk) {
                 let t1 = (t0 + chunk).min(n);
                 let seed_c = seed ^ ((l as u64 + 1) << 32) ^ (t0 as u64).wrapping_mul(0x9E37_79B9);
-                be.random_fill_ptr(tmp_ptr, (t1 - t0) * n_kv * 2 * d, self.cfg.dtype, scale, seed_c)?;
+                be.random_fill_ptr(
+                    tmp_ptr,
+                    (t1 - t0) * n_kv * 2 * d,
+                    self.cfg.dtype,
+                    scale,
+                    seed_c,
+                )?;
                 // The label kernel addresses token t at k + t * tok_stride: shift the base so
                 // that token t0 is the chunk's first row. Its "head_dim" is the stride between
                 // heads (2D here), the label channels index into K.
                 let base = tmp_ptr.wrapping_sub((t0 * row_tok) as u64);
-                let k = KvRows { k: base, v: base, tok_stride: n_kv * 2 * d, head_stride: 2 * d, dtype: self.cfg.dtype };
-                be.ds_labels_from_cache(&k, n_kv, 2 * d, &lay.chan, r, t0, t1, &mut lay.labels, cap)?;
-                be.copy_ptr(lay.slab_ptr + (t0 * row_tok) as u64, tmp_ptr, (t1 - t0) * row_tok)?;
+                let k = KvRows {
+                    k: base,
+                    v: base,
+                    tok_stride: n_kv * 2 * d,
+                    head_stride: 2 * d,
+                    dtype: self.cfg.dtype,
+                };
+                be.ds_labels_from_cache(
+                    &k,
+                    n_kv,
+                    2 * d,
+                    &lay.chan,
+                    r,
+                    t0,
+                    t1,
+                    &mut lay.labels,
+                    cap,
+                )?;
+                be.copy_ptr(
+                    lay.slab_ptr + (t0 * row_tok) as u64,
+                    tmp_ptr,
+                    (t1 - t0) * row_tok,
+                )?;
             }
             // Sinks and the ring from the slab.
-            let toks: Vec<usize> = (0..n.min(s)).chain(n.saturating_sub(rr).max(s)..n).collect();
+            let toks: Vec<usize> = (0..n.min(s))
+                .chain(n.saturating_sub(rr).max(s)..n)
+                .collect();
             let mut res = be.ds_residency_state(n_kv, toks.len().max(1))?;
-            let tok: Vec<i32> = (0..n_kv).flat_map(|_| toks.iter().map(|&t| t as i32)).collect();
-            let slot: Vec<i32> = (0..n_kv).flat_map(|_| toks.iter().map(|&t| if t < s { t as i32 } else { (s + (t - s) % rr) as i32 })).collect();
+            let tok: Vec<i32> = (0..n_kv)
+                .flat_map(|_| toks.iter().map(|&t| t as i32))
+                .collect();
+            let slot: Vec<i32> = (0..n_kv)
+                .flat_map(|_| {
+                    toks.iter().map(|&t| {
+                        if t < s {
+                            t as i32
+                        } else {
+                            (s + (t - s) % rr) as i32
+                        }
+                    })
+                })
+                .collect();
             if toks.is_empty() {
                 continue;
             }
@@ -340,7 +462,17 @@ impl OffloadKvStore {
             res.miss_slot = be.dev_upload(&slot)?;
             res.n_miss = be.dev_upload(&vec![toks.len() as i32; n_kv])?;
             res.k = toks.len();
-            be.ds_gather_misses(lay.slab_ptr, n_kv * 2 * d * es, 2 * d * es, &res, n_kv, 2 * d * es, lay.window_ptr, wr, 0)?;
+            be.ds_gather_misses(
+                lay.slab_ptr,
+                n_kv * 2 * d * es,
+                2 * d * es,
+                &res,
+                n_kv,
+                2 * d * es,
+                lay.window_ptr,
+                wr,
+                0,
+            )?;
         }
         be.synchronize()?;
         let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
@@ -355,7 +487,17 @@ impl OffloadKvStore {
     /// query `q` (row `q_row`, full width, label channels used), and brings the misses into the
     /// row cache. Returns the top-k size.
     #[allow(clippy::too_many_arguments)]
-    fn select(&self, be: &CudaBackend, sel: &mut Select, res: &mut Residency, stats: &mut DevBuf<u64>, l: usize, q: &CudaTensor, q_row: usize, visible: usize) -> Result<usize> {
+    fn select(
+        &self,
+        be: &CudaBackend,
+        sel: &mut Select,
+        res: &mut Residency,
+        stats: &mut DevBuf<u64>,
+        l: usize,
+        q: &CudaTensor,
+        q_row: usize,
+        visible: usize,
+    ) -> Result<usize> {
         let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
         let k = self.top_k(visible).max(res.k).min(self.kc);
         if k == 0 {
@@ -364,27 +506,75 @@ impl OffloadKvStore {
         let (s, middle) = (self.cfg.sink, visible - self.cfg.sink - self.cfg.recent);
         let lay = &self.layers[l];
         let cap = self.cfg.capacity.max(1);
-        be.ds_label_scores_at(q, q_row, &lay.chan, n_kv, self.shape.group(), d, r, &lay.labels, cap, s, s + middle, &mut sel.scores)?;
+        be.ds_label_scores_at(
+            q,
+            q_row,
+            &lay.chan,
+            n_kv,
+            self.shape.group(),
+            d,
+            r,
+            &lay.labels,
+            cap,
+            s,
+            s + middle,
+            &mut sel.scores,
+        )?;
         let kc = self.kc;
-        be.ds_topk(&sel.scores, n_kv, middle, k, s, &mut sel.sel, kc, 0, &mut sel.topk)?;
+        be.ds_topk(
+            &sel.scores,
+            n_kv,
+            middle,
+            k,
+            s,
+            &mut sel.sel,
+            kc,
+            0,
+            &mut sel.topk,
+        )?;
         be.ds_residency(&sel.sel, kc, n_kv, k, res, stats)?;
         let es = self.cfg.dtype.size();
         let rb = self.row_bytes();
-        be.ds_gather_misses(lay.slab_ptr, n_kv * 2 * d * es, 2 * d * es, res, n_kv, rb, lay.window_ptr, self.window_rows(), s + self.cfg.recent)?;
+        be.ds_gather_misses(
+            lay.slab_ptr,
+            n_kv * 2 * d * es,
+            2 * d * es,
+            res,
+            n_kv,
+            rb,
+            lay.window_ptr,
+            self.window_rows(),
+            s + self.cfg.recent,
+        )?;
         Ok(k)
     }
 
     /// Dense attention of a prefill chunk over layer `l`'s rows, staged on the device.
-    fn attend_prefill(&self, be: &CudaBackend, st: &mut State, l: usize, args: &CausalAttn, q: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+    fn attend_prefill(
+        &self,
+        be: &CudaBackend,
+        st: &mut State,
+        l: usize,
+        args: &CausalAttn,
+        q: &CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
         let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let total = args.n_past + args.n_q;
-        if st.staging.as_ref().map_or(true, |s| s[0].0.capacity < total) {
+        if st
+            .staging
+            .as_ref()
+            .map_or(true, |s| s[0].0.capacity < total)
+        {
             st.staged = None;
             st.staging = None;
             let cap = self.cfg.capacity.max(total);
             let mut v = Vec::with_capacity(2);
             for _ in 0..2 {
-                v.push((be.cache(cap, n_kv * d, self.cfg.dtype)?, be.cache(cap, n_kv * d, self.cfg.dtype)?));
+                v.push((
+                    be.cache(cap, n_kv * d, self.cfg.dtype)?,
+                    be.cache(cap, n_kv * d, self.cfg.dtype)?,
+                ));
             }
             st.staging = Some(v);
         }
@@ -410,7 +600,15 @@ impl OffloadKvStore {
             let before = be.record()?;
             self.prefetch.wait(&before)?;
             let (k, v) = &mut st.staging.as_mut().expect("allocated above")[1 - parity];
-            self.prefetch.ds_unpack_rows(self.layers[l + 1].slab_ptr, n_kv, d, 0, args.n_past, k, v)?;
+            self.prefetch.ds_unpack_rows(
+                self.layers[l + 1].slab_ptr,
+                n_kv,
+                d,
+                0,
+                args.n_past,
+                k,
+                v,
+            )?;
             st.staged_bytes += (args.n_past * n_kv * 2 * d * self.cfg.dtype.size()) as u64;
             st.staged = Some((l + 1, args.n_past, self.prefetch.record()?));
         }
@@ -426,7 +624,11 @@ impl KvStore<CudaBackend> for OffloadKvStore {
 
     fn reserve(&mut self, be: &CudaBackend, n: usize) -> Result<()> {
         if self.len + n > self.cfg.capacity {
-            return Err(bad(format!("{} tokens exceed the offloaded store's capacity {}", self.len + n, self.cfg.capacity)));
+            return Err(bad(format!(
+                "{} tokens exceed the offloaded store's capacity {}",
+                self.len + n,
+                self.cfg.capacity
+            )));
         }
         // Everything queued before this call (rows, labels, attention reads of the row caches)
         // happens before any prediction of this call.
@@ -446,15 +648,50 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         Ok(())
     }
 
-    fn write(&mut self, be: &CudaBackend, layer: usize, src: &CudaTensor, src_row0: usize, k_col0: usize, v_col0: usize, n: usize) -> Result<()> {
+    fn write(
+        &mut self,
+        be: &CudaBackend,
+        layer: usize,
+        src: &CudaTensor,
+        src_row0: usize,
+        k_col0: usize,
+        v_col0: usize,
+        n: usize,
+    ) -> Result<()> {
         let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
         let t0 = self.len;
         let cap = self.cfg.capacity.max(1);
         let slab = self.slab(layer);
         let window = self.window(layer);
         let lay = &mut self.layers[layer];
-        be.ds_put_rows(src, src_row0, k_col0, v_col0, n, n_kv, d, &slab, t0, 0, 0, Some((&lay.chan, r, &mut lay.labels, cap)))?;
-        be.ds_put_rows(src, src_row0, k_col0, v_col0, n, n_kv, d, &window, t0, self.cfg.sink, self.cfg.recent, None)?;
+        be.ds_put_rows(
+            src,
+            src_row0,
+            k_col0,
+            v_col0,
+            n,
+            n_kv,
+            d,
+            &slab,
+            t0,
+            0,
+            0,
+            Some((&lay.chan, r, &mut lay.labels, cap)),
+        )?;
+        be.ds_put_rows(
+            src,
+            src_row0,
+            k_col0,
+            v_col0,
+            n,
+            n_kv,
+            d,
+            &window,
+            t0,
+            self.cfg.sink,
+            self.cfg.recent,
+            None,
+        )?;
         let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
         st.written += (n * n_kv * 2 * d * self.cfg.dtype.size()) as u64;
         Ok(())
@@ -476,7 +713,12 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             st.ready[l] = None;
         }
         st.staged = None;
-        let (n_kv, d, s, rr) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.sink, self.cfg.recent);
+        let (n_kv, d, s, rr) = (
+            self.shape.n_kv_heads,
+            self.shape.head_dim,
+            self.cfg.sink,
+            self.cfg.recent,
+        );
         let es = self.cfg.dtype.size();
         let toks: Vec<usize> = (len.saturating_sub(rr).max(s)..len).collect();
         if toks.is_empty() {
@@ -488,24 +730,54 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             // The rows were written on the compute stream: wait for the whole device.
             be.device_synchronize()?;
             let mut res = be.ds_residency_state(n_kv, toks.len())?;
-            res.miss_tok = be.dev_upload(&(0..n_kv).flat_map(|_| toks.iter().map(|&t| t as i32)).collect::<Vec<_>>())?;
-            res.miss_slot = be.dev_upload(&(0..n_kv).flat_map(|_| toks.iter().map(|&t| (s + (t - s) % rr) as i32)).collect::<Vec<_>>())?;
+            res.miss_tok = be.dev_upload(
+                &(0..n_kv)
+                    .flat_map(|_| toks.iter().map(|&t| t as i32))
+                    .collect::<Vec<_>>(),
+            )?;
+            res.miss_slot = be.dev_upload(
+                &(0..n_kv)
+                    .flat_map(|_| toks.iter().map(|&t| (s + (t - s) % rr) as i32))
+                    .collect::<Vec<_>>(),
+            )?;
             res.n_miss = be.dev_upload(&vec![toks.len() as i32; n_kv])?;
             res.k = toks.len();
             for lay in &self.layers {
-                be.ds_gather_misses(lay.slab_ptr, n_kv * 2 * d * es, 2 * d * es, &res, n_kv, 2 * d * es, lay.window_ptr, wr, 0)?;
+                be.ds_gather_misses(
+                    lay.slab_ptr,
+                    n_kv * 2 * d * es,
+                    2 * d * es,
+                    &res,
+                    n_kv,
+                    2 * d * es,
+                    lay.window_ptr,
+                    wr,
+                    0,
+                )?;
             }
             be.synchronize()
         };
         if let Err(e) = refill() {
             // truncate cannot fail by signature; a device error here will surface on the next call.
-            tracing::warn!("offloaded store: refilling the recent window after truncate failed: {e}");
+            tracing::warn!(
+                "offloaded store: refilling the recent window after truncate failed: {e}"
+            );
         }
     }
 
-    fn attend(&self, be: &CudaBackend, layer: usize, args: &CausalAttn, q: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+    fn attend(
+        &self,
+        be: &CudaBackend,
+        layer: usize,
+        args: &CausalAttn,
+        q: &CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
         if args.n_past != self.len {
-            return Err(bad(format!("attention after {} tokens, store holds {}", args.n_past, self.len)));
+            return Err(bad(format!(
+                "attention after {} tokens, store holds {}",
+                args.n_past, self.len
+            )));
         }
         let mut guard = self.st.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
@@ -513,7 +785,9 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             return self.attend_prefill(be, st, layer, args, q, out);
         }
         if args.q_col0 != 0 {
-            return Err(bad("offloaded attention: the query must start at column 0".into()));
+            return Err(bad(
+                "offloaded attention: the query must start at column 0".into()
+            ));
         }
         let visible = args.n_past + 1;
         let (s, rr) = (self.cfg.sink, self.cfg.recent);
@@ -535,21 +809,84 @@ impl KvStore<CudaBackend> for OffloadKvStore {
                 let middle = visible - s - rr;
                 let lay = &self.layers[layer];
                 let cap = self.cfg.capacity.max(1);
-                be.ds_label_scores_at(q, args.q_row0, &lay.chan, n_kv, self.shape.group(), d, r, &lay.labels, cap, s, s + middle, &mut st.compute.scores)?;
-                be.ds_topk(&st.compute.scores, n_kv, middle, k, s, &mut st.compute.sel, kc, 0, &mut st.compute.topk)?;
-                be.ds_overlap(&st.res[layer].tok, &st.compute.sel, kc, n_kv, k, &mut st.recall_stats)?;
+                be.ds_label_scores_at(
+                    q,
+                    args.q_row0,
+                    &lay.chan,
+                    n_kv,
+                    self.shape.group(),
+                    d,
+                    r,
+                    &lay.labels,
+                    cap,
+                    s,
+                    s + middle,
+                    &mut st.compute.scores,
+                )?;
+                be.ds_topk(
+                    &st.compute.scores,
+                    n_kv,
+                    middle,
+                    k,
+                    s,
+                    &mut st.compute.sel,
+                    kc,
+                    0,
+                    &mut st.compute.topk,
+                )?;
+                be.ds_overlap(
+                    &st.res[layer].tok,
+                    &st.compute.sel,
+                    kc,
+                    n_kv,
+                    k,
+                    &mut st.recall_stats,
+                )?;
             }
             k
         } else {
-            let State { compute, res, res_stats, .. } = st;
-            self.select(be, compute, &mut res[layer], res_stats, layer, q, args.q_row0, visible)?
+            let State {
+                compute,
+                res,
+                res_stats,
+                ..
+            } = st;
+            self.select(
+                be,
+                compute,
+                &mut res[layer],
+                res_stats,
+                layer,
+                q,
+                args.q_row0,
+                visible,
+            )?
         };
         let n_sel = visible.min(s) + visible.saturating_sub(s).min(rr) + k;
         let d = self.shape.head_dim;
         let es = self.cfg.dtype.size() as u64;
         let w = self.window(layer);
-        let kv = KvRows { k: w.ptr, v: w.ptr + d as u64 * es, tok_stride: w.tok_stride, head_stride: w.head_stride, dtype: self.cfg.dtype };
-        be.sparse_attention_at(q, args.q_row0, &kv, None, 0, n_sel, self.shape.n_heads, self.shape.n_kv_heads, d, args.scale, out, args.out_row0)
+        let kv = KvRows {
+            k: w.ptr,
+            v: w.ptr + d as u64 * es,
+            tok_stride: w.tok_stride,
+            head_stride: w.head_stride,
+            dtype: self.cfg.dtype,
+        };
+        be.sparse_attention_at(
+            q,
+            args.q_row0,
+            &kv,
+            None,
+            0,
+            n_sel,
+            self.shape.n_heads,
+            self.shape.n_kv_heads,
+            d,
+            args.scale,
+            out,
+            args.out_row0,
+        )
     }
 
     fn bytes(&self) -> usize {
@@ -582,7 +919,12 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         if n != 1 {
             return Ok(());
         }
-        let (h, d, r, group) = (self.shape.n_heads, self.shape.head_dim, self.cfg.r(), self.shape.group());
+        let (h, d, r, group) = (
+            self.shape.n_heads,
+            self.shape.head_dim,
+            self.cfg.r(),
+            self.shape.group(),
+        );
         let mut full = vec![0.0f32; h * d];
         for hh in 0..h {
             for (j, &c) in self.cfg.channels[layer][hh / group].iter().enumerate() {
@@ -590,11 +932,21 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             }
         }
         let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
-        self.prefetch.write_tensor(&mut st.q_hat[layer % 2], 0, &full)?;
+        self.prefetch
+            .write_tensor(&mut st.q_hat[layer % 2], 0, &full)?;
         self.launch_ahead(layer, None)
     }
 
-    fn predict_raw(&mut self, be: &CudaBackend, layer: usize, raw: &CudaTensor, row0: usize, n: usize, pos0: u32, rope: &Rope) -> Result<bool> {
+    fn predict_raw(
+        &mut self,
+        be: &CudaBackend,
+        layer: usize,
+        raw: &CudaTensor,
+        row0: usize,
+        n: usize,
+        pos0: u32,
+        rope: &Rope,
+    ) -> Result<bool> {
         if n != 1 {
             return Ok(true);
         }
@@ -602,14 +954,35 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         if self.top_k(visible) == 0 {
             return Ok(true);
         }
-        let (h, d, r, group) = (self.shape.n_heads, self.shape.head_dim, self.cfg.r(), self.shape.group());
+        let (h, d, r, group) = (
+            self.shape.n_heads,
+            self.shape.head_dim,
+            self.cfg.r(),
+            self.shape.group(),
+        );
         let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
-        if st.inv_freq.as_ref().map_or(true, |(f, _)| f != &rope.inv_freq) {
+        if st
+            .inv_freq
+            .as_ref()
+            .map_or(true, |(f, _)| f != &rope.inv_freq)
+        {
             let dev = be.dev_upload(&rope.inv_freq)?;
             st.inv_freq = Some((rope.inv_freq.clone(), dev));
         }
         let inv = &st.inv_freq.as_ref().expect("uploaded above").1;
-        be.ds_ahead_labels(raw, row0, &self.layers[layer].chan, h, group, d, r, inv, rope.attention_scaling, pos0 as usize, &mut st.q_hat[layer % 2])?;
+        be.ds_ahead_labels(
+            raw,
+            row0,
+            &self.layers[layer].chan,
+            h,
+            group,
+            d,
+            r,
+            inv,
+            rope.attention_scaling,
+            pos0 as usize,
+            &mut st.q_hat[layer % 2],
+        )?;
         let ev = be.record()?;
         self.launch_ahead(layer, Some(ev))?;
         Ok(true)
@@ -629,8 +1002,23 @@ impl OffloadKvStore {
         }
         let mut guard = self.st.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
-        let State { ahead, res, res_stats, q_hat, .. } = st;
-        self.select(pf, ahead, &mut res[layer], res_stats, layer, &q_hat[layer % 2], 0, visible)?;
+        let State {
+            ahead,
+            res,
+            res_stats,
+            q_hat,
+            ..
+        } = st;
+        self.select(
+            pf,
+            ahead,
+            &mut res[layer],
+            res_stats,
+            layer,
+            &q_hat[layer % 2],
+            0,
+            visible,
+        )?;
         st.ready[layer] = Some((visible, pf.record()?));
         Ok(())
     }

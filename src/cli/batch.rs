@@ -83,7 +83,10 @@ pub struct BatchArgs {
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("`{s}` is not a shard I/N with 0 <= I < N");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (i, n) = (i.trim().parse::<usize>().map_err(|_| bad())?, n.trim().parse::<usize>().map_err(|_| bad())?);
+    let (i, n) = (
+        i.trim().parse::<usize>().map_err(|_| bad())?,
+        n.trim().parse::<usize>().map_err(|_| bad())?,
+    );
     if n == 0 || i >= n {
         return Err(bad());
     }
@@ -140,7 +143,13 @@ impl PromptBuilder<'_> {
             .map_err(|e| format!("prompt template: {e}"))?;
         let prompt = match (self.task, &self.tok.chat_template) {
             (Task::Summarize, Some(chat)) => chat
-                .render(&[Message { role: "user".into(), content }], true)
+                .render(
+                    &[Message {
+                        role: "user".into(),
+                        content,
+                    }],
+                    true,
+                )
                 .map_err(|e| e.to_string())?,
             _ => content,
         };
@@ -150,18 +159,30 @@ impl PromptBuilder<'_> {
 
 pub fn run(a: BatchArgs) -> Result<(), CliError> {
     if a.batch_size == 0 || a.prefill_chunk == 0 {
-        return Err(CliError::Usage("--batch-size and --prefill-chunk must be at least 1".into()));
+        return Err(CliError::Usage(
+            "--batch-size and --prefill-chunk must be at least 1".into(),
+        ));
     }
-    let base = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let base = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     base.validate()?;
-    let total = jsonl::count_lines(&a.input, a.shard.map_or(0, |s| s.0), a.shard.map_or(1, |s| s.1))?;
+    let total = jsonl::count_lines(
+        &a.input,
+        a.shard.map_or(0, |s| s.0),
+        a.shard.map_or(1, |s| s.1),
+    )?;
     let source = match &a.prompt_template {
         Some(p) => read_text(p)?,
         None if a.task == Task::Summarize => SUMMARIZE_TEMPLATE.to_string(),
         None => "{{ text }}".to_string(),
     };
     let mut env = minijinja::Environment::new();
-    env.add_template_owned("prompt", source).map_err(|e| CliError::Usage(format!("--prompt-template: {e}")))?;
+    env.add_template_owned("prompt", source)
+        .map_err(|e| CliError::Usage(format!("--prompt-template: {e}")))?;
     let mut results = ResultsFile::open(&a.output)?;
     let loaded = a.model.load()?;
     if a.task == Task::Summarize && loaded.tok.chat_template.is_none() {
@@ -170,7 +191,11 @@ pub fn run(a: BatchArgs) -> Result<(), CliError> {
             a.model.model.display()
         )));
     }
-    let prompts = PromptBuilder { tok: &loaded.tok, task: a.task, env };
+    let prompts = PromptBuilder {
+        tok: &loaded.tok,
+        task: a.task,
+        env,
+    };
     with_model!(&loaded.model, m => run_jobs(m, &loaded.tok, &a, &prompts, &mut results, total))
 }
 
@@ -218,7 +243,14 @@ fn run_jobs<B: Backend>(
             let doc = match jsonl::parse_doc(bytes) {
                 Ok(d) => d,
                 Err(msg) => {
-                    write_error(results, &mut tally, &pb, Value::Null, no, &format!("line {no}: {msg}"))?;
+                    write_error(
+                        results,
+                        &mut tally,
+                        &pb,
+                        Value::Null,
+                        no,
+                        &format!("line {no}: {msg}"),
+                    )?;
                     continue;
                 }
             };
@@ -242,7 +274,10 @@ fn run_jobs<B: Backend>(
                 top_k: s.top_k.unwrap_or(a.top_k),
                 top_p: decimal(s.top_p.unwrap_or(a.top_p)),
                 seed: s.seed.unwrap_or(a.seed),
-                stop: s.stop.clone().map_or_else(|| a.stop.clone(), |s| s.into_vec()),
+                stop: s
+                    .stop
+                    .clone()
+                    .map_or_else(|| a.stop.clone(), |s| s.into_vec()),
             };
             let submitted = prompts.ids(&doc).and_then(|ids| {
                 let req = SeqRequest {
@@ -256,11 +291,19 @@ fn run_jobs<B: Backend>(
                     },
                     stop: settings.stop.clone(),
                 };
-                sched.submit(req, Box::new(|_| true)).map_err(|e| e.to_string())
+                sched
+                    .submit(req, Box::new(|_| true))
+                    .map_err(|e| e.to_string())
             });
             match submitted {
                 Ok(seq) => {
-                    in_flight.insert(seq, InFlight { id: doc.id, settings });
+                    in_flight.insert(
+                        seq,
+                        InFlight {
+                            id: doc.id,
+                            settings,
+                        },
+                    );
                 }
                 Err(msg) => write_error(results, &mut tally, &pb, doc.id, no, &msg)?,
             }
@@ -272,7 +315,9 @@ fn run_jobs<B: Backend>(
             continue;
         }
         for out in sched.step()? {
-            let Some(doc) = in_flight.remove(&out.id) else { continue };
+            let Some(doc) = in_flight.remove(&out.id) else {
+                continue;
+            };
             results.write(&record(&doc, &out))?;
             tally.written += 1;
             tally.new_tokens += out.new_token_ids.len();
@@ -322,7 +367,11 @@ fn write_error(
     line: usize,
     msg: &str,
 ) -> Result<(), CliError> {
-    let key = if id.is_null() { line_key(line) } else { id_key(&id) };
+    let key = if id.is_null() {
+        line_key(line)
+    } else {
+        id_key(&id)
+    };
     if results.done.contains(&key) {
         tally.skipped += 1;
     } else {

@@ -4,18 +4,18 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use farsight_kernels::Backend;
 use clap::{Args, Subcommand};
 use farsight_engine::generate::prefill;
 use farsight_engine::model::{Logits, Segment};
-use farsight_engine::Model;
 use farsight_engine::sampler::argmax;
+use farsight_engine::Model;
+use farsight_kernels::Backend;
 
 use super::common::{read_text, with_model, CliError, ModelArgs};
+use super::plot::{BenchMetric, BenchPlot, BenchPoint};
 use super::sparse::SparseArgs;
 use farsight_engine::kv::{new_store, Attention};
 use farsight_offload::KvMemory;
-use super::plot::{BenchMetric, BenchPlot, BenchPoint};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -132,7 +132,11 @@ impl Stats {
         } else {
             (s[n / 2 - 1] + s[n / 2]) / 2.0
         };
-        Stats { median, min: *s.first().unwrap_or(&f64::NAN), max: *s.last().unwrap_or(&f64::NAN) }
+        Stats {
+            median,
+            min: *s.first().unwrap_or(&f64::NAN),
+            max: *s.last().unwrap_or(&f64::NAN),
+        }
     }
 }
 
@@ -161,7 +165,11 @@ fn timed_run<B: Backend + 'static>(
     let tp = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for _ in 0..new_tokens {
-        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut *kv, logits: Logits::Last }];
+        let mut segs = [Segment {
+            tokens: std::slice::from_ref(&next),
+            kv: &mut *kv,
+            logits: Logits::Last,
+        }];
         let l = model.forward(&mut ws, &mut segs)?.swap_remove(0);
         next = argmax(&l);
     }
@@ -180,7 +188,9 @@ pub fn run(c: BenchCommand) -> Result<(), CliError> {
 
 fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     if a.repeats == 0 || a.new_tokens == 0 || a.prefill_chunk == 0 {
-        return Err(CliError::Usage("--repeats, --new-tokens and --prefill-chunk must be at least 1".into()));
+        return Err(CliError::Usage(
+            "--repeats, --new-tokens and --prefill-chunk must be at least 1".into(),
+        ));
     }
     if a.random_context && a.sparse.host_kv_budget.is_some() {
         return Err(CliError::Usage(
@@ -190,7 +200,9 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     let mut loaded = a.model.load()?;
     // A budget given as a fraction is of each context's planned tokens (context + new tokens).
     let first = a.context.first().copied().unwrap_or(0);
-    let sparse = a.sparse.attention_planned(&a.model, &mut loaded.model, first + a.new_tokens)?;
+    let sparse = a
+        .sparse
+        .attention_planned(&a.model, &mut loaded.model, first + a.new_tokens)?;
     let mut names = vec!["dense".to_string()];
     if !matches!(sparse, Attention::Dense) {
         names.push(a.sparse.label(&sparse));
@@ -210,7 +222,8 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     if longest + a.new_tokens > model.cfg().context_length() {
         return Err(CliError::Usage(format!(
             "--context {longest} + --new-tokens {} exceeds the model's context of {}",
-            a.new_tokens, model.cfg().context_length()
+            a.new_tokens,
+            model.cfg().context_length()
         )));
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -219,7 +232,12 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
         let prompt = &ids[..n];
         let mut attentions = vec![Attention::Dense];
         if names.len() > 1 {
-            attentions.push(if ci == 0 { sparse.clone() } else { a.sparse.budget_for(&a.model, model, &sparse, n + a.new_tokens)? });
+            attentions.push(if ci == 0 {
+                sparse.clone()
+            } else {
+                a.sparse
+                    .budget_for(&a.model, model, &sparse, n + a.new_tokens)?
+            });
         }
         let k = attentions.len();
         let mut memory = vec![KvMemory::default(); k];
@@ -247,7 +265,13 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
             if a.sparse.report_memory {
                 eprintln!("memory after the last run of context {n}, {}:", names[i]);
                 let rows = a.prefill_chunk.min(n);
-                super::report::print_after_run(super::report::footprint(model, a.model.kv_dtype, memory[i].clone(), rows, 1));
+                super::report::print_after_run(super::report::footprint(
+                    model,
+                    a.model.kv_dtype,
+                    memory[i].clone(),
+                    rows,
+                    1,
+                ));
             }
             runs.push(serde_json::json!({
                 "context": n,
@@ -277,23 +301,50 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
     for r in &runs {
         let f = |k: &str| {
             let s = &r[k];
-            format!("{:.1} [{:.1}, {:.1}]", s["median"].as_f64().unwrap_or(0.0), s["min"].as_f64().unwrap_or(0.0), s["max"].as_f64().unwrap_or(0.0))
+            format!(
+                "{:.1} [{:.1}, {:.1}]",
+                s["median"].as_f64().unwrap_or(0.0),
+                s["min"].as_f64().unwrap_or(0.0),
+                s["max"].as_f64().unwrap_or(0.0)
+            )
         };
-        let ratio = r["decode_vs_dense"].as_f64().map_or("1 (baseline)".to_string(), |x| format!("{x:.2}x"));
+        let ratio = r["decode_vs_dense"]
+            .as_f64()
+            .map_or("1 (baseline)".to_string(), |x| format!("{x:.2}x"));
         let att = r["attention"].as_str().unwrap_or("");
-        writeln!(out, "| {} | {att} | {} | {} | {ratio} |", r["context"], f("prefill_tok_s"), f("decode_tok_s")).map_err(CliError::Output)?;
+        writeln!(
+            out,
+            "| {} | {att} | {} | {} | {ratio} |",
+            r["context"],
+            f("prefill_tok_s"),
+            f("decode_tok_s")
+        )
+        .map_err(CliError::Output)?;
     }
-    writeln!(out, "\n{} on {}, weights {}, KV {}; reproduce: `{command}`", a.model.model.display(), model.device_name(), model.weight_dtype(), a.model.kv_dtype).map_err(CliError::Output)?;
+    writeln!(
+        out,
+        "\n{} on {}, weights {}, KV {}; reproduce: `{command}`",
+        a.model.model.display(),
+        model.device_name(),
+        model.weight_dtype(),
+        a.model.kv_dtype
+    )
+    .map_err(CliError::Output)?;
     if let Some(p) = &a.json {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| CliError::io(dir, e))?;
         }
-        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(|e| CliError::io(p, e))?;
+        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default())
+            .map_err(|e| CliError::io(p, e))?;
     }
     if let Some(base) = &a.plot {
         // One panel per (measurement, attention).
         let metric = |name: &str, key: &str, att: &str| BenchMetric {
-            name: if names.len() > 1 { format!("{name}, {att}") } else { name.into() },
+            name: if names.len() > 1 {
+                format!("{name}, {att}")
+            } else {
+                name.into()
+            },
             unit: "tokens/s".into(),
             points: runs
                 .iter()
@@ -314,7 +365,14 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
             metrics: names
                 .iter()
                 .flat_map(|att| {
-                    [metric("prefill", "prefill_tok_s", att), metric(&format!("decode ({} new tokens)", a.new_tokens), "decode_tok_s", att)]
+                    [
+                        metric("prefill", "prefill_tok_s", att),
+                        metric(
+                            &format!("decode ({} new tokens)", a.new_tokens),
+                            "decode_tok_s",
+                            att,
+                        ),
+                    ]
                 })
                 .collect(),
         };
@@ -326,11 +384,18 @@ fn cpu(a: CpuBenchArgs) -> Result<(), CliError> {
 /// A bench point from a JSON `context` and a JSON [`Stats`].
 pub fn bench_point(context: &serde_json::Value, s: &serde_json::Value) -> Option<BenchPoint> {
     let f = |k: &str| s[k].as_f64();
-    Some(BenchPoint { context: context.as_u64()? as usize, median: f("median")?, min: f("min")?, max: f("max")? })
+    Some(BenchPoint {
+        context: context.as_u64()? as usize,
+        median: f("median")?,
+        min: f("min")?,
+        max: f("max")?,
+    })
 }
 
 /// Writes `base.svg` and `base.png` and says so on stderr.
 pub fn write_plot(data: &BenchPlot, base: &std::path::Path) -> Result<(), CliError> {
-    super::plot::announce(&super::plot::bench_chart(data, base).map_err(|e| CliError::Usage(e.to_string()))?);
+    super::plot::announce(
+        &super::plot::bench_chart(data, base).map_err(|e| CliError::Usage(e.to_string()))?,
+    );
     Ok(())
 }

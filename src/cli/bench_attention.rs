@@ -34,7 +34,10 @@ fn parse_budget(s: &str) -> Result<String, String> {
 
 fn budget_of(s: &str, context: usize) -> usize {
     match s.split_once('/') {
-        Some((a, b)) => context * a.trim().parse::<usize>().unwrap_or(1) / b.trim().parse::<usize>().unwrap_or(1),
+        Some((a, b)) => {
+            context * a.trim().parse::<usize>().unwrap_or(1)
+                / b.trim().parse::<usize>().unwrap_or(1)
+        }
         None => parse_count(s).unwrap_or(0),
     }
 }
@@ -79,7 +82,11 @@ pub struct AttnBenchArgs {
     pub json: Option<PathBuf>,
 }
 
-fn time_ms(be: &CudaBackend, a: &AttnBenchArgs, mut f: impl FnMut() -> Result<(), CliError>) -> Result<Stats, CliError> {
+fn time_ms(
+    be: &CudaBackend,
+    a: &AttnBenchArgs,
+    mut f: impl FnMut() -> Result<(), CliError>,
+) -> Result<Stats, CliError> {
     for _ in 0..a.warmup {
         f()?;
     }
@@ -102,7 +109,11 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
         d => d
             .strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
-            .ok_or_else(|| CliError::Usage(format!("--device {d}: the attention bench runs on cuda or cuda:N")))?,
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--device {d}: the attention bench runs on cuda or cuda:N"
+                ))
+            })?,
     };
     let kv_dtype = match a.kv_dtype.as_str() {
         "bf16" => DType::BF16,
@@ -110,45 +121,89 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
         d => return Err(CliError::Usage(format!("--kv-dtype {d}: bf16 or f16"))),
     };
     if a.repeats == 0 || a.calls == 0 {
-        return Err(CliError::Usage("--repeats and --calls must be at least 1".into()));
+        return Err(CliError::Usage(
+            "--repeats and --calls must be at least 1".into(),
+        ));
     }
     let cfg = shape_config(&a.shape)?;
-    let (nh, nkv, d, r) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, a.label_channels);
+    let (nh, nkv, d, r) = (
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        a.label_channels,
+    );
     let group = nh / nkv;
-    let be = CudaBackend::new(ordinal).map_err(|e| CliError::Usage(format!("--device {}: {e}", a.device)))?;
+    let be = CudaBackend::new(ordinal)
+        .map_err(|e| CliError::Usage(format!("--device {}: {e}", a.device)))?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let scale = 1.0 / (d as f32).sqrt();
     let es = kv_dtype.size();
     let row = 2 * d * es;
-    let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: d, window: None };
+    let shape = AttnShape {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: d,
+        window: None,
+    };
     let mut q = be.tensor(1, nh * d)?;
     be.fill_random(&mut q, 1.0, 3)?;
     let mut out = be.tensor(1, nh * d)?;
     // Label channels: a fixed spread per KV head (the timing does not depend on which).
-    let chan_h: Vec<i32> = (0..nkv * r).map(|i| ((i % r) * d / r + (i / r) % (d / r).max(1)) as i32).collect();
+    let chan_h: Vec<i32> = (0..nkv * r)
+        .map(|i| ((i % r) * d / r + (i / r) % (d / r).max(1)) as i32)
+        .collect();
     let chan = be.dev_upload(&chan_h)?;
     let max_ctx = a.context.iter().copied().max().unwrap_or(0);
-    let mut host = if a.no_host { None } else { Some(be.pinned(max_ctx * nkv * row)?) };
+    let mut host = if a.no_host {
+        None
+    } else {
+        Some(be.pinned(max_ctx * nkv * row)?)
+    };
     if let Some(h) = host.as_mut() {
         // bf16/f16 values near 1 (no NaN/inf), a cheap pattern.
         let s = h.as_mut_slice()?;
-        let base: u16 = if kv_dtype == DType::BF16 { 0x3f80 } else { 0x3c00 };
+        let base: u16 = if kv_dtype == DType::BF16 {
+            0x3f80
+        } else {
+            0x3c00
+        };
         for (i, c) in s.chunks_exact_mut(2).enumerate() {
-            let v = base ^ ((i as u32).wrapping_mul(2_654_435_761) >> 25) as u16 ^ (((i & 1) as u16) << 15);
+            let v = base
+                ^ ((i as u32).wrapping_mul(2_654_435_761) >> 25) as u16
+                ^ (((i & 1) as u16) << 15);
             c.copy_from_slice(&v.to_le_bytes());
         }
     }
-    eprintln!("{} on {}: {nh} heads / {nkv} KV heads / D {d}, {} KV, {r} f16 label channels", a.shape, be.name(), kv_dtype.name());
+    eprintln!(
+        "{} on {}: {nh} heads / {nkv} KV heads / D {d}, {} KV, {r} f16 label channels",
+        a.shape,
+        be.name(),
+        kv_dtype.name()
+    );
     let mut results = Vec::new();
     for &t in &a.context {
         let mut k = be.cache(t, nkv * d, kv_dtype)?;
         let mut v = be.cache(t, nkv * d, kv_dtype)?;
         be.fill_cache_random(&mut k, 1.0, 10 + t as u64)?;
         be.fill_cache_random(&mut v, 1.0, 20 + t as u64)?;
-        let rows = KvRows { k: be.cache_ptr(&k), v: be.cache_ptr(&v), tok_stride: nkv * d, head_stride: d, dtype: kv_dtype };
+        let rows = KvRows {
+            k: be.cache_ptr(&k),
+            v: be.cache_ptr(&v),
+            tok_stride: nkv * d,
+            head_stride: d,
+            dtype: kv_dtype,
+        };
         let mut labels: DevBuf<u16> = be.dev_zeros(nkv * t * r)?;
         be.ds_labels_from_cache(&rows, nkv, d, &chan, r, 0, t, &mut labels, t)?;
-        let attn = CausalAttn { shape, q_row0: 0, q_col0: 0, n_q: 1, n_past: t - 1, out_row0: 0, scale };
+        let attn = CausalAttn {
+            shape,
+            q_row0: 0,
+            q_col0: 0,
+            n_q: 1,
+            n_past: t - 1,
+            out_row0: 0,
+            scale,
+        };
         let dense = time_ms(&be, &a, || Ok(be.attention(&attn, &q, &k, &v, &mut out)?))?;
         eprintln!("context {t}: dense {:.4} ms", dense.median);
         let mut scores: DevBuf<f32> = be.dev_zeros(nkv * t)?;
@@ -168,18 +223,86 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
             let mut idx: DevBuf<i32> = be.dev_zeros(nkv * n_sel)?;
             be.ds_fixed_rows(&mut idx, nkv, n_sel, sink, kk, recent0, n_recent)?;
             let mut score = || -> Result<(), CliError> {
-                be.ds_label_scores(&q, &chan, nkv, group, d, r, &labels, t, sink, recent0, &mut scores)?;
+                be.ds_label_scores(
+                    &q,
+                    &chan,
+                    nkv,
+                    group,
+                    d,
+                    r,
+                    &labels,
+                    t,
+                    sink,
+                    recent0,
+                    &mut scores,
+                )?;
                 Ok(())
             };
             let t_scores = time_ms(&be, &a, &mut score)?;
-            let t_topk = time_ms(&be, &a, || Ok(be.ds_topk(&scores, nkv, mid, kk, sink, &mut idx, n_sel, sink, &mut scratch)?))?;
+            let t_topk = time_ms(&be, &a, || {
+                Ok(be.ds_topk(
+                    &scores,
+                    nkv,
+                    mid,
+                    kk,
+                    sink,
+                    &mut idx,
+                    n_sel,
+                    sink,
+                    &mut scratch,
+                )?)
+            })?;
             let t_attn = time_ms(&be, &a, || {
-                Ok(be.sparse_attention(&q, &rows, Some(&idx), n_sel, n_sel, nh, nkv, d, scale, &mut out)?)
+                Ok(be.sparse_attention(
+                    &q,
+                    &rows,
+                    Some(&idx),
+                    n_sel,
+                    n_sel,
+                    nh,
+                    nkv,
+                    d,
+                    scale,
+                    &mut out,
+                )?)
             })?;
             let op = time_ms(&be, &a, || {
-                be.ds_label_scores(&q, &chan, nkv, group, d, r, &labels, t, sink, recent0, &mut scores)?;
-                be.ds_topk(&scores, nkv, mid, kk, sink, &mut idx, n_sel, sink, &mut scratch)?;
-                be.sparse_attention(&q, &rows, Some(&idx), n_sel, n_sel, nh, nkv, d, scale, &mut out)?;
+                be.ds_label_scores(
+                    &q,
+                    &chan,
+                    nkv,
+                    group,
+                    d,
+                    r,
+                    &labels,
+                    t,
+                    sink,
+                    recent0,
+                    &mut scores,
+                )?;
+                be.ds_topk(
+                    &scores,
+                    nkv,
+                    mid,
+                    kk,
+                    sink,
+                    &mut idx,
+                    n_sel,
+                    sink,
+                    &mut scratch,
+                )?;
+                be.sparse_attention(
+                    &q,
+                    &rows,
+                    Some(&idx),
+                    n_sel,
+                    n_sel,
+                    nh,
+                    nkv,
+                    d,
+                    scale,
+                    &mut out,
+                )?;
                 Ok(())
             })?;
             let label_bytes = nkv * mid * r * 2;
@@ -192,26 +315,85 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
                 "label_bytes": label_bytes, "selected_kv_bytes": sel_bytes,
                 "dense_kv_bytes": 2 * t * nkv * d * es,
             });
-            eprintln!("context {t}, budget {b}: sparse {:.4} ms ({:.1}x)", op.median, dense.median / op.median);
+            eprintln!(
+                "context {t}, budget {b}: sparse {:.4} ms ({:.1}x)",
+                op.median,
+                dense.median / op.median
+            );
             if let Some(h) = host.as_ref() {
                 let hp = h.ptr()?;
                 let mut dst: DevBuf<u8> = be.dev_zeros(sel_bytes)?;
                 let dp = be.dev_ptr(&dst);
-                let compact = KvRows { k: dp, v: dp + (d * es) as u64, tok_stride: 2 * d, head_stride: n_sel * 2 * d, dtype: kv_dtype };
+                let compact = KvRows {
+                    k: dp,
+                    v: dp + (d * es) as u64,
+                    tok_stride: 2 * d,
+                    head_stride: n_sel * 2 * d,
+                    dtype: kv_dtype,
+                };
                 let gather = time_ms(&be, &a, || {
-                    Ok(be.ds_gather_rows(hp, nkv * row, row, &idx, n_sel, n_sel, nkv, row, &mut dst)?)
+                    Ok(be.ds_gather_rows(
+                        hp,
+                        nkv * row,
+                        row,
+                        &idx,
+                        n_sel,
+                        n_sel,
+                        nkv,
+                        row,
+                        &mut dst,
+                    )?)
                 })?;
                 let full = time_ms(&be, &a, || {
-                    be.ds_label_scores(&q, &chan, nkv, group, d, r, &labels, t, sink, recent0, &mut scores)?;
-                    be.ds_topk(&scores, nkv, mid, kk, sink, &mut idx, n_sel, sink, &mut scratch)?;
+                    be.ds_label_scores(
+                        &q,
+                        &chan,
+                        nkv,
+                        group,
+                        d,
+                        r,
+                        &labels,
+                        t,
+                        sink,
+                        recent0,
+                        &mut scores,
+                    )?;
+                    be.ds_topk(
+                        &scores,
+                        nkv,
+                        mid,
+                        kk,
+                        sink,
+                        &mut idx,
+                        n_sel,
+                        sink,
+                        &mut scratch,
+                    )?;
                     be.ds_gather_rows(hp, nkv * row, row, &idx, n_sel, n_sel, nkv, row, &mut dst)?;
                     be.sparse_attention(&q, &compact, None, 0, n_sel, nh, nkv, d, scale, &mut out)?;
                     Ok(())
                 })?;
                 // Zero-copy attention straight from pinned host memory (no gather).
-                let host_rows = KvRows { k: hp, v: hp + (d * es) as u64, tok_stride: nkv * 2 * d, head_stride: 2 * d, dtype: kv_dtype };
+                let host_rows = KvRows {
+                    k: hp,
+                    v: hp + (d * es) as u64,
+                    tok_stride: nkv * 2 * d,
+                    head_stride: 2 * d,
+                    dtype: kv_dtype,
+                };
                 let direct = time_ms(&be, &a, || {
-                    Ok(be.sparse_attention(&q, &host_rows, Some(&idx), n_sel, n_sel, nh, nkv, d, scale, &mut out)?)
+                    Ok(be.sparse_attention(
+                        &q,
+                        &host_rows,
+                        Some(&idx),
+                        n_sel,
+                        n_sel,
+                        nh,
+                        nkv,
+                        d,
+                        scale,
+                        &mut out,
+                    )?)
                 })?;
                 let gbs = |s: &Stats| sel_bytes as f64 / (s.median * 1e-3) / 1e9;
                 rec["host"] = serde_json::json!({
@@ -219,7 +401,12 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
                     "operator_ms": full, "operator_speedup_vs_dense_on_gpu": dense.median / full.median,
                     "zero_copy_attention_ms": direct, "zero_copy_attention_gbs": gbs(&direct),
                 });
-                eprintln!("  host: gather {:.4} ms ({:.1} GB/s), operator {:.4} ms", gather.median, gbs(&gather), full.median);
+                eprintln!(
+                    "  host: gather {:.4} ms ({:.1} GB/s), operator {:.4} ms",
+                    gather.median,
+                    gbs(&gather),
+                    full.median
+                );
             }
             results.push(rec);
         }
@@ -233,7 +420,19 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
     });
     let mut o = std::io::stdout().lock();
     let f = |s: &Stats| format!("{:.4} [{:.4}, {:.4}]", s.median, s.min, s.max);
-    let st = |x: &serde_json::Value| -> Stats { serde_json::from_value::<StatsDe>(x.clone()).map(|s| Stats { median: s.median, min: s.min, max: s.max }).unwrap_or(Stats { median: f64::NAN, min: f64::NAN, max: f64::NAN }) };
+    let st = |x: &serde_json::Value| -> Stats {
+        serde_json::from_value::<StatsDe>(x.clone())
+            .map(|s| Stats {
+                median: s.median,
+                min: s.min,
+                max: s.max,
+            })
+            .unwrap_or(Stats {
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+            })
+    };
     let mut w = |s: String| writeln!(o, "{s}").map_err(CliError::Output);
     w(format!("\n{} on {}, {} KV, {r} f16 label channels, sink {}, recent {}; one layer, batch 1; ms per call, median [min, max]; reproduce: `{command}`\n", a.shape, be.name(), kv_dtype.name(), a.sink, a.recent))?;
     w("| context | budget | rows/KV head | dense ms | sparse ms (scores + top-k + attention) | speedup | scores | top-k | attention | host gather ms | gather GB/s | host operator ms | zero-copy attn ms |".into())?;
@@ -241,7 +440,12 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
     for x in &results {
         let p = &x["parts_ms"];
         let (hg, hgb, ho, hz) = match x.get("host") {
-            Some(h) => (f(&st(&h["gather_ms"])), format!("{:.1}", h["gather_gbs"].as_f64().unwrap_or(f64::NAN)), f(&st(&h["operator_ms"])), f(&st(&h["zero_copy_attention_ms"]))),
+            Some(h) => (
+                f(&st(&h["gather_ms"])),
+                format!("{:.1}", h["gather_gbs"].as_f64().unwrap_or(f64::NAN)),
+                f(&st(&h["operator_ms"])),
+                f(&st(&h["zero_copy_attention_ms"])),
+            ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         w(format!(
@@ -252,8 +456,14 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
         ))?;
     }
     if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap_or_default())
-            .map_err(|e| CliError::Io { path: path.clone(), source: e })?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )
+        .map_err(|e| CliError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
     }
     Ok(())
 }

@@ -94,7 +94,11 @@ pub struct OffloadBenchArgs {
 }
 
 fn parse_count_or_zero(s: &str) -> Result<usize, String> {
-    if s.trim() == "0" { Ok(0) } else { parse_count(s) }
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_count(s)
+    }
 }
 
 fn device(s: &str) -> Result<usize, CliError> {
@@ -103,7 +107,11 @@ fn device(s: &str) -> Result<usize, CliError> {
         _ => s
             .strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
-            .ok_or_else(|| CliError::Usage(format!("--device {s}: bench offload runs on `cuda` or `cuda:N`"))),
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--device {s}: bench offload runs on `cuda` or `cuda:N`"
+                ))
+            }),
     }
 }
 
@@ -119,7 +127,9 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         return Err(CliError::Usage(format!("--kv-store {}: bench offload supports `host` (pinned memory); the disk tier is not wired to the GPU yet", a.kv_store)));
     }
     if a.steps == 0 || a.batch.iter().any(|&b| b == 0) || a.token_budget.is_empty() {
-        return Err(CliError::Usage("--steps and every --batch must be at least 1, and give a --token-budget".into()));
+        return Err(CliError::Usage(
+            "--steps and every --batch must be at least 1, and give a --token-budget".into(),
+        ));
     }
     let kv_dtype = match a.kv_dtype.as_str() {
         "bf16" => DType::BF16,
@@ -129,23 +139,43 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
     let mut cfg = shape_config(&a.shape)?;
     // Room for the longest context and its decode steps (RoPE extends past the trained context;
     // the values are random, so only speed and memory are measured).
-    let need = a.context.iter().max().copied().unwrap_or(0).max(a.prefill_context) + a.warmup + a.steps + a.recall_steps + 2;
+    let need = a
+        .context
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .max(a.prefill_context)
+        + a.warmup
+        + a.steps
+        + a.recall_steps
+        + 2;
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(need);
     if a.label_channels == 0 || a.label_channels > cfg.head_dim {
-        return Err(CliError::Usage(format!("--label-channels {}: 1 to {}", a.label_channels, cfg.head_dim)));
+        return Err(CliError::Usage(format!(
+            "--label-channels {}: 1 to {}",
+            a.label_channels, cfg.head_dim
+        )));
     }
     let n = device(&a.device)?;
-    let be = CudaBackend::new(n).map_err(|e| CliError::Usage(format!("--device {}: {e}", a.device)))?;
+    let be =
+        CudaBackend::new(n).map_err(|e| CliError::Usage(format!("--device {}: {e}", a.device)))?;
     let t0 = Instant::now();
     let mut model = Model::synthetic(cfg.clone(), be, DType::BF16, 1)?;
     // Synthetic label channels: the first r of every head (the values are random anyway).
-    let channels = vec![vec![(0..a.label_channels).collect::<Vec<_>>(); cfg.num_kv_heads]; cfg.num_layers];
+    let channels =
+        vec![vec![(0..a.label_channels).collect::<Vec<_>>(); cfg.num_kv_heads]; cfg.num_layers];
     if a.predict == Predict::LayerAhead {
         model.enable_layer_ahead(&channels)?;
     }
     let weight_bytes = model.weight_bytes();
     let dev_name = model.backend.name();
-    eprintln!("synthetic {}: {:.2} GB of bf16 weights on {dev_name} in {:.1} s", a.shape, weight_bytes as f64 / 1e9, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "synthetic {}: {:.2} GB of bf16 weights on {dev_name} in {:.1} s",
+        a.shape,
+        weight_bytes as f64 / 1e9,
+        t0.elapsed().as_secs_f64()
+    );
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut rows = Vec::new();
     let mut refs = Vec::new();
@@ -169,7 +199,9 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
                 Ok(mut r) => rows.append(&mut r),
                 Err(e) => {
                     eprintln!("context {ctx} batch {batch}: {e}");
-                    rows.push(serde_json::json!({"context": ctx, "batch": batch, "error": e.to_string()}));
+                    rows.push(
+                        serde_json::json!({"context": ctx, "batch": batch, "error": e.to_string()}),
+                    );
                 }
             }
             if !a.no_reference {
@@ -206,13 +238,19 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| CliError::io(dir, e))?;
         }
-        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default()).map_err(|e| CliError::io(p, e))?;
+        std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default())
+            .map_err(|e| CliError::io(p, e))?;
     }
     Ok(())
 }
 
 /// Decode steps of `stores` (one token each); returns the step times in ms.
-fn steps(m: &Model<CudaBackend>, stores: &mut [&mut dyn KvStore<CudaBackend>], n: usize, toks: &mut [u32]) -> Result<Vec<f64>, CliError> {
+fn steps(
+    m: &Model<CudaBackend>,
+    stores: &mut [&mut dyn KvStore<CudaBackend>],
+    n: usize,
+    toks: &mut [u32],
+) -> Result<Vec<f64>, CliError> {
     let mut ws = m.workspace(stores.len(), stores.len())?;
     let mut ms = Vec::with_capacity(n);
     for _ in 0..n {
@@ -220,7 +258,11 @@ fn steps(m: &Model<CudaBackend>, stores: &mut [&mut dyn KvStore<CudaBackend>], n
         let mut segs: Vec<Segment<'_, CudaBackend>> = stores
             .iter_mut()
             .zip(toks.iter())
-            .map(|(kv, tok)| Segment { tokens: std::slice::from_ref(tok), kv: &mut **kv, logits: Logits::Last })
+            .map(|(kv, tok)| Segment {
+                tokens: std::slice::from_ref(tok),
+                kv: &mut **kv,
+                logits: Logits::Last,
+            })
             .collect();
         let logits = m.forward(&mut ws, &mut segs)?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
@@ -231,7 +273,14 @@ fn steps(m: &Model<CudaBackend>, stores: &mut [&mut dyn KvStore<CudaBackend>], n
     Ok(ms)
 }
 
-fn offloaded(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig, ctx: usize, batch: usize, budgets: &[TokenBudget]) -> Result<Vec<serde_json::Value>, CliError> {
+fn offloaded(
+    m: &Model<CudaBackend>,
+    a: &OffloadBenchArgs,
+    base: &OffloadConfig,
+    ctx: usize,
+    batch: usize,
+    budgets: &[TokenBudget],
+) -> Result<Vec<serde_json::Value>, CliError> {
     let be = &m.backend;
     let t0 = Instant::now();
     let mut stores = Vec::with_capacity(batch);
@@ -241,7 +290,10 @@ fn offloaded(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig,
         stores.push(s);
     }
     let (gpu_used, gpu_total) = be.mem_info()?;
-    let (store_gpu, store_host): (usize, usize) = stores.iter().map(|s| s.footprint()).fold((0, 0), |(g, h), (a, b)| (g + a, h + b));
+    let (store_gpu, store_host): (usize, usize) = stores
+        .iter()
+        .map(|s| s.footprint())
+        .fold((0, 0), |(g, h), (a, b)| (g + a, h + b));
     eprintln!(
         "context {ctx} batch {batch}: {:.1} GiB of pinned host KV filled in {:.1} s; GPU {:.2} GiB used of {:.1} (stores {:.2} GiB)",
         store_host as f64 / GIB,
@@ -265,8 +317,15 @@ fn offloaded(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig,
         let rows_per_head = base.sink + base.recent + base_topk(base, budget, ctx);
         let fetched = per_step(r.stats.fetched_bytes) * batch as f64;
         let label_read = (labels_bytes * ctx) as f64;
-        let row_read = (m.cfg.num_layers * m.cfg.num_kv_heads * rows_per_head * 2 * m.cfg.head_dim * base.dtype.size()) as f64;
-        let hbm_floor = (m.weight_bytes() as f64 + batch as f64 * (label_read + row_read)) / (a.hbm_gbs * 1e9) * 1e3;
+        let row_read = (m.cfg.num_layers
+            * m.cfg.num_kv_heads
+            * rows_per_head
+            * 2
+            * m.cfg.head_dim
+            * base.dtype.size()) as f64;
+        let hbm_floor = (m.weight_bytes() as f64 + batch as f64 * (label_read + row_read))
+            / (a.hbm_gbs * 1e9)
+            * 1e3;
         let pcie_floor = fetched / (a.pcie_gbs * 1e9) * 1e3;
         let st = Stats::of(&r.ms);
         eprintln!(
@@ -308,16 +367,26 @@ fn base_topk(c: &OffloadConfig, budget: TokenBudget, ctx: usize) -> usize {
 }
 
 /// Timed steps, then recall steps; the stores are left `warmup + steps + recall` tokens longer.
-fn measure(m: &Model<CudaBackend>, stores: &mut [OffloadKvStore], a: &OffloadBenchArgs) -> Result<Run, CliError> {
+fn measure(
+    m: &Model<CudaBackend>,
+    stores: &mut [OffloadKvStore],
+    a: &OffloadBenchArgs,
+) -> Result<Run, CliError> {
     let be = &m.backend;
     let mut toks: Vec<u32> = (0..stores.len() as u32).map(|i| 1 + i).collect();
     {
-        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores.iter_mut().map(|s| s as &mut dyn KvStore<CudaBackend>).collect();
+        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
+            .iter_mut()
+            .map(|s| s as &mut dyn KvStore<CudaBackend>)
+            .collect();
         steps(m, &mut refs, a.warmup, &mut toks)?;
     }
     let before = sum_stats(be, stores)?;
     let ms = {
-        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores.iter_mut().map(|s| s as &mut dyn KvStore<CudaBackend>).collect();
+        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
+            .iter_mut()
+            .map(|s| s as &mut dyn KvStore<CudaBackend>)
+            .collect();
         steps(m, &mut refs, a.steps, &mut toks)?
     };
     let after = sum_stats(be, stores)?;
@@ -331,10 +400,16 @@ fn measure(m: &Model<CudaBackend>, stores: &mut [OffloadKvStore], a: &OffloadBen
         for s in stores.iter_mut() {
             s.set_measure_recall(true);
         }
-        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores.iter_mut().map(|s| s as &mut dyn KvStore<CudaBackend>).collect();
+        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
+            .iter_mut()
+            .map(|s| s as &mut dyn KvStore<CudaBackend>)
+            .collect();
         steps(m, &mut refs, a.recall_steps, &mut toks)?;
         let r = sum_stats(be, stores)?;
-        recall = Some((r.recall_hits - after.recall_hits) as f64 / (r.recall_total - after.recall_total).max(1) as f64);
+        recall = Some(
+            (r.recall_hits - after.recall_hits) as f64
+                / (r.recall_total - after.recall_total).max(1) as f64,
+        );
     }
     Ok(Run { ms, stats, recall })
 }
@@ -356,7 +431,14 @@ fn sum_stats(be: &CudaBackend, stores: &[OffloadKvStore]) -> Result<OffloadStats
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// Batch 1 only for the device-resident rows (compute only); dense for every batch.
-fn reference(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig, ctx: usize, batch: usize, budgets: &[TokenBudget]) -> serde_json::Value {
+fn reference(
+    m: &Model<CudaBackend>,
+    a: &OffloadBenchArgs,
+    base: &OffloadConfig,
+    ctx: usize,
+    batch: usize,
+    budgets: &[TokenBudget],
+) -> serde_json::Value {
     let mut out = serde_json::json!({"context": ctx, "batch": batch});
     if batch == 1 {
         let mut per_budget = Vec::new();
@@ -369,7 +451,10 @@ fn reference(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig,
             for &b in budgets {
                 stores[0].truncate(ctx - 1);
                 stores[0].set_budget(&m.backend, b)?;
-                let a2 = OffloadBenchArgs { recall_steps: 0, ..a.clone_args() };
+                let a2 = OffloadBenchArgs {
+                    recall_steps: 0,
+                    ..a.clone_args()
+                };
                 let r = measure(m, &mut stores, &a2)?;
                 let st = Stats::of(&r.ms);
                 eprintln!("  rows in device memory (compute only), budget {b}: {:.2} ms/step [{:.2}, {:.2}]", st.median, st.min, st.max);
@@ -386,7 +471,13 @@ fn reference(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig,
         let mut caches: Vec<Box<dyn KvStore<CudaBackend>>> = Vec::with_capacity(batch);
         for i in 0..batch {
             let mut kv: Box<dyn KvStore<CudaBackend>> = Box::new(new_cache(m, base.dtype)?);
-            fill_kv_random(m, kv.as_mut(), ctx - 1, a.warmup + a.steps + 1, 2000 + i as u64)?;
+            fill_kv_random(
+                m,
+                kv.as_mut(),
+                ctx - 1,
+                a.warmup + a.steps + 1,
+                2000 + i as u64,
+            )?;
             caches.push(kv);
         }
         let mut toks: Vec<u32> = (0..batch as u32).map(|i| 1 + i).collect();
@@ -401,8 +492,12 @@ fn reference(m: &Model<CudaBackend>, a: &OffloadBenchArgs, base: &OffloadConfig,
     })();
     match dense {
         Ok(st) => {
-            eprintln!("  dense KV on the GPU, batch {batch}: {:.2} ms/step [{:.2}, {:.2}]", st.median, st.min, st.max);
-            out["dense"] = serde_json::json!({"step_ms": st, "tok_s": batch as f64 * 1e3 / st.median});
+            eprintln!(
+                "  dense KV on the GPU, batch {batch}: {:.2} ms/step [{:.2}, {:.2}]",
+                st.median, st.min, st.max
+            );
+            out["dense"] =
+                serde_json::json!({"step_ms": st, "tok_s": batch as f64 * 1e3 / st.median});
         }
         Err(e) => {
             eprintln!("  dense KV on the GPU, batch {batch}: {e}");
@@ -443,11 +538,20 @@ impl OffloadBenchArgs {
 fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "| context | batch | budget | rows/KV head | ms/step median [min, max] | tok/s | hit rate | PCIe MB/step | PCIe floor ms | HBM floor ms | recall | GPU GiB used |")?;
-    writeln!(out, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")?;
+    writeln!(
+        out,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )?;
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     for x in r["offloaded"].as_array().into_iter().flatten() {
         if let Some(e) = x.get("error") {
-            writeln!(out, "| {} | {} | - | - | error: {} | | | | | | | |", x["context"], x["batch"], e.as_str().unwrap_or(""))?;
+            writeln!(
+                out,
+                "| {} | {} | - | - | error: {} | | | | | | | |",
+                x["context"],
+                x["batch"],
+                e.as_str().unwrap_or("")
+            )?;
             continue;
         }
         let s = &x["step_ms"];
@@ -472,14 +576,29 @@ fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
     }
     writeln!(out, "\nreferences (same run):")?;
     for x in r["references"].as_array().into_iter().flatten() {
-        writeln!(out, "- context {} batch {}: {}", x["context"], x["batch"], serde_json::to_string(x).unwrap_or_default())?;
+        writeln!(
+            out,
+            "- context {} batch {}: {}",
+            x["context"],
+            x["batch"],
+            serde_json::to_string(x).unwrap_or_default()
+        )?;
     }
-    writeln!(out, "\nreproduce: `{}`", r["command"].as_str().unwrap_or(""))?;
+    writeln!(
+        out,
+        "\nreproduce: `{}`",
+        r["command"].as_str().unwrap_or("")
+    )?;
     Ok(())
 }
 
 /// A real chunked prefill of `--prefill-context` token ids into an offloaded store.
-fn prefill_host(m: &Model<CudaBackend>, a: &OffloadBenchArgs, channels: &[Vec<Vec<usize>>], dtype: DType) -> Result<serde_json::Value, CliError> {
+fn prefill_host(
+    m: &Model<CudaBackend>,
+    a: &OffloadBenchArgs,
+    channels: &[Vec<Vec<usize>>],
+    dtype: DType,
+) -> Result<serde_json::Value, CliError> {
     let n = a.prefill_context;
     let chunk = a.prefill_chunk.min(n);
     let cfg = OffloadConfig {
@@ -495,21 +614,37 @@ fn prefill_host(m: &Model<CudaBackend>, a: &OffloadBenchArgs, channels: &[Vec<Ve
     };
     let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers)?;
     let v = m.cfg.vocab_size as u64;
-    let prompt: Vec<u32> = (0..n as u64).map(|i| ((i * 2_654_435_761) % v) as u32).collect();
+    let prompt: Vec<u32> = (0..n as u64)
+        .map(|i| ((i * 2_654_435_761) % v) as u32)
+        .collect();
     let mut ws = m.workspace(chunk, 1)?;
     let t = Instant::now();
-    let logits = farsight_engine::generate::prefill(m, &mut ws, &mut s, &prompt, chunk, &mut |done, total| {
-        eprint!("\rprefill {done}/{total} tokens, {:.0} s", t.elapsed().as_secs_f64());
-    })?;
+    let logits = farsight_engine::generate::prefill(
+        m,
+        &mut ws,
+        &mut s,
+        &prompt,
+        chunk,
+        &mut |done, total| {
+            eprint!(
+                "\rprefill {done}/{total} tokens, {:.0} s",
+                t.elapsed().as_secs_f64()
+            );
+        },
+    )?;
     let secs = t.elapsed().as_secs_f64();
     eprintln!();
     if !logits.iter().all(|x| x.is_finite()) {
-        return Err(CliError::Usage("non-finite logits after the prefill".into()));
+        return Err(CliError::Usage(
+            "non-finite logits after the prefill".into(),
+        ));
     }
     let st = s.stats(&m.backend)?;
     // Matmul FLOPs: 2 x the per-token weights of the projections (no embedding lookup).
     let c = &m.cfg;
-    let per_layer = c.hidden_size * (c.q_width() + 2 * c.kv_width()) + c.q_width() * c.hidden_size + 3 * c.hidden_size * c.intermediate_size;
+    let per_layer = c.hidden_size * (c.q_width() + 2 * c.kv_width())
+        + c.q_width() * c.hidden_size
+        + 3 * c.hidden_size * c.intermediate_size;
     let flops = 2.0 * (per_layer * c.num_layers) as f64 * n as f64;
     let frac = flops / secs / (a.peak_tflops * 1e12);
     let (gpu_used, _) = m.backend.mem_info()?;

@@ -22,24 +22,31 @@ use farsight_kernels::{Backend, DType};
 use farsight_offload::KvStore;
 
 use super::bench::{bench_point, write_plot, CpuBenchArgs, Stats};
-use super::plot::{BenchMetric, BenchPlot};
 use super::common::{with_model, AnyModel, CliError, Device};
+use super::plot::{BenchMetric, BenchPlot};
 
 fn parse_dtype(s: &str) -> Result<DType, CliError> {
     match s {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
-        _ => Err(CliError::Usage(format!("`{s}` is not a weight dtype (f32, f16, bf16)"))),
+        _ => Err(CliError::Usage(format!(
+            "`{s}` is not a weight dtype (f32, f16, bf16)"
+        ))),
     }
 }
 
 pub fn run(a: CpuBenchArgs) -> Result<(), CliError> {
     let shape = a.shape.clone().unwrap_or_default();
     if a.steps == 0 || a.repeats == 0 || a.prefill_chunk == 0 {
-        return Err(CliError::Usage("--steps, --repeats and --prefill-chunk must be at least 1".into()));
+        return Err(CliError::Usage(
+            "--steps, --repeats and --prefill-chunk must be at least 1".into(),
+        ));
     }
-    if a.sparse.attention != super::sparse::AttentionKind::Dense || a.sparse.host_kv_budget.is_some() || a.sparse.report_memory {
+    if a.sparse.attention != super::sparse::AttentionKind::Dense
+        || a.sparse.host_kv_budget.is_some()
+        || a.sparse.report_memory
+    {
         return Err(CliError::Usage(
             "--shape times dense attention over a dense cache only: --attention, --host-kv-budget and --report-memory need --text".into(),
         ));
@@ -48,9 +55,15 @@ pub fn run(a: CpuBenchArgs) -> Result<(), CliError> {
     let dtype = parse_dtype(&a.weights_dtype)?;
     let t0 = Instant::now();
     let model = match a.model.device {
-        Device::Cpu => AnyModel::Cpu(Model::synthetic(cfg, CpuBackend::new(a.model.threads)?, dtype, 1)?),
+        Device::Cpu => AnyModel::Cpu(Model::synthetic(
+            cfg,
+            CpuBackend::new(a.model.threads)?,
+            dtype,
+            1,
+        )?),
         Device::Cuda(n) => {
-            let be = CudaBackend::new(n).map_err(|e| CliError::Usage(format!("--device cuda:{n}: {e}")))?;
+            let be = CudaBackend::new(n)
+                .map_err(|e| CliError::Usage(format!("--device cuda:{n}: {e}")))?;
             AnyModel::Cuda(Model::synthetic(cfg, be, dtype, 1)?)
         }
     };
@@ -79,8 +92,12 @@ pub fn run(a: CpuBenchArgs) -> Result<(), CliError> {
         "prefill": prefill_runs,
     });
     let mut out = std::io::stdout().lock();
-    let w = |out: &mut std::io::StdoutLock, s: String| writeln!(out, "{s}").map_err(CliError::Output);
-    w(&mut out, "| context | decode step ms, median [min, max] | floor ms | x floor | tok/s |".into())?;
+    let w =
+        |out: &mut std::io::StdoutLock, s: String| writeln!(out, "{s}").map_err(CliError::Output);
+    w(
+        &mut out,
+        "| context | decode step ms, median [min, max] | floor ms | x floor | tok/s |".into(),
+    )?;
     w(&mut out, "| --- | --- | --- | --- | --- |".into())?;
     for d in &decode {
         let s = &d["step_ms"];
@@ -132,7 +149,10 @@ pub fn run(a: CpuBenchArgs) -> Result<(), CliError> {
         let mut metrics = vec![BenchMetric {
             name: "decode step".into(),
             unit: "ms per step".into(),
-            points: decode.iter().filter_map(|d| bench_point(&d["context"], &d["step_ms"])).collect(),
+            points: decode
+                .iter()
+                .filter_map(|d| bench_point(&d["context"], &d["step_ms"]))
+                .collect(),
             floor: decode
                 .iter()
                 .filter_map(|d| Some((d["context"].as_u64()? as usize, d["floor_ms"].as_f64()?)))
@@ -142,7 +162,10 @@ pub fn run(a: CpuBenchArgs) -> Result<(), CliError> {
             metrics.push(BenchMetric {
                 name: format!("prefill (chunks of {})", prefill_runs[0]["chunk"]),
                 unit: "tokens/s".into(),
-                points: prefill_runs.iter().filter_map(|p| bench_point(&p["tokens"], &p["tok_s"])).collect(),
+                points: prefill_runs
+                    .iter()
+                    .filter_map(|p| bench_point(&p["tokens"], &p["tok_s"]))
+                    .collect(),
                 floor: Vec::new(),
             });
         }
@@ -182,7 +205,11 @@ fn measure<B: Backend>(m: &Model<B>, a: &CpuBenchArgs) -> Result<(Rows, Rows), C
         for step in 0..a.warmup + a.steps {
             kv.truncate(past);
             let t = Instant::now();
-            let mut segs = [Segment { tokens: std::slice::from_ref(&tok), kv: &mut kv, logits: Logits::Last }];
+            let mut segs = [Segment {
+                tokens: std::slice::from_ref(&tok),
+                kv: &mut kv,
+                logits: Logits::Last,
+            }];
             let l = m.forward(&mut ws, &mut segs)?.swap_remove(0);
             let dt = t.elapsed().as_secs_f64() * 1e3;
             tok = argmax(&l) % c.vocab_size as u32;
@@ -217,7 +244,9 @@ fn measure<B: Backend>(m: &Model<B>, a: &CpuBenchArgs) -> Result<(Rows, Rows), C
     if a.prefill_context > 0 {
         let n = a.prefill_context.min(max_ctx);
         let v = c.vocab_size as u64;
-        let prompt: Vec<u32> = (0..n as u64).map(|i| ((i * 2_654_435_761) % v) as u32).collect();
+        let prompt: Vec<u32> = (0..n as u64)
+            .map(|i| ((i * 2_654_435_761) % v) as u32)
+            .collect();
         let chunk = a.prefill_chunk.min(n);
         let run = |tokens: &[u32]| -> Result<f64, CliError> {
             let mut kv = new_cache(m, kv_dtype)?;
@@ -226,15 +255,25 @@ fn measure<B: Backend>(m: &Model<B>, a: &CpuBenchArgs) -> Result<(Rows, Rows), C
             let t = Instant::now();
             let l = prefill(m, &mut ws, &mut kv, tokens, chunk, &mut |_, _| {})?;
             let s = t.elapsed().as_secs_f64();
-            assert!(l.iter().all(|x| x.is_finite()), "non-finite logits after prefill");
+            assert!(
+                l.iter().all(|x| x.is_finite()),
+                "non-finite logits after prefill"
+            );
             Ok(s)
         };
         let warm = run(&prompt[..(2 * chunk).min(n)])?;
-        eprintln!("prefill warm-up of {} tokens: {:.2} s", (2 * chunk).min(n), warm);
+        eprintln!(
+            "prefill warm-up of {} tokens: {:.2} s",
+            (2 * chunk).min(n),
+            warm
+        );
         let mut tps = Vec::new();
         for r in 0..a.repeats {
             let s = run(&prompt)?;
-            eprintln!("prefill {n} tokens run {r}: {s:.2} s, {:.0} tok/s", n as f64 / s);
+            eprintln!(
+                "prefill {n} tokens run {r}: {s:.2} s, {:.0} tok/s",
+                n as f64 / s
+            );
             tps.push(n as f64 / s);
         }
         prefill_runs.push(serde_json::json!({

@@ -28,10 +28,15 @@ pub struct CalibrateArgs {
 
 pub fn run(a: CalibrateArgs) -> Result<(), CliError> {
     if a.tokens == 0 || a.chunk == 0 {
-        return Err(CliError::Usage("--tokens and --chunk must be at least 1".into()));
+        return Err(CliError::Usage(
+            "--tokens and --chunk must be at least 1".into(),
+        ));
     }
     let text = read_text(&a.text)?;
-    let out = a.out.clone().unwrap_or_else(|| Calibration::default_path(&a.model.model));
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| Calibration::default_path(&a.model.model));
     let loaded = a.model.load()?;
     let mut ids = loaded.tok.encode(&text)?;
     ids.truncate(a.tokens.min(loaded.model.cfg().context_length()));

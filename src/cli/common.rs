@@ -22,14 +22,20 @@ pub enum CliError {
     #[error("{0}")]
     Usage(String),
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("writing output: {0}")]
     Output(std::io::Error),
 }
 
 impl CliError {
     pub fn io(path: &Path, source: std::io::Error) -> CliError {
-        CliError::Io { path: path.to_path_buf(), source }
+        CliError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -135,7 +141,11 @@ impl ModelArgs {
             } else {
                 String::new()
             };
-            return Err(EngineError::MissingModel { path: self.model.clone(), hint }.into());
+            return Err(EngineError::MissingModel {
+                path: self.model.clone(),
+                hint,
+            }
+            .into());
         }
         let model = match self.device {
             Device::Cpu => AnyModel::Cpu(Model::load(&self.model, CpuBackend::new(self.threads)?)?),
@@ -182,7 +192,11 @@ impl PrefillProgress {
         if !pb.is_hidden() {
             pb.enable_steady_tick(std::time::Duration::from_millis(500));
         }
-        PrefillProgress { pb, start: std::time::Instant::now(), summary: total >= min_tokens }
+        PrefillProgress {
+            pb,
+            start: std::time::Instant::now(),
+            summary: total >= min_tokens,
+        }
     }
 
     /// `done` of `total` prompt tokens are in (0 when the prefill starts).
@@ -196,7 +210,10 @@ impl PrefillProgress {
             self.pb.finish_and_clear();
             let s = self.start.elapsed().as_secs_f64();
             if self.summary {
-                eprintln!("prefill: {total} tokens in {s:.1} s, {:.1} tok/s", total as f64 / s.max(1e-9));
+                eprintln!(
+                    "prefill: {total} tokens in {s:.1} s, {:.1} tok/s",
+                    total as f64 / s.max(1e-9)
+                );
             }
         }
     }

@@ -148,20 +148,36 @@ fn out_line(s: &str) -> Result<(), CliError> {
 }
 
 /// Loads the model and the text's first tokens.
-fn load_text(model: &ModelArgs, text: &PathBuf, max_tokens: usize, chunk: usize) -> Result<(super::common::Loaded, Vec<u32>), CliError> {
+fn load_text(
+    model: &ModelArgs,
+    text: &PathBuf,
+    max_tokens: usize,
+    chunk: usize,
+) -> Result<(super::common::Loaded, Vec<u32>), CliError> {
     if chunk == 0 {
         return Err(CliError::Usage("--chunk must be at least 1".into()));
     }
     let text = read_text(text)?;
     let loaded = model.load()?;
     let mut ids = loaded.tok.encode(&text)?;
-    let limit = if max_tokens == 0 { loaded.model.cfg().context_length() } else { max_tokens };
+    let limit = if max_tokens == 0 {
+        loaded.model.cfg().context_length()
+    } else {
+        max_tokens
+    };
     ids.truncate(limit);
     Ok((loaded, ids))
 }
 
 /// Perplexity with `attention` (per position), and the sparse counters when sparse.
-fn run_ppl(model: &AnyModel, ids: &[u32], chunk: usize, kv_dtype: farsight_kernels::DType, attention: &Attention, label: &str) -> Result<(Perplexity, Option<SparseStats>, KvMemory), CliError> {
+fn run_ppl(
+    model: &AnyModel,
+    ids: &[u32],
+    chunk: usize,
+    kv_dtype: farsight_kernels::DType,
+    attention: &Attention,
+    label: &str,
+) -> Result<(Perplexity, Option<SparseStats>, KvMemory), CliError> {
     let pb = token_progress(ids.len(), label, 2048);
     let mut progress = |d: usize, _| pb.set_position(d as u64);
     let r = with_model!(model, m => match attention.per_position() {
@@ -197,15 +213,24 @@ fn logits(a: LogitsArgs) -> Result<(), CliError> {
     let ids: Vec<u32> = text
         .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<u32>().map_err(|_| CliError::Usage(format!("`{s}` in {} is not a token id", a.tokens.display()))))
+        .map(|s| {
+            s.parse::<u32>().map_err(|_| {
+                CliError::Usage(format!("`{s}` in {} is not a token id", a.tokens.display()))
+            })
+        })
         .collect::<Result<_, _>>()?;
     if ids.is_empty() {
-        return Err(CliError::Usage(format!("{} holds no token ids", a.tokens.display())));
+        return Err(CliError::Usage(format!(
+            "{} holds no token ids",
+            a.tokens.display()
+        )));
     }
     let model = a.model.load_model()?;
     let vocab = model.cfg().vocab_size;
     if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(CliError::Usage(format!("token id {bad} outside the vocabulary ({vocab})")));
+        return Err(CliError::Usage(format!(
+            "token id {bad} outside the vocabulary ({vocab})"
+        )));
     }
     let t0 = std::time::Instant::now();
     let (all, greedy) = with_model!(&model, m => teacher_forced_then_greedy(m, &ids, a.chunk, a.greedy, a.model.kv_dtype))?;
@@ -213,7 +238,10 @@ fn logits(a: LogitsArgs) -> Result<(), CliError> {
     let bin = a.out.with_extension("bin");
     let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(&bin, bytes).map_err(|e| CliError::io(&bin, e))?;
-    let argmax: Vec<u32> = all.chunks(vocab).map(farsight_engine::sampler::argmax).collect();
+    let argmax: Vec<u32> = all
+        .chunks(vocab)
+        .map(farsight_engine::sampler::argmax)
+        .collect();
     let v = serde_json::json!({
         "tokens": ids,
         "vocab": vocab,
@@ -228,7 +256,13 @@ fn logits(a: LogitsArgs) -> Result<(), CliError> {
         "chunk": a.chunk,
     });
     std::fs::write(&a.out, v.to_string()).map_err(|e| CliError::io(&a.out, e))?;
-    eprintln!("logits of {} positions -> {}; {} greedy tokens; {:.2} s", ids.len(), bin.display(), greedy.len(), seconds);
+    eprintln!(
+        "logits of {} positions -> {}; {} greedy tokens; {:.2} s",
+        ids.len(),
+        bin.display(),
+        greedy.len(),
+        seconds
+    );
     Ok(())
 }
 
@@ -245,7 +279,11 @@ fn teacher_forced_then_greedy<B: farsight_kernels::Backend>(
     let mut ws = m.workspace(chunk.min(ids.len()), chunk.min(ids.len()))?;
     let mut all = Vec::with_capacity(ids.len() * m.cfg.vocab_size);
     for part in ids.chunks(chunk) {
-        let mut segs = [Segment { tokens: part, kv: &mut kv, logits: Logits::All }];
+        let mut segs = [Segment {
+            tokens: part,
+            kv: &mut kv,
+            logits: Logits::All,
+        }];
         all.extend(m.forward(&mut ws, &mut segs)?.swap_remove(0));
     }
     let vocab = m.cfg.vocab_size;
@@ -256,7 +294,11 @@ fn teacher_forced_then_greedy<B: farsight_kernels::Backend>(
         if i + 1 == greedy {
             break;
         }
-        let mut segs = [Segment { tokens: std::slice::from_ref(&next), kv: &mut kv, logits: Logits::Last }];
+        let mut segs = [Segment {
+            tokens: std::slice::from_ref(&next),
+            kv: &mut kv,
+            logits: Logits::Last,
+        }];
         let l = m.forward(&mut ws, &mut segs)?.swap_remove(0);
         next = farsight_engine::sampler::argmax(&l);
     }
@@ -265,7 +307,9 @@ fn teacher_forced_then_greedy<B: farsight_kernels::Backend>(
 
 fn ppl(a: PplArgs) -> Result<(), CliError> {
     let (mut loaded, ids) = load_text(&a.model, &a.text, a.max_tokens, a.chunk)?;
-    let attention = a.sparse.attention_planned(&a.model, &mut loaded.model, ids.len())?;
+    let attention = a
+        .sparse
+        .attention_planned(&a.model, &mut loaded.model, ids.len())?;
     eprintln!(
         "eval ppl: model {}, {} tokens of {}, device {}, kv {}, attention {}",
         a.model.model.display(),
@@ -275,10 +319,23 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
         a.model.kv_dtype,
         attention.describe()
     );
-    let (r, st, mem) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &attention, "eval")?;
+    let (r, st, mem) = run_ppl(
+        &loaded.model,
+        &ids,
+        a.chunk,
+        a.model.kv_dtype,
+        &attention,
+        "eval",
+    )?;
     if a.sparse.report_memory {
         let rows = a.chunk.min(ids.len());
-        super::report::print_after_run(super::report::footprint(&loaded.model, a.model.kv_dtype, mem.clone(), rows, rows));
+        super::report::print_after_run(super::report::footprint(
+            &loaded.model,
+            a.model.kv_dtype,
+            mem.clone(),
+            rows,
+            rows,
+        ));
     }
     if a.json {
         let v = serde_json::json!({
@@ -299,12 +356,26 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
         });
         return out_line(&v.to_string());
     }
-    out_line(&format!("perplexity {:.4} over {} tokens (mean NLL {:.5}, {:.1} s)", r.ppl, r.tokens, r.nll_mean, r.seconds))?;
+    out_line(&format!(
+        "perplexity {:.4} over {} tokens (mean NLL {:.5}, {:.1} s)",
+        r.ppl, r.tokens, r.nll_mean, r.seconds
+    ))?;
     if let Some(s) = &st {
-        out_line(&format!("rows read: {:.2}% of the visible rows", 100.0 * s.read_fraction().unwrap_or(1.0)))?;
+        out_line(&format!(
+            "rows read: {:.2}% of the visible rows",
+            100.0 * s.read_fraction().unwrap_or(1.0)
+        ))?;
         if let Some(rc) = s.recall() {
-            let per: Vec<String> = s.recall_per_layer().iter().map(|r| r.map_or("-".into(), |v| format!("{:.3}", v))).collect();
-            out_line(&format!("layer-ahead recall {:.4}; per layer: {}", rc, per.join(" ")))?;
+            let per: Vec<String> = s
+                .recall_per_layer()
+                .iter()
+                .map(|r| r.map_or("-".into(), |v| format!("{:.3}", v)))
+                .collect();
+            out_line(&format!(
+                "layer-ahead recall {:.4}; per layer: {}",
+                rc,
+                per.join(" ")
+            ))?;
         }
     }
     Ok(())
@@ -312,10 +383,15 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
 
 fn agree(a: PplArgs) -> Result<(), CliError> {
     if a.sparse.attention == AttentionKind::Dense {
-        return Err(CliError::Usage("eval agreement compares sparse with dense: pass --attention double-sparse".into()));
+        return Err(CliError::Usage(
+            "eval agreement compares sparse with dense: pass --attention double-sparse".into(),
+        ));
     }
     let (mut loaded, ids) = load_text(&a.model, &a.text, a.max_tokens, a.chunk)?;
-    let attention = a.sparse.attention_planned(&a.model, &mut loaded.model, ids.len())?.per_position();
+    let attention = a
+        .sparse
+        .attention_planned(&a.model, &mut loaded.model, ids.len())?
+        .per_position();
     eprintln!(
         "eval agreement: model {}, {} tokens of {}, device {}, kv {}, {} vs dense",
         a.model.model.display(),
@@ -354,15 +430,27 @@ fn passkey(a: PasskeyArgs) -> Result<(), CliError> {
     }
     let mut loaded = a.model.load()?;
     // Deterministic five-digit keys.
-    let key_of = |len: usize, depth: f64, t: usize| format!("{}", 10000 + (len * 7919 + (depth * 1000.0) as usize * 104729 + t * 15485863) % 90000);
+    let key_of = |len: usize, depth: f64, t: usize| {
+        format!(
+            "{}",
+            10000 + (len * 7919 + (depth * 1000.0) as usize * 104729 + t * 15485863) % 90000
+        )
+    };
     // A budget given as a fraction is of the full KV of each length's planned tokens: the
     // length plus the answer's tokens.
     let answer = farsight_engine::passkey::answer_tokens(&key_of(0, 0.0, 0));
     let first = a.lengths.first().copied().unwrap_or(0);
-    let attention = a.sparse.attention_planned(&a.model, &mut loaded.model, first + answer)?;
+    let attention = a
+        .sparse
+        .attention_planned(&a.model, &mut loaded.model, first + answer)?;
     let mut per_length = Vec::with_capacity(a.lengths.len());
     for (i, &len) in a.lengths.iter().enumerate() {
-        per_length.push(if i == 0 { attention.clone() } else { a.sparse.budget_for(&a.model, &loaded.model, &attention, len + answer)? });
+        per_length.push(if i == 0 {
+            attention.clone()
+        } else {
+            a.sparse
+                .budget_for(&a.model, &loaded.model, &attention, len + answer)?
+        });
     }
     let sparse_name = a.sparse.label(&attention);
     // (name, attention per length)
@@ -413,9 +501,17 @@ fn passkey(a: PasskeyArgs) -> Result<(), CliError> {
                         ))?;
                     }
                     if a.sparse.report_memory {
-                        eprintln!("memory after {name}, length {len}, depth {depth:.2}, key {key}:");
+                        eprintln!(
+                            "memory after {name}, length {len}, depth {depth:.2}, key {key}:"
+                        );
                         let rows = a.chunk.min(r.tokens);
-                        super::report::print_after_run(super::report::footprint(&loaded.model, a.model.kv_dtype, r.kv_memory.clone(), rows, 1));
+                        super::report::print_after_run(super::report::footprint(
+                            &loaded.model,
+                            a.model.kv_dtype,
+                            r.kv_memory.clone(),
+                            rows,
+                            1,
+                        ));
                     }
                     results.push((name.clone(), len, r));
                 }
@@ -440,7 +536,10 @@ fn passkey(a: PasskeyArgs) -> Result<(), CliError> {
         }
     }
     if a.json {
-        let trials: Vec<_> = results.iter().map(|(n, len, r)| serde_json::json!({ "attention": n, "length": len, "trial": r })).collect();
+        let trials: Vec<_> = results
+            .iter()
+            .map(|(n, len, r)| serde_json::json!({ "attention": n, "length": len, "trial": r }))
+            .collect();
         let budgets: Vec<_> = runs
             .last()
             .map(|(_, atts)| {
@@ -448,7 +547,9 @@ fn passkey(a: PasskeyArgs) -> Result<(), CliError> {
                     .zip(&a.lengths)
                     .map(|(att, &len)| {
                         let bytes = match att {
-                            Attention::DoubleSparse(s) => s.cfg.evict.as_ref().map(|e| e.budget_bytes),
+                            Attention::DoubleSparse(s) => {
+                                s.cfg.evict.as_ref().map(|e| e.budget_bytes)
+                            }
                             Attention::Dense => None,
                         };
                         serde_json::json!({ "length": len, "host_kv_budget_bytes": bytes })
@@ -466,7 +567,9 @@ fn passkey(a: PasskeyArgs) -> Result<(), CliError> {
 
 fn sweep(a: SweepArgs) -> Result<(), CliError> {
     if a.sparse.attention == AttentionKind::Dense {
-        return Err(CliError::Usage("eval sweep varies sparse settings: pass --attention double-sparse".into()));
+        return Err(CliError::Usage(
+            "eval sweep varies sparse settings: pass --attention double-sparse".into(),
+        ));
     }
     let (mut loaded, ids) = load_text(&a.model, &a.text, a.max_tokens, a.chunk)?;
     eprintln!(
@@ -482,7 +585,14 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
         a.sparse.sink,
         a.sparse.recent
     );
-    let (dense, _, _) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &Attention::Dense, "dense")?;
+    let (dense, _, _) = run_ppl(
+        &loaded.model,
+        &ids,
+        a.chunk,
+        a.model.kv_dtype,
+        &Attention::Dense,
+        "dense",
+    )?;
     let mut rows = Vec::new();
     let mut points = Vec::new();
     let mut md = format!(
@@ -496,11 +606,24 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
                 cfg.budget = budget;
                 cfg.label_channels = ch;
                 cfg.label_bits = bits;
-                let att = a.sparse.attention_with(&a.model, &mut loaded.model, cfg, ids.len())?;
-                let (r, st, _) = run_ppl(&loaded.model, &ids, a.chunk, a.model.kv_dtype, &att, &format!("{budget} r{ch} b{bits}"))?;
+                let att = a
+                    .sparse
+                    .attention_with(&a.model, &mut loaded.model, cfg, ids.len())?;
+                let (r, st, _) = run_ppl(
+                    &loaded.model,
+                    &ids,
+                    a.chunk,
+                    a.model.kv_dtype,
+                    &att,
+                    &format!("{budget} r{ch} b{bits}"),
+                )?;
                 let rel = 100.0 * (r.ppl / dense.ppl - 1.0);
                 let frac = st.as_ref().and_then(|s| s.read_fraction()).unwrap_or(1.0);
-                let line = format!("| double-sparse | {budget} | {ch} | {bits} | {:.4} | {rel:+.2}% | {:.1}% |", r.ppl, 100.0 * frac);
+                let line = format!(
+                    "| double-sparse | {budget} | {ch} | {bits} | {:.4} | {rel:+.2}% | {:.1}% |",
+                    r.ppl,
+                    100.0 * frac
+                );
                 if !a.json {
                     eprintln!("{line}");
                 }
@@ -510,7 +633,12 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
                     TokenBudget::Fraction(n) => 1.0 / n as f64,
                     TokenBudget::Tokens(k) => (k as f64 / ids.len().max(1) as f64).min(1.0),
                 };
-                points.push(SweepPoint { budget: budget_fraction, channels: ch, bits: bits.to_string(), ppl: r.ppl });
+                points.push(SweepPoint {
+                    budget: budget_fraction,
+                    channels: ch,
+                    bits: bits.to_string(),
+                    ppl: r.ppl,
+                });
                 rows.push(serde_json::json!({ "budget": budget.to_string(), "channels": ch, "bits": bits.to_string(),
                     "ppl": r.ppl, "vs_dense": r.ppl / dense.ppl - 1.0, "read_fraction": frac, "sparse": recall_json(&st) }));
             }
@@ -534,7 +662,9 @@ fn sweep(a: SweepArgs) -> Result<(), CliError> {
             dense_ppl: dense.ppl,
             points,
         };
-        super::plot::announce(&super::plot::sweep_chart(&data, base).map_err(|e| CliError::Usage(e.to_string()))?);
+        super::plot::announce(
+            &super::plot::sweep_chart(&data, base).map_err(|e| CliError::Usage(e.to_string()))?,
+        );
     }
     if a.json {
         let v = serde_json::json!({ "dense_ppl": dense.ppl, "rows": rows,

@@ -70,27 +70,47 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     if a.prefill_chunk == 0 {
         return Err(CliError::Usage("--prefill-chunk must be at least 1".into()));
     }
-    let sampling = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     sampling.validate()?;
     let mut loaded = a.model.load()?;
 
     let prompt_text = if a.chat {
         let tmpl = loaded.tok.chat_template.as_ref().ok_or_else(|| {
-            CliError::Usage(format!("--chat: {} has no chat template", a.model.model.display()))
+            CliError::Usage(format!(
+                "--chat: {} has no chat template",
+                a.model.model.display()
+            ))
         })?;
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
-            msgs.push(Message { role: "system".into(), content: s.clone() });
+            msgs.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        msgs.push(Message { role: "user".into(), content: text });
+        msgs.push(Message {
+            role: "user".into(),
+            content: text,
+        });
         tmpl.render(&msgs, true)?
     } else {
         text
     };
     let ids = loaded.tok.encode(&prompt_text)?;
-    let attention = a.sparse.attention_planned(&a.model, &mut loaded.model, ids.len() + a.max_new_tokens)?;
+    let attention =
+        a.sparse
+            .attention_planned(&a.model, &mut loaded.model, ids.len() + a.max_new_tokens)?;
     let (model, tok) = (&loaded.model, &loaded.tok);
-    let plan = Plan { prompt: ids.len(), new_tokens: a.max_new_tokens, chunk: a.prefill_chunk };
+    let plan = Plan {
+        prompt: ids.len(),
+        new_tokens: a.max_new_tokens,
+        chunk: a.prefill_chunk,
+    };
     preflight::check(model, a.model.kv_dtype, &attention, plan)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
@@ -124,7 +144,13 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
     }
     if a.sparse.report_memory {
         let rows = a.prefill_chunk.min(ids.len());
-        super::report::print_after_run(super::report::footprint(model, a.model.kv_dtype, g.kv_memory.clone(), rows, 1));
+        super::report::print_after_run(super::report::footprint(
+            model,
+            a.model.kv_dtype,
+            g.kv_memory.clone(),
+            rows,
+            1,
+        ));
     }
     if a.json {
         let v = serde_json::json!({

@@ -70,7 +70,11 @@ pub fn parse_doc(bytes: &[u8]) -> Result<Doc, String> {
     match &doc.id {
         Value::String(s) if !s.is_empty() => {}
         Value::Number(n) if n.is_u64() || n.is_i64() => {}
-        other => return Err(format!("\"id\" must be a non-empty string or an integer, not {other}")),
+        other => {
+            return Err(format!(
+                "\"id\" must be a non-empty string or an integer, not {other}"
+            ))
+        }
     }
     Ok(doc)
 }
@@ -87,15 +91,26 @@ impl InputLines {
     pub fn open(path: &Path) -> Result<InputLines, CliError> {
         let f = File::open(path).map_err(|e| CliError::io(path, e))?;
         if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(CliError::Usage(format!("{}: is a directory", path.display())));
+            return Err(CliError::Usage(format!(
+                "{}: is a directory",
+                path.display()
+            )));
         }
-        Ok(InputLines { reader: BufReader::new(f), path: path.to_path_buf(), line: 0, buf: Vec::new() })
+        Ok(InputLines {
+            reader: BufReader::new(f),
+            path: path.to_path_buf(),
+            line: 0,
+            buf: Vec::new(),
+        })
     }
 
     /// The next line and its number (from 1), or `None` at the end.
     pub fn next_line(&mut self) -> Result<Option<(usize, &[u8])>, CliError> {
         self.buf.clear();
-        let n = self.reader.read_until(b'\n', &mut self.buf).map_err(|e| CliError::io(&self.path, e))?;
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.buf)
+            .map_err(|e| CliError::io(&self.path, e))?;
         if n == 0 {
             return Ok(None);
         }
@@ -139,12 +154,21 @@ impl ResultsFile {
     /// Opens (or creates) `path`, cuts a torn last line, and reads the keys already written.
     pub fn open(path: &Path) -> Result<ResultsFile, CliError> {
         let io = |e| CliError::io(path, e);
-        let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io)?;
         let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         if whole < bytes.len() {
-            tracing::warn!("{}: cutting a torn last line ({} bytes)", path.display(), bytes.len() - whole);
+            tracing::warn!(
+                "{}: cutting a torn last line ({} bytes)",
+                path.display(),
+                bytes.len() - whole
+            );
             file.set_len(whole as u64).map_err(io)?;
             file.seek(SeekFrom::End(0)).map_err(io)?;
         }
@@ -154,7 +178,11 @@ impl ResultsFile {
                 continue;
             }
             let v: Value = serde_json::from_slice(line).map_err(|e| {
-                CliError::Usage(format!("{}: line {} is not JSON ({e}); not a results file?", path.display(), i + 1))
+                CliError::Usage(format!(
+                    "{}: line {} is not JSON ({e}); not a results file?",
+                    path.display(),
+                    i + 1
+                ))
             })?;
             match (v.get("id"), v.get("line").and_then(Value::as_u64)) {
                 (Some(id), _) if !id.is_null() => done.insert(id_key(id)),
@@ -168,14 +196,22 @@ impl ResultsFile {
                 }
             };
         }
-        Ok(ResultsFile { file, path: path.to_path_buf(), done })
+        Ok(ResultsFile {
+            file,
+            path: path.to_path_buf(),
+            done,
+        })
     }
 
     /// Appends one record as a whole line (one `write_all` of the full buffer, then flush).
     pub fn write(&mut self, record: &Value) -> Result<(), CliError> {
-        let mut buf = serde_json::to_vec(record).map_err(|e| CliError::Usage(format!("encoding a result: {e}")))?;
+        let mut buf = serde_json::to_vec(record)
+            .map_err(|e| CliError::Usage(format!("encoding a result: {e}")))?;
         buf.push(b'\n');
-        self.file.write_all(&buf).and_then(|_| self.file.flush()).map_err(|e| CliError::io(&self.path, e))
+        self.file
+            .write_all(&buf)
+            .and_then(|_| self.file.flush())
+            .map_err(|e| CliError::io(&self.path, e))
     }
 }
 
@@ -192,19 +228,29 @@ mod tests {
         let mut keys: Vec<_> = r.done.iter().cloned().collect();
         keys.sort();
         assert_eq!(keys, vec!["\"a\"", "line:4"]);
-        r.write(&serde_json::json!({"id": 7, "output": "y"})).unwrap();
+        r.write(&serde_json::json!({"id": 7, "output": "y"}))
+            .unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.ends_with("\"line\":4,\"error\":\"e\"}\n{\"id\":7,\"output\":\"y\"}\n"), "{text}");
+        assert!(
+            text.ends_with("\"line\":4,\"error\":\"e\"}\n{\"id\":7,\"output\":\"y\"}\n"),
+            "{text}"
+        );
     }
 
     #[test]
     fn documents_parse_with_settings_and_bad_ones_say_why() {
-        let d = parse_doc(br#"{"id": 3, "text": "hi", "temperature": 0.5, "stop": "x", "extra": 1}"#).unwrap();
+        let d =
+            parse_doc(br#"{"id": 3, "text": "hi", "temperature": 0.5, "stop": "x", "extra": 1}"#)
+                .unwrap();
         assert_eq!(d.settings.temperature, Some(0.5));
         assert_eq!(d.settings.stop.unwrap().into_vec(), vec!["x"]);
         assert!(parse_doc(b"{\"id\": \"a\"}").unwrap_err().contains("text"));
-        assert!(parse_doc(b"{\"id\": 1.5, \"text\": \"t\"}").unwrap_err().contains("id"));
-        assert!(parse_doc(b"{\"id\": \"\", \"text\": \"t\"}").unwrap_err().contains("id"));
+        assert!(parse_doc(b"{\"id\": 1.5, \"text\": \"t\"}")
+            .unwrap_err()
+            .contains("id"));
+        assert!(parse_doc(b"{\"id\": \"\", \"text\": \"t\"}")
+            .unwrap_err()
+            .contains("id"));
         assert!(parse_doc(b"not json").is_err());
         assert!(parse_doc(b"\xff\xfe").unwrap_err().contains("UTF-8"));
     }

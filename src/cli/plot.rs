@@ -48,7 +48,11 @@ impl Point {
         Point { x, y, range: None }
     }
     pub fn with_range(x: f64, y: f64, lo: f64, hi: f64) -> Point {
-        Point { x, y, range: Some((lo, hi)) }
+        Point {
+            x,
+            y,
+            range: Some((lo, hi)),
+        }
     }
 }
 
@@ -197,7 +201,14 @@ pub fn memory_chart(data: &MemoryPlot, base: &Path) -> Result<Vec<PathBuf>, Plot
 
 /// Prints the files a chart was written to (one line on stderr).
 pub fn announce(files: &[PathBuf]) {
-    eprintln!("plot: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "plot: {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 pub fn bench_figure(data: &BenchPlot) -> Figure {
@@ -217,7 +228,11 @@ pub fn bench_figure(data: &BenchPlot) -> Figure {
             if !m.floor.is_empty() {
                 series.push(Series {
                     label: "memory-bandwidth floor".into(),
-                    points: m.floor.iter().map(|&(c, v)| Point::new(c as f64, v)).collect(),
+                    points: m
+                        .floor
+                        .iter()
+                        .map(|&(c, v)| Point::new(c as f64, v))
+                        .collect(),
                     dashed: true,
                 });
             }
@@ -231,7 +246,11 @@ pub fn bench_figure(data: &BenchPlot) -> Figure {
             }
         })
         .collect();
-    Figure { title: data.title.clone(), footnote: data.footnote.clone(), panels }
+    Figure {
+        title: data.title.clone(),
+        footnote: data.footnote.clone(),
+        panels,
+    }
 }
 
 pub fn sweep_figure(data: &SweepPlot) -> Figure {
@@ -252,7 +271,11 @@ pub fn sweep_figure(data: &SweepPlot) -> Figure {
                 .map(|p| Point::new(p.budget, p.ppl))
                 .collect();
             points.sort_by(|a, b| a.x.total_cmp(&b.x));
-            Series { label: format!("{ch} channels, {bits}-bit labels"), points, dashed: false }
+            Series {
+                label: format!("{ch} channels, {bits}-bit labels"),
+                points,
+                dashed: false,
+            }
         })
         .collect();
     Figure {
@@ -272,11 +295,27 @@ pub fn sweep_figure(data: &SweepPlot) -> Figure {
 pub fn memory_figure(data: &MemoryPlot) -> Figure {
     let mut points = data.points.clone();
     points.sort_by_key(|p| p.context);
-    let top = points.iter().flat_map(|p| p.lines.iter().map(|l| l.1).chain([p.full_kv, p.lines.iter().map(|l| l.1).sum()])).max().unwrap_or(0);
-    let (unit, scale) = if top >= 1 << 30 { ("GiB", (1u64 << 30) as f64) } else { ("MiB", (1u64 << 20) as f64) };
+    let top = points
+        .iter()
+        .flat_map(|p| {
+            p.lines
+                .iter()
+                .map(|l| l.1)
+                .chain([p.full_kv, p.lines.iter().map(|l| l.1).sum()])
+        })
+        .max()
+        .unwrap_or(0);
+    let (unit, scale) = if top >= 1 << 30 {
+        ("GiB", (1u64 << 30) as f64)
+    } else {
+        ("MiB", (1u64 << 20) as f64)
+    };
     let line = |label: String, dashed: bool, value: &dyn Fn(&MemoryPoint) -> usize| Series {
         label,
-        points: points.iter().map(|p| Point::new(p.context as f64, value(p) as f64 / scale)).collect(),
+        points: points
+            .iter()
+            .map(|p| Point::new(p.context as f64, value(p) as f64 / scale))
+            .collect(),
         dashed,
     };
     let mut labels: Vec<&String> = Vec::new();
@@ -287,9 +326,15 @@ pub fn memory_figure(data: &MemoryPlot) -> Figure {
     }
     let mut series: Vec<Series> = labels
         .into_iter()
-        .map(|name| line(name.clone(), false, &|p| p.lines.iter().filter(|l| &l.0 == name).map(|l| l.1).sum()))
+        .map(|name| {
+            line(name.clone(), false, &|p| {
+                p.lines.iter().filter(|l| &l.0 == name).map(|l| l.1).sum()
+            })
+        })
         .collect();
-    series.push(line("total".into(), false, &|p| p.lines.iter().map(|l| l.1).sum()));
+    series.push(line("total".into(), false, &|p| {
+        p.lines.iter().map(|l| l.1).sum()
+    }));
     series.push(line("full dense KV".into(), true, &|p| p.full_kv));
     Figure {
         title: data.title.clone(),
@@ -318,12 +363,19 @@ pub fn render(fig: &Figure, base: &Path) -> Result<Vec<PathBuf>, PlotError> {
     register_font();
     let (svg, png) = outputs(base);
     if let Some(dir) = base.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| PlotError { path: dir.to_path_buf(), msg: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|e| PlotError {
+            path: dir.to_path_buf(),
+            msg: e.to_string(),
+        })?;
     }
-    draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), fig)
-        .map_err(|msg| PlotError { path: svg.clone(), msg })?;
-    draw(BitMapBackend::new(&png, SIZE).into_drawing_area(), fig)
-        .map_err(|msg| PlotError { path: png.clone(), msg })?;
+    draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), fig).map_err(|msg| PlotError {
+        path: svg.clone(),
+        msg,
+    })?;
+    draw(BitMapBackend::new(&png, SIZE).into_drawing_area(), fig).map_err(|msg| PlotError {
+        path: png.clone(),
+        msg,
+    })?;
     Ok(vec![svg, png])
 }
 
@@ -378,7 +430,10 @@ fn clip(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_string()
     } else {
-        s.chars().take(max - 1).chain(std::iter::once('…')).collect()
+        s.chars()
+            .take(max - 1)
+            .chain(std::iter::once('…'))
+            .collect()
     }
 }
 
@@ -420,7 +475,11 @@ fn padded(v: impl Iterator<Item = f64>, pad: f64) -> Option<(f64, f64)> {
         return None;
     }
     let span = hi - lo;
-    let d = if span > 0.0 { span * pad } else { (hi.abs() * 0.1).max(0.5) };
+    let d = if span > 0.0 {
+        span * pad
+    } else {
+        (hi.abs() * 0.1).max(0.5)
+    };
     Some((lo - d, hi + d))
 }
 
@@ -431,8 +490,16 @@ fn legend_corner(p: &Panel) -> SeriesLabelPosition {
         .series
         .iter()
         .filter_map(|s| {
-            let first = s.points.iter().filter(|q| q.y.is_finite()).min_by(|a, b| a.x.total_cmp(&b.x))?;
-            let last = s.points.iter().filter(|q| q.y.is_finite()).max_by(|a, b| a.x.total_cmp(&b.x))?;
+            let first = s
+                .points
+                .iter()
+                .filter(|q| q.y.is_finite())
+                .min_by(|a, b| a.x.total_cmp(&b.x))?;
+            let last = s
+                .points
+                .iter()
+                .filter(|q| q.y.is_finite())
+                .max_by(|a, b| a.x.total_cmp(&b.x))?;
             Some(last.y - first.y)
         })
         .sum();
@@ -447,8 +514,12 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Resul
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
     let h = root.dim_in_pixel().1 as i32;
-    root.draw(&Text::new(clip(&fig.footnote, 150), (10, h - 18), (FAMILY, 13).into_font().color(&BLACK.mix(0.6))))
-        .map_err(e)?;
+    root.draw(&Text::new(
+        clip(&fig.footnote, 150),
+        (10, h - 18),
+        (FAMILY, 13).into_font().color(&BLACK.mix(0.6)),
+    ))
+    .map_err(e)?;
     let body = root.margin(0, 24, 0, 0);
     let body = body.titled(&fig.title, (FAMILY, 22)).map_err(e)?;
     let areas = body.split_evenly((1, fig.panels.len().max(1)));
@@ -461,14 +532,22 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Resul
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<(), String> {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     let lx = |x: f64| x.max(f64::MIN_POSITIVE).log2();
-    let xs: Vec<f64> = p.series.iter().flat_map(|s| s.points.iter().map(|q| lx(q.x))).collect();
+    let xs: Vec<f64> = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|q| lx(q.x)))
+        .collect();
     let (x0, x1) = padded(xs.iter().copied(), 0.08).unwrap_or((0.0, 1.0));
     let ticks = x_ticks(&xs, x0, x1);
     let n_ticks = ticks.len();
     let ys = p
         .series
         .iter()
-        .flat_map(|s| s.points.iter().flat_map(|q| [Some(q.y), q.range.map(|r| r.0), q.range.map(|r| r.1)]))
+        .flat_map(|s| {
+            s.points
+                .iter()
+                .flat_map(|q| [Some(q.y), q.range.map(|r| r.0), q.range.map(|r| r.1)])
+        })
         .flatten()
         .chain(p.hlines.iter().map(|h| h.1));
     let (y0, y1) = padded(ys, 0.08).unwrap_or((0.0, 1.0));
@@ -477,7 +556,14 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(65)
-        .build_cartesian_2d(TickedAxis { lo: x0, hi: x1, ticks }, y0..y1)
+        .build_cartesian_2d(
+            TickedAxis {
+                lo: x0,
+                hi: x1,
+                ticks,
+            },
+            y0..y1,
+        )
         .map_err(e)?;
     let axis = p.x_axis;
     chart
@@ -502,29 +588,50 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> R
             let (r, g, b) = TAB10[(color_idx - 1) % TAB10.len()];
             RGBColor(r, g, b)
         };
-        let pts: Vec<(f64, f64)> = s.points.iter().filter(|q| q.y.is_finite()).map(|q| (lx(q.x), q.y)).collect();
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .filter(|q| q.y.is_finite())
+            .map(|q| (lx(q.x), q.y))
+            .collect();
         let style = color.stroke_width(2);
         let anno = if s.dashed {
-            chart.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style)).map_err(e)?
+            chart
+                .draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style))
+                .map_err(e)?
         } else {
-            chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(e)?
+            chart
+                .draw_series(LineSeries::new(pts.clone(), style))
+                .map_err(e)?
         };
-        anno.label(s.label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], color.stroke_width(2)));
+        anno.label(s.label.as_str()).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 22, y)], color.stroke_width(2))
+        });
         if !s.dashed {
-            chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(e)?;
+            chart
+                .draw_series(
+                    pts.iter()
+                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                )
+                .map_err(e)?;
         }
         chart
             .draw_series(s.points.iter().filter_map(|q| {
                 let (lo, hi) = q.range?;
-                (lo.is_finite() && hi.is_finite()).then(|| ErrorBar::new_vertical(lx(q.x), lo, q.y, hi, color.stroke_width(1), 8))
+                (lo.is_finite() && hi.is_finite())
+                    .then(|| ErrorBar::new_vertical(lx(q.x), lo, q.y, hi, color.stroke_width(1), 8))
             }))
             .map_err(e)?;
     }
     for (label, y) in &p.hlines {
         let c = BLACK;
         chart
-            .draw_series(DashedLineSeries::new(vec![(x0, *y), (x1, *y)], 8, 5, c.stroke_width(2)))
+            .draw_series(DashedLineSeries::new(
+                vec![(x0, *y), (x1, *y)],
+                8,
+                5,
+                c.stroke_width(2),
+            ))
             .map_err(e)?
             .label(label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(2)));
@@ -546,7 +653,14 @@ mod tests {
 
     fn bench_data() -> BenchPlot {
         let pts = |v: &[(usize, f64)]| {
-            v.iter().map(|&(c, m)| BenchPoint { context: c, median: m, min: m * 0.9, max: m * 1.15 }).collect()
+            v.iter()
+                .map(|&(c, m)| BenchPoint {
+                    context: c,
+                    median: m,
+                    min: m * 0.9,
+                    max: m * 1.15,
+                })
+                .collect()
         };
         BenchPlot {
             title: "bench dense: synthetic llama-3.1-8b on cuda:0".into(),
@@ -572,10 +686,20 @@ mod tests {
         let mut points = Vec::new();
         for (ch, bits, base) in [(8, "16", 0.6), (16, "16", 0.3), (8, "4", 0.9)] {
             for n in [4usize, 8, 16, 32] {
-                points.push(SweepPoint { budget: 1.0 / n as f64, channels: ch, bits: bits.into(), ppl: 12.0 + base * n as f64 / 4.0 });
+                points.push(SweepPoint {
+                    budget: 1.0 / n as f64,
+                    channels: ch,
+                    bits: bits.into(),
+                    ppl: 12.0 + base * n as f64 / 4.0,
+                });
             }
         }
-        SweepPlot { title: "eval sweep: smollm2-135m".into(), footnote: "farsight eval sweep ...".into(), dense_ppl: 11.8, points }
+        SweepPlot {
+            title: "eval sweep: smollm2-135m".into(),
+            footnote: "farsight eval sweep ...".into(),
+            dense_ppl: 11.8,
+            points,
+        }
     }
 
     fn memory_data() -> MemoryPlot {
@@ -590,7 +714,11 @@ mod tests {
             ],
             full_kv: context * 46080,
         };
-        MemoryPlot { title: "report memory".into(), footnote: "farsight report memory ...".into(), points: vec![point(65536), point(4096), point(16384)] }
+        MemoryPlot {
+            title: "report memory".into(),
+            footnote: "farsight report memory ...".into(),
+            points: vec![point(65536), point(4096), point(16384)],
+        }
     }
 
     #[test]
@@ -598,13 +726,26 @@ mod tests {
         let f = memory_figure(&memory_data());
         let p = &f.panels[0];
         let names: Vec<&str> = p.series.iter().map(|s| s.label.as_str()).collect();
-        assert_eq!(names, ["weights (host)", "workspace (host)", "windows (gpu)", "labels (host)", "rows (host)", "total", "full dense KV"]);
+        assert_eq!(
+            names,
+            [
+                "weights (host)",
+                "workspace (host)",
+                "windows (gpu)",
+                "labels (host)",
+                "rows (host)",
+                "total",
+                "full dense KV"
+            ]
+        );
         assert_eq!(p.y_label, "GiB");
         let full = &p.series[6];
         assert!(full.dashed && full.points.windows(2).all(|w| w[0].x < w[1].x));
         assert!((full.points[2].y - 65536.0 * 46080.0 / (1u64 << 30) as f64).abs() < 1e-9);
         let total = &p.series[5].points[0];
-        assert!((total.y - (290.0 * 1024.0 + 4096.0 * 7200.0 / 1024.0) / (1 << 20) as f64).abs() < 1e-9);
+        assert!(
+            (total.y - (290.0 * 1024.0 + 4096.0 * 7200.0 / 1024.0) / (1 << 20) as f64).abs() < 1e-9
+        );
     }
 
     #[test]
@@ -613,7 +754,10 @@ mod tests {
         let files = memory_chart(&memory_data(), &dir.path().join("memory")).unwrap();
         let texts = svg_texts(&std::fs::read_to_string(&files[0]).unwrap());
         for label in ["rows (host)", "full dense KV", "total", "GiB", "4k", "64k"] {
-            assert!(texts.iter().any(|t| t == label), "svg lacks {label:?}: {texts:?}");
+            assert!(
+                texts.iter().any(|t| t == label),
+                "svg lacks {label:?}: {texts:?}"
+            );
         }
         let png = std::fs::read(&files[1]).unwrap();
         assert_eq!(png_size(&png), SIZE);
@@ -631,8 +775,14 @@ mod tests {
     fn svg_texts(s: &str) -> Vec<String> {
         let doc = roxmltree::Document::parse(s).expect("the SVG is well-formed XML");
         assert_eq!(doc.root_element().tag_name().name(), "svg");
-        assert_eq!(doc.root_element().attribute("width"), Some(SIZE.0.to_string().as_str()));
-        doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text().map(|t| t.trim().to_string())).collect()
+        assert_eq!(
+            doc.root_element().attribute("width"),
+            Some(SIZE.0.to_string().as_str())
+        );
+        doc.descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+            .collect()
     }
 
     #[test]
@@ -640,10 +790,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("sub/bench");
         let files = bench_chart(&bench_data(), &base).unwrap();
-        assert_eq!(files, vec![dir.path().join("sub/bench.svg"), dir.path().join("sub/bench.png")]);
+        assert_eq!(
+            files,
+            vec![
+                dir.path().join("sub/bench.svg"),
+                dir.path().join("sub/bench.png")
+            ]
+        );
         let texts = svg_texts(&std::fs::read_to_string(&files[0]).unwrap());
-        for label in ["decode step (median, min-max)", "memory-bandwidth floor", "prefill (median, min-max)", "ms per step", "tokens/s", "128k", "4k"] {
-            assert!(texts.iter().any(|t| t == label), "svg lacks {label:?}: {texts:?}");
+        for label in [
+            "decode step (median, min-max)",
+            "memory-bandwidth floor",
+            "prefill (median, min-max)",
+            "ms per step",
+            "tokens/s",
+            "128k",
+            "4k",
+        ] {
+            assert!(
+                texts.iter().any(|t| t == label),
+                "svg lacks {label:?}: {texts:?}"
+            );
         }
         let png = std::fs::read(&files[1]).unwrap();
         assert_eq!(png_size(&png), SIZE);
@@ -655,8 +822,19 @@ mod tests {
         let base = dir.path().join("sweep");
         let files = sweep_chart(&sweep_data(), &base).unwrap();
         let texts = svg_texts(&std::fs::read_to_string(&files[0]).unwrap());
-        for label in ["8 channels, 16-bit labels", "16 channels, 16-bit labels", "8 channels, 4-bit labels", "dense 11.800", "1/4", "1/32", "perplexity"] {
-            assert!(texts.iter().any(|t| t == label), "svg lacks {label:?}: {texts:?}");
+        for label in [
+            "8 channels, 16-bit labels",
+            "16 channels, 16-bit labels",
+            "8 channels, 4-bit labels",
+            "dense 11.800",
+            "1/4",
+            "1/32",
+            "perplexity",
+        ] {
+            assert!(
+                texts.iter().any(|t| t == label),
+                "svg lacks {label:?}: {texts:?}"
+            );
         }
         let png = std::fs::read(&files[1]).unwrap();
         assert_eq!(png_size(&png), SIZE);
@@ -688,8 +866,17 @@ mod tests {
         assert_eq!(x_ticks(&[12.0, 9.0, 12.0], 8.0, 13.0), vec![9.0, 12.0]);
         let many: Vec<f64> = (0..20).map(|i| 9.0 + i as f64 * 0.1).collect();
         assert_eq!(x_ticks(&many, 8.9, 11.1), vec![9.0, 10.0, 11.0]);
-        assert_eq!(outputs(Path::new("out/plot")).1, PathBuf::from("out/plot.png"));
-        assert_eq!(outputs(Path::new("out/plot.svg")).1, PathBuf::from("out/plot.png"));
-        assert_eq!(outputs(Path::new("out/run.v2")).0, PathBuf::from("out/run.v2.svg"));
+        assert_eq!(
+            outputs(Path::new("out/plot")).1,
+            PathBuf::from("out/plot.png")
+        );
+        assert_eq!(
+            outputs(Path::new("out/plot.svg")).1,
+            PathBuf::from("out/plot.png")
+        );
+        assert_eq!(
+            outputs(Path::new("out/run.v2")).0,
+            PathBuf::from("out/run.v2.svg")
+        );
     }
 }

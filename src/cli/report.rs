@@ -83,7 +83,13 @@ pub struct Footprint {
 }
 
 /// The footprint of `model` with a store in the state `kv` and a workspace of `rows` rows.
-pub fn footprint(model: &AnyModel, kv_dtype: farsight_kernels::DType, kv: KvMemory, rows: usize, logit_rows: usize) -> Footprint {
+pub fn footprint(
+    model: &AnyModel,
+    kv_dtype: farsight_kernels::DType,
+    kv: KvMemory,
+    rows: usize,
+    logit_rows: usize,
+) -> Footprint {
     let gpu = !model.device_name().starts_with("cpu");
     let compute = if gpu { "gpu" } else { "host" };
     let rows_tier = match kv.tier.as_str() {
@@ -94,15 +100,39 @@ pub fn footprint(model: &AnyModel, kv_dtype: farsight_kernels::DType, kv: KvMemo
     let weights = with_model!(model, m => m.weight_bytes());
     let workspace = with_model!(model, m => m.workspace_bytes(rows, logit_rows));
     let lines = vec![
-        Line { tier: compute, what: "weights", bytes: weights },
-        Line { tier: compute, what: "workspace", bytes: workspace },
-        Line { tier: "gpu", what: "windows", bytes: 0 },
-        Line { tier: "host", what: "labels", bytes: kv.label_bytes },
-        Line { tier: rows_tier, what: "rows", bytes: kv.row_bytes },
+        Line {
+            tier: compute,
+            what: "weights",
+            bytes: weights,
+        },
+        Line {
+            tier: compute,
+            what: "workspace",
+            bytes: workspace,
+        },
+        Line {
+            tier: "gpu",
+            what: "windows",
+            bytes: 0,
+        },
+        Line {
+            tier: "host",
+            what: "labels",
+            bytes: kv.label_bytes,
+        },
+        Line {
+            tier: rows_tier,
+            what: "rows",
+            bytes: kv.row_bytes,
+        },
     ];
     let full = full_kv_bytes(model.cfg(), kv_dtype, kv.positions);
     let kv_bytes = kv.row_bytes + kv.label_bytes;
-    let host: usize = lines.iter().filter(|l| l.tier == "host").map(|l| l.bytes).sum();
+    let host: usize = lines
+        .iter()
+        .filter(|l| l.tier == "host")
+        .map(|l| l.bytes)
+        .sum();
     // The checkpoint is memory-mapped while the weights are copied out, then unmapped.
     let load_peak = weights + if gpu { 0 } else { weights };
     Footprint {
@@ -122,7 +152,9 @@ pub fn footprint(model: &AnyModel, kv_dtype: farsight_kernels::DType, kv: KvMemo
 /// The `KEY: N kB` line of a Linux /proc file, in bytes.
 fn proc_kib(path: &str, key: &str) -> Option<usize> {
     let s = std::fs::read_to_string(path).ok()?;
-    let line = s.lines().find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
+    let line = s
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
     let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -156,10 +188,21 @@ pub fn human_bytes(b: usize) -> String {
 pub fn table(f: &Footprint) -> String {
     let mut s = String::from("| tier | item | bytes | MiB |\n| --- | --- | --- | --- |\n");
     for l in &f.lines {
-        s += &format!("| {} | {} | {} | {} |\n", l.tier, l.what, l.bytes, mib(l.bytes));
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            l.tier,
+            l.what,
+            l.bytes,
+            mib(l.bytes)
+        );
     }
     for tier in ["gpu", "host", "disk"] {
-        let t: usize = f.lines.iter().filter(|l| l.tier == tier).map(|l| l.bytes).sum();
+        let t: usize = f
+            .lines
+            .iter()
+            .filter(|l| l.tier == tier)
+            .map(|l| l.bytes)
+            .sum();
         s += &format!("| {tier} | total | {t} | {} |\n", mib(t));
     }
     s += &format!(
@@ -170,13 +213,34 @@ pub fn table(f: &Footprint) -> String {
         mib(f.full_kv_bytes),
         f.compression_ratio
     );
-    s += &format!("\npredicted peak RSS {} (load {}, host total {})", mib(f.predicted_peak_rss_bytes), mib(f.load_peak_bytes), mib(f.lines.iter().filter(|l| l.tier == "host").map(|l| l.bytes).sum()));
+    s += &format!(
+        "\npredicted peak RSS {} (load {}, host total {})",
+        mib(f.predicted_peak_rss_bytes),
+        mib(f.load_peak_bytes),
+        mib(f
+            .lines
+            .iter()
+            .filter(|l| l.tier == "host")
+            .map(|l| l.bytes)
+            .sum())
+    );
     if let Some(b) = f.kv.budget_bytes {
-        s += &format!("; budget {} ({b} B); {} evictions, {} tokens, {} freed", mib(b), f.kv.evictions, f.kv.evicted_tokens, mib(f.kv.bytes_freed as usize));
+        s += &format!(
+            "; budget {} ({b} B); {} evictions, {} tokens, {} freed",
+            mib(b),
+            f.kv.evictions,
+            f.kv.evicted_tokens,
+            mib(f.kv.bytes_freed as usize)
+        );
     }
     if let Some(r) = f.peak_rss_bytes {
         let p = f.predicted_peak_rss_bytes;
-        s += &format!("\npeak RSS {} measured vs {} predicted ({:+.1}%)", mib(r), mib(p), 100.0 * (r as f64 / p as f64 - 1.0));
+        s += &format!(
+            "\npeak RSS {} measured vs {} predicted ({:+.1}%)",
+            mib(r),
+            mib(p),
+            100.0 * (r as f64 / p as f64 - 1.0)
+        );
     }
     s
 }
@@ -188,14 +252,24 @@ pub fn print_after_run(mut f: Footprint) {
 }
 
 /// Rows + labels of one token of a sparse store (what a host KV budget is spent on).
-pub fn sparse_token_bytes(c: &farsight_engine::ModelConfig, kv_dtype: farsight_kernels::DType, s: &SparseConfig) -> usize {
+pub fn sparse_token_bytes(
+    c: &farsight_engine::ModelConfig,
+    kv_dtype: farsight_kernels::DType,
+    s: &SparseConfig,
+) -> usize {
     full_kv_bytes(c, kv_dtype, 1) + label_bytes_per_token(c, s)
 }
 
 /// Tokens whose rows and labels a sparse store under this host KV budget can hold at once
 /// (whole 64-slot extents; `usize::MAX` without a budget), as the store computes it.
-pub fn budget_slot_cap(c: &farsight_engine::ModelConfig, kv_dtype: farsight_kernels::DType, s: &SparseConfig) -> usize {
-    s.evict.as_ref().map_or(usize::MAX, |e| e.slot_cap(sparse_token_bytes(c, kv_dtype, s), EVICT_EXTENT_SLOTS))
+pub fn budget_slot_cap(
+    c: &farsight_engine::ModelConfig,
+    kv_dtype: farsight_kernels::DType,
+    s: &SparseConfig,
+) -> usize {
+    s.evict.as_ref().map_or(usize::MAX, |e| {
+        e.slot_cap(sparse_token_bytes(c, kv_dtype, s), EVICT_EXTENT_SLOTS)
+    })
 }
 
 /// Tokens done at the first call boundary after `n` (calls of `chunk` tokens, the last shorter).
@@ -206,7 +280,13 @@ fn boundary_after(n: usize, chunk: usize, context: usize) -> usize {
 /// Replays the store's growth for `context` tokens in `chunk`-token calls (one token per call
 /// after the prompt is irrelevant: growth depends only on the live tokens). Only the calls where
 /// an allocation grows are visited, so any context costs a few dozen steps.
-pub fn predict(model: &AnyModel, kv_dtype: farsight_kernels::DType, attention: &Attention, context: usize, chunk: usize) -> KvMemory {
+pub fn predict(
+    model: &AnyModel,
+    kv_dtype: farsight_kernels::DType,
+    attention: &Attention,
+    context: usize,
+    chunk: usize,
+) -> KvMemory {
     let c = model.cfg();
     let per_token_rows = full_kv_bytes(c, kv_dtype, 1);
     let chunk = chunk.max(1);
@@ -218,12 +298,22 @@ pub fn predict(model: &AnyModel, kv_dtype: farsight_kernels::DType, attention: &
             while cap < context.min(max) {
                 cap = boundary_after(cap, chunk, context).max(cap * 2).min(max);
             }
-            KvMemory { tier: "device".into(), row_bytes: cap * per_token_rows, positions: context, live_tokens: context, ..KvMemory::default() }
+            KvMemory {
+                tier: "device".into(),
+                row_bytes: cap * per_token_rows,
+                positions: context,
+                live_tokens: context,
+                ..KvMemory::default()
+            }
         }
         Attention::DoubleSparse(s) => {
             let per_label = label_bytes_per_token(c, &s.cfg);
             let slot_cap = budget_slot_cap(c, kv_dtype, &s.cfg);
-            let extent = if s.cfg.evict.is_some() { EVICT_EXTENT_SLOTS } else { 1024 };
+            let extent = if s.cfg.evict.is_some() {
+                EVICT_EXTENT_SLOTS
+            } else {
+                1024
+            };
             let (pool, labels) = sparse_growth(context, chunk, slot_cap);
             let tier_slots = pool.div_ceil(extent) * extent;
             KvMemory {
@@ -243,7 +333,13 @@ pub fn predict(model: &AnyModel, kv_dtype: farsight_kernels::DType, attention: &
 /// `chunk`-token calls: a call of `n` tokens holds at most `max(slot_cap, n)` slots; the label
 /// table grows to the slots in use, at least doubling (from 64), at most `slot_cap`.
 fn sparse_growth(context: usize, chunk: usize, slot_cap: usize) -> (usize, usize) {
-    let grow = |pool: usize, labels: usize| if pool > labels { pool.max((labels * 2).max(64).min(slot_cap)) } else { labels };
+    let grow = |pool: usize, labels: usize| {
+        if pool > labels {
+            pool.max((labels * 2).max(64).min(slot_cap))
+        } else {
+            labels
+        }
+    };
     let full = slot_cap.max(chunk);
     let (mut pool, mut labels) = (0usize, 0usize);
     if context == 0 {
@@ -270,35 +366,62 @@ fn memory(a: MemoryArgs) -> Result<(), CliError> {
     let mut model = a.model.load_model()?;
     a.sparse.apply_context(&mut model)?;
     let max = model.cfg().context_length();
-    let contexts = if a.context.is_empty() { vec![max] } else { a.context.clone() };
+    let contexts = if a.context.is_empty() {
+        vec![max]
+    } else {
+        a.context.clone()
+    };
     if let Some(n) = contexts.iter().find(|&&n| n > max) {
-        return Err(CliError::Usage(format!("--context {n}: the model's context is {max} tokens (--context-override N to pass it)")));
+        return Err(CliError::Usage(format!(
+            "--context {n}: the model's context is {max} tokens (--context-override N to pass it)"
+        )));
     }
     let mut plot = Vec::new();
     let kind = match (&a.sparse.attention, &a.sparse.host_kv_budget) {
         (AttentionKind::Dense, _) => "dense".to_string(),
-        (AttentionKind::DoubleSparse, None) => format!("double-sparse, {} store", a.sparse.kv_store),
-        (AttentionKind::DoubleSparse, Some(b)) => format!("double-sparse, {} store, budget {b}", a.sparse.kv_store),
+        (AttentionKind::DoubleSparse, None) => {
+            format!("double-sparse, {} store", a.sparse.kv_store)
+        }
+        (AttentionKind::DoubleSparse, Some(b)) => {
+            format!("double-sparse, {} store, budget {b}", a.sparse.kv_store)
+        }
     };
     for &context in &contexts {
         let attention = a.sparse.attention_planned(&a.model, &mut model, context)?;
-        if matches!(a.sparse.kv_store, KvStoreSpec::Disk(_)) && !matches!(attention, Attention::DoubleSparse(_)) {
-            return Err(CliError::Usage("--kv-store disk needs --attention double-sparse".into()));
+        if matches!(a.sparse.kv_store, KvStoreSpec::Disk(_))
+            && !matches!(attention, Attention::DoubleSparse(_))
+        {
+            return Err(CliError::Usage(
+                "--kv-store disk needs --attention double-sparse".into(),
+            ));
         }
         let kv = predict(&model, a.model.kv_dtype, &attention, context, a.chunk);
-        let f = footprint(&model, a.model.kv_dtype, kv, a.chunk.min(context), a.chunk.min(context));
+        let f = footprint(
+            &model,
+            a.model.kv_dtype,
+            kv,
+            a.chunk.min(context),
+            a.chunk.min(context),
+        );
         let described = attention.describe();
         if a.json {
             let v = serde_json::json!({ "footprint": f, "settings": { "model": a.model.model, "context": context, "chunk": a.chunk,
                 "kv_dtype": a.model.kv_dtype.name(), "attention": described, "device": model.device_name() } });
             println!("{v}");
         } else {
-            println!("memory for {context} tokens, attention {described}, device {}", model.device_name());
+            println!(
+                "memory for {context} tokens, attention {described}, device {}",
+                model.device_name()
+            );
             println!("{}", table(&f));
         }
         plot.push(MemoryPoint {
             context,
-            lines: f.lines.iter().map(|l| (format!("{} ({})", l.what, l.tier), l.bytes)).collect(),
+            lines: f
+                .lines
+                .iter()
+                .map(|l| (format!("{} ({})", l.what, l.tier), l.bytes))
+                .collect(),
             full_kv: f.full_kv_bytes,
         });
     }
@@ -306,14 +429,20 @@ fn memory(a: MemoryArgs) -> Result<(), CliError> {
         let data = MemoryPlot {
             title: format!(
                 "{}: memory ({kind}, KV {}, {})",
-                a.model.model.file_name().unwrap_or_default().to_string_lossy(),
+                a.model
+                    .model
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy(),
                 a.model.kv_dtype,
                 model.device_name().split(" (").next().unwrap_or_default()
             ),
             footnote: std::env::args().collect::<Vec<_>>().join(" "),
             points: plot,
         };
-        super::plot::announce(&super::plot::memory_chart(&data, base).map_err(|e| CliError::Usage(e.to_string()))?);
+        super::plot::announce(
+            &super::plot::memory_chart(&data, base).map_err(|e| CliError::Usage(e.to_string()))?,
+        );
     }
     Ok(())
 }
@@ -338,10 +467,16 @@ mod tests {
 
     #[test]
     fn sparse_growth_matches_the_call_by_call_replay() {
-        for context in [0, 1, 5, 63, 64, 65, 100, 511, 512, 513, 1000, 4096, 5000, 70_001] {
+        for context in [
+            0, 1, 5, 63, 64, 65, 100, 511, 512, 513, 1000, 4096, 5000, 70_001,
+        ] {
             for chunk in [1, 7, 64, 512, 600] {
                 for cap in [0, 10, 64, 100, 640, 4096, usize::MAX] {
-                    assert_eq!(sparse_growth(context, chunk, cap), sparse_growth_naive(context, chunk, cap), "{context} {chunk} {cap}");
+                    assert_eq!(
+                        sparse_growth(context, chunk, cap),
+                        sparse_growth_naive(context, chunk, cap),
+                        "{context} {chunk} {cap}"
+                    );
                 }
             }
         }
@@ -350,7 +485,14 @@ mod tests {
     #[test]
     fn dense_growth_follows_the_cache() {
         // DenseKvCache::reserve, call by call, against the jumps of `predict`.
-        for (context, chunk, max) in [(5000, 512, 8192), (2048, 512, 8192), (10, 512, 8192), (8192, 100, 8192), (3, 1, 2), (70_000, 512, 65_536)] {
+        for (context, chunk, max) in [
+            (5000, 512, 8192),
+            (2048, 512, 8192),
+            (10, 512, 8192),
+            (8192, 100, 8192),
+            (3, 1, 2),
+            (70_000, 512, 65_536),
+        ] {
             let (mut cap, mut done) = (64.min(max), 0);
             while done < context.min(max) {
                 done += chunk.min(context - done);

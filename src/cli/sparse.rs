@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use farsight_engine::calibrate::Calibration;
-use farsight_engine::kv::{Attention, SparseSetup};
 use farsight_engine::kv::{full_kv_bytes, label_bytes_per_token};
-use farsight_offload::sparse::{EvictConfig, HostKvBudget, LabelBits, Predict, SparseConfig, TokenBudget};
+use farsight_engine::kv::{Attention, SparseSetup};
+use farsight_offload::sparse::{
+    EvictConfig, HostKvBudget, LabelBits, Predict, SparseConfig, TokenBudget,
+};
 use farsight_offload::KvStoreSpec;
 
 use super::common::{with_model, AnyModel, CliError, ModelArgs};
@@ -92,7 +94,9 @@ impl SparseArgs {
 
     /// Applies `--context-override` to the loaded model (once, before anything sizes a cache).
     pub fn apply_context(&self, model: &mut AnyModel) -> Result<(), CliError> {
-        let Some(n) = self.context_override else { return Ok(()) };
+        let Some(n) = self.context_override else {
+            return Ok(());
+        };
         let trained = model.cfg().context_length();
         with_model!(model, m => m.cfg.max_position_embeddings = n);
         if model.cfg().context_length() != n {
@@ -105,10 +109,25 @@ impl SparseArgs {
     }
 
     /// The eviction settings for a run of at most `planned` tokens, printing the resolved budget.
-    fn evict(&self, model: &AnyModel, kv_dtype: farsight_kernels::DType, cfg: &SparseConfig, planned: usize) -> Result<Option<EvictConfig>, CliError> {
-        let Some(b) = self.host_kv_budget else { return Ok(None) };
-        if self.evict_window == 0 || self.evict_threshold.is_nan() || self.evict_threshold < 0.0 || !(0.0..=1.0).contains(&self.evict_batch) {
-            return Err(CliError::Usage("--evict-window must be >= 1, --evict-threshold >= 0, --evict-batch in [0, 1]".into()));
+    fn evict(
+        &self,
+        model: &AnyModel,
+        kv_dtype: farsight_kernels::DType,
+        cfg: &SparseConfig,
+        planned: usize,
+    ) -> Result<Option<EvictConfig>, CliError> {
+        let Some(b) = self.host_kv_budget else {
+            return Ok(None);
+        };
+        if self.evict_window == 0
+            || self.evict_threshold.is_nan()
+            || self.evict_threshold < 0.0
+            || !(0.0..=1.0).contains(&self.evict_batch)
+        {
+            return Err(CliError::Usage(
+                "--evict-window must be >= 1, --evict-threshold >= 0, --evict-batch in [0, 1]"
+                    .into(),
+            ));
         }
         let c = model.cfg();
         let full = full_kv_bytes(c, kv_dtype, planned);
@@ -118,20 +137,36 @@ impl SparseArgs {
             "host KV budget: {bytes} bytes ({b} of a {full}-byte full KV of {planned} tokens; rows + labels of ~{} tokens)",
             bytes / per_token
         );
-        Ok(Some(EvictConfig { window: self.evict_window, threshold: self.evict_threshold, batch: self.evict_batch, ..EvictConfig::new(bytes) }))
+        Ok(Some(EvictConfig {
+            window: self.evict_window,
+            threshold: self.evict_threshold,
+            batch: self.evict_batch,
+            ..EvictConfig::new(bytes)
+        }))
     }
 
     /// Resolves the flags for `model` (loaded from `dir`) for a run of at most `planned` tokens
     /// (what a budget given as a fraction is a fraction of): reads and checks the calibration and
     /// prepares layer-ahead prediction when asked.
-    pub fn attention_planned(&self, margs: &ModelArgs, model: &mut AnyModel, planned: usize) -> Result<Attention, CliError> {
+    pub fn attention_planned(
+        &self,
+        margs: &ModelArgs,
+        model: &mut AnyModel,
+        planned: usize,
+    ) -> Result<Attention, CliError> {
         self.attention_with(margs, model, self.config(), planned)
     }
 
     /// `attention` (resolved by these flags) with its byte budget re-resolved for a run of at
     /// most `planned` tokens, printing it: commands that run several lengths (`eval passkey`,
     /// `bench`) budget each length as a fraction of its own full KV.
-    pub fn budget_for(&self, margs: &ModelArgs, model: &AnyModel, attention: &Attention, planned: usize) -> Result<Attention, CliError> {
+    pub fn budget_for(
+        &self,
+        margs: &ModelArgs,
+        model: &AnyModel,
+        attention: &Attention,
+        planned: usize,
+    ) -> Result<Attention, CliError> {
         match attention {
             Attention::DoubleSparse(s) if self.host_kv_budget.is_some() => {
                 let mut s = s.clone();
@@ -159,7 +194,13 @@ impl SparseArgs {
     }
 
     /// As [`SparseArgs::attention_planned`] with explicit settings (sweeps).
-    pub fn attention_with(&self, margs: &ModelArgs, model: &mut AnyModel, mut cfg: SparseConfig, planned: usize) -> Result<Attention, CliError> {
+    pub fn attention_with(
+        &self,
+        margs: &ModelArgs,
+        model: &mut AnyModel,
+        mut cfg: SparseConfig,
+        planned: usize,
+    ) -> Result<Attention, CliError> {
         let dir = margs.model.as_path();
         self.apply_context(model)?;
         if self.attention == AttentionKind::Dense {
@@ -183,16 +224,28 @@ impl SparseArgs {
             )));
         }
         if let Some(&l) = cfg.dense_layers.iter().find(|&&l| l >= c.num_layers) {
-            return Err(CliError::Usage(format!("--dense-layers: layer {l} does not exist (the model has {})", c.num_layers)));
+            return Err(CliError::Usage(format!(
+                "--dense-layers: layer {l} does not exist (the model has {})",
+                c.num_layers
+            )));
         }
         cfg.evict = self.evict(model, margs.kv_dtype, &cfg, planned)?;
-        let path = self.calibration.clone().unwrap_or_else(|| Calibration::default_path(dir));
+        let path = self
+            .calibration
+            .clone()
+            .unwrap_or_else(|| Calibration::default_path(dir));
         let cal = Calibration::load(&path, dir, &c)?;
         let ranking = cal.channel_ranking();
         if cfg.predict == Predict::LayerAhead {
-            let channels = ranking.top(cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim)?;
+            let channels =
+                ranking.top(cfg.label_channels, c.num_layers, c.num_kv_heads, c.head_dim)?;
             with_model!(model, m => m.enable_layer_ahead(&channels))?;
         }
-        Ok(Attention::DoubleSparse(Box::new(SparseSetup { cfg, ranking, store: self.kv_store.clone(), capacity: Some(planned) })))
+        Ok(Attention::DoubleSparse(Box::new(SparseSetup {
+            cfg,
+            ranking,
+            store: self.kv_store.clone(),
+            capacity: Some(planned),
+        })))
     }
 }

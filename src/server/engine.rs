@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 
-use farsight_engine::batch::{BatchConfig, Scheduler, SchedulerStats, SeqId, SeqOutput, SeqRequest};
+use farsight_engine::batch::{
+    BatchConfig, Scheduler, SchedulerStats, SeqId, SeqOutput, SeqRequest,
+};
 use farsight_engine::{Model, TextTokenizer};
 use farsight_kernels::Backend;
 use tokio::sync::mpsc::UnboundedSender;
@@ -97,12 +99,20 @@ pub fn run<B: Backend>(
             }
         }
         if let Ok(mut st) = status.lock() {
-            *st = EngineStatus { scheduler: sched.stats(), running: sched.running(), waiting: sched.waiting() };
+            *st = EngineStatus {
+                scheduler: sched.stats(),
+                running: sched.running(),
+                waiting: sched.waiting(),
+            };
         }
     }
 }
 
-fn submit<B: Backend>(sched: &mut Scheduler<'_, 'static, B>, senders: &mut HashMap<SeqId, UnboundedSender<Event>>, job: Job) {
+fn submit<B: Backend>(
+    sched: &mut Scheduler<'_, 'static, B>,
+    senders: &mut HashMap<SeqId, UnboundedSender<Event>>,
+    job: Job,
+) {
     let tx = job.events.clone();
     let sink = Box::new(move |d: &str| tx.send(Event::Text(d.to_string())).is_ok());
     match sched.submit(job.req, sink) {

@@ -37,7 +37,10 @@ impl InFlightGuard {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "too_many_requests",
-                format!("{} requests are already in flight (--max-concurrent); retry later", n),
+                format!(
+                    "{} requests are already in flight (--max-concurrent); retry later",
+                    n
+                ),
             ));
         }
         Ok(guard)
@@ -51,19 +54,29 @@ impl Drop for InFlightGuard {
 }
 
 fn now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|r| {
         let status = r.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "invalid_body"
+        };
         ApiError::new(status, "invalid_request_error", code, r.body_text())
     })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::invalid("invalid_json", format!("invalid request body: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("invalid_json", format!("invalid request body: {e}")))
 }
 
-pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let guard = InFlightGuard::enter(&st)?;
         let req: CompletionRequest = parse(body)?;
@@ -73,28 +86,48 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn chat(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let guard = InFlightGuard::enter(&st)?;
         let req: ChatRequest = parse(body)?;
         let msgs = req.messages()?;
-        let tmpl = st
-            .tok
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| ApiError::invalid("no_chat_template", "the model has no chat template; use /v1/completions"))?;
-        let prompt = tmpl.render(&msgs, true).map_err(|e| ApiError::invalid("invalid_messages", e.to_string()))?;
+        let tmpl = st.tok.chat_template.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "no_chat_template",
+                "the model has no chat template; use /v1/completions",
+            )
+        })?;
+        let prompt = tmpl
+            .render(&msgs, true)
+            .map_err(|e| ApiError::invalid("invalid_messages", e.to_string()))?;
         start(&st, guard, req.common, prompt, Endpoint::Chat).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Validates the settings, tokenizes, hands the job to the engine and answers (whole or SSE).
-async fn start(st: &Arc<AppState>, guard: InFlightGuard, c: Common, prompt: String, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn start(
+    st: &Arc<AppState>,
+    guard: InFlightGuard,
+    c: Common,
+    prompt: String,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
     if let Some(m) = &c.model {
         if *m != st.model_name {
-            let msg = format!("The model `{m}` does not exist (this server has `{}`)", st.model_name);
-            return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", msg));
+            let msg = format!(
+                "The model `{m}` does not exist (this server has `{}`)",
+                st.model_name
+            );
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                msg,
+            ));
         }
     }
     if c.n.unwrap_or(1) != 1 {
@@ -105,11 +138,20 @@ async fn start(st: &Arc<AppState>, guard: InFlightGuard, c: Common, prompt: Stri
         temperature: c.temperature.unwrap_or(1.0),
         top_k: 0,
         top_p: c.top_p.unwrap_or(1.0),
-        seed: c.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(seq, |d| d.as_nanos() as u64 ^ seq)),
+        seed: c.seed.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(seq, |d| d.as_nanos() as u64 ^ seq)
+        }),
     };
-    sampling.validate().map_err(|e| ApiError::invalid("invalid_sampling", e.to_string()))?;
+    sampling
+        .validate()
+        .map_err(|e| ApiError::invalid("invalid_sampling", e.to_string()))?;
     let stop = c.stop_strings()?;
-    let ids = st.tok.encode(&prompt).map_err(|e| ApiError::invalid("invalid_prompt", e.to_string()))?;
+    let ids = st
+        .tok
+        .encode(&prompt)
+        .map_err(|e| ApiError::invalid("invalid_prompt", e.to_string()))?;
     if ids.is_empty() {
         return Err(ApiError::invalid("invalid_prompt", "the prompt is empty"));
     }
@@ -121,16 +163,50 @@ async fn start(st: &Arc<AppState>, guard: InFlightGuard, c: Common, prompt: Stri
         );
         return Err(ApiError::invalid("context_length_exceeded", msg));
     }
-    let max_new_tokens = c.max_tokens.or(c.max_completion_tokens).unwrap_or(st.limits.default_max_tokens);
+    let max_new_tokens = c
+        .max_tokens
+        .or(c.max_completion_tokens)
+        .unwrap_or(st.limits.default_max_tokens);
     let (tx, rx) = unbounded_channel();
-    let job = Job { req: SeqRequest { prompt: ids, max_new_tokens, sampling, stop }, events: tx };
+    let job = Job {
+        req: SeqRequest {
+            prompt: ids,
+            max_new_tokens,
+            sampling,
+            stop,
+        },
+        events: tx,
+    };
     st.jobs
         .lock()
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "engine_stopped", "the engine stopped"))?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "engine_stopped",
+                "the engine stopped",
+            )
+        })?
         .send(job)
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "engine_stopped", "the engine stopped"))?;
-    let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
-    let meta = Meta { id: format!("{prefix}-{seq}"), created: now_s(), model: st.model_name.clone(), endpoint };
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "engine_stopped",
+                "the engine stopped",
+            )
+        })?;
+    let prefix = if endpoint == Endpoint::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let meta = Meta {
+        id: format!("{prefix}-{seq}"),
+        created: now_s(),
+        model: st.model_name.clone(),
+        endpoint,
+    };
     if c.stream {
         let usage = c.stream_options.is_some_and(|o| o.include_usage);
         Ok(stream(meta, rx, guard, usage))
@@ -151,12 +227,22 @@ async fn whole(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<Response,
 }
 
 fn engine_error(msg: String) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "engine_error", msg)
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "engine_error",
+        msg,
+    )
 }
 
 /// Server-sent events: one `data: {chunk}` per text delta, a last chunk with the finish
 /// reason (and a usage chunk when asked), then `data: [DONE]`.
-fn stream(meta: Meta, mut rx: UnboundedReceiver<Event>, guard: InFlightGuard, usage: bool) -> Response {
+fn stream(
+    meta: Meta,
+    mut rx: UnboundedReceiver<Event>,
+    guard: InFlightGuard,
+    usage: bool,
+) -> Response {
     let (tx, out) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let _guard = guard;
@@ -205,7 +291,9 @@ fn stream(meta: Meta, mut rx: UnboundedReceiver<Event>, guard: InFlightGuard, us
 }
 
 pub async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": st.started, "owned_by": "farsight"}]}))
+    Json(
+        json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": st.started, "owned_by": "farsight"}]}),
+    )
 }
 
 /// Liveness plus the scheduler's counters (`batched_steps` > 0 shows requests were batched).
@@ -220,5 +308,11 @@ pub async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 pub async fn not_found() -> Response {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route").into_response()
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        "no such route",
+    )
+    .into_response()
 }

@@ -71,7 +71,9 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         kv_token_budget: a.max_kv_tokens,
     };
     if cfg.max_running == 0 || cfg.prefill_tokens_per_step == 0 || a.max_concurrent == 0 {
-        return Err(CliError::Usage("--batch-size, --prefill-chunk and --max-concurrent must be at least 1".into()));
+        return Err(CliError::Usage(
+            "--batch-size, --prefill-chunk and --max-concurrent must be at least 1".into(),
+        ));
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
@@ -89,7 +91,11 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
                 }
             };
             let tok = Arc::new(loaded.tok);
-            let _ = ready_tx.send(Ok((tok.clone(), loaded.model.cfg().context_length(), loaded.model.device_name())));
+            let _ = ready_tx.send(Ok((
+                tok.clone(),
+                loaded.model.cfg().context_length(),
+                loaded.model.device_name(),
+            )));
             with_model!(&loaded.model, m => engine::run(m, &tok, cfg, job_rx, engine_status));
         })
         .map_err(|e| CliError::Usage(format!("starting the engine thread: {e}")))?;
@@ -99,8 +105,13 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         .map_err(CliError::Usage)?;
 
     let model_name = a.served_model_name.clone().unwrap_or_else(|| {
-        let dir = a.model.model.canonicalize().unwrap_or_else(|_| a.model.model.clone());
-        dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
+        let dir = a
+            .model
+            .model
+            .canonicalize()
+            .unwrap_or_else(|_| a.model.model.clone());
+        dir.file_name()
+            .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
     });
     let limits = Limits {
         max_body_bytes: a.max_body_bytes,
@@ -116,7 +127,9 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         in_flight: AtomicUsize::new(0),
         served: AtomicU64::new(0),
         status,
-        started: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -127,7 +140,9 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
             .await
             .map_err(|e| CliError::Usage(format!("cannot listen on {}:{}: {e}", a.host, a.port)))?;
-        let addr = listener.local_addr().map_err(|e| CliError::Usage(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| CliError::Usage(e.to_string()))?;
         eprintln!("farsight serve: {model_name} on {device}, listening on http://{addr}");
         axum::serve(listener, router(state))
             .with_graceful_shutdown(shutdown_signal())
@@ -140,13 +155,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

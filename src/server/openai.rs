@@ -20,12 +20,27 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), kind, code }
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            code,
+        }
     }
     /// 400 `invalid_request_error`.
     pub fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 }
 
@@ -76,7 +91,10 @@ impl Common {
             Some(Stop::Many(v)) => v.clone(),
         };
         if v.len() > 4 {
-            return Err(ApiError::invalid("invalid_stop", "at most 4 stop sequences"));
+            return Err(ApiError::invalid(
+                "invalid_stop",
+                "at most 4 stop sequences",
+            ));
         }
         Ok(v)
     }
@@ -102,7 +120,10 @@ impl CompletionRequest {
         match &self.prompt {
             Prompt::One(s) => Ok(s.clone()),
             Prompt::Many(v) if v.len() == 1 => Ok(v[0].clone()),
-            Prompt::Many(_) => Err(ApiError::invalid("invalid_prompt", "prompt must be one string (batches of prompts are not supported)")),
+            Prompt::Many(_) => Err(ApiError::invalid(
+                "invalid_prompt",
+                "prompt must be one string (batches of prompts are not supported)",
+            )),
         }
     }
 }
@@ -132,7 +153,10 @@ impl ChatRequest {
     /// The messages for the chat template (text parts joined; other parts refused).
     pub fn messages(&self) -> Result<Vec<Message>, ApiError> {
         if self.messages.is_empty() {
-            return Err(ApiError::invalid("invalid_messages", "messages must not be empty"));
+            return Err(ApiError::invalid(
+                "invalid_messages",
+                "messages must not be empty",
+            ));
         }
         let mut out = Vec::with_capacity(self.messages.len());
         for m in &self.messages {
@@ -142,15 +166,26 @@ impl ChatRequest {
                 Some(Content::Parts(parts)) => {
                     let mut s = String::new();
                     for p in parts {
-                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        match (
+                            p.get("type").and_then(Value::as_str),
+                            p.get("text").and_then(Value::as_str),
+                        ) {
                             (Some("text"), Some(t)) => s.push_str(t),
-                            _ => return Err(ApiError::invalid("invalid_content", "only text content parts are supported")),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    "invalid_content",
+                                    "only text content parts are supported",
+                                ))
+                            }
                         }
                     }
                     s
                 }
             };
-            out.push(Message { role: m.role.clone(), content });
+            out.push(Message {
+                role: m.role.clone(),
+                content,
+            });
         }
         Ok(out)
     }

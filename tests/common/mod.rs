@@ -27,7 +27,11 @@ pub fn model_dir() -> PathBuf {
 /// The GGUF the default model was converted from.
 pub fn gguf_path() -> PathBuf {
     let p = root().join("models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        p.display()
+    );
     p
 }
 
@@ -48,11 +52,17 @@ pub fn fixture() -> Value {
 
 pub fn f32_file(name: &str) -> Vec<f32> {
     let b = std::fs::read(fixture_dir().join(name)).unwrap();
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {

@@ -40,26 +40,47 @@ fn llama31_qwen2_mistral_and_transformers5_rope_parameters() {
         "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,
         "vocab_size":32000,"sliding_window":4096}"#).unwrap();
     assert_eq!(m.sliding_window, Some(4096));
-    let t5 = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+    let t5 = parse(
+        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
         "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":100,
-        "rope_parameters":{"rope_type":"linear","factor":2.0,"rope_theta":1234.0}}"#).unwrap();
+        "rope_parameters":{"rope_type":"linear","factor":2.0,"rope_theta":1234.0}}"#,
+    )
+    .unwrap();
     assert_eq!(t5.rope_theta, 1234.0);
     assert_eq!(t5.rope_scaling, RopeScaling::Linear { factor: 2.0 });
 }
 
 #[test]
 fn unsupported_and_malformed_configs_name_the_field() {
-    let e = parse(&SMOL.replace("LlamaForCausalLM", "GPT2LMHeadModel")).unwrap_err().to_string();
+    let e = parse(&SMOL.replace("LlamaForCausalLM", "GPT2LMHeadModel"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("GPT2LMHeadModel"), "{e}");
-    let e = parse(&SMOL.replace("\"silu\"", "\"gelu\"")).unwrap_err().to_string();
+    let e = parse(&SMOL.replace("\"silu\"", "\"gelu\""))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("gelu"), "{e}");
-    let e = parse(&SMOL.replace("\"hidden_size\": 576,", "")).unwrap_err().to_string();
+    let e = parse(&SMOL.replace("\"hidden_size\": 576,", ""))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("hidden_size"), "{e}");
-    let e = parse(&SMOL.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4")).unwrap_err().to_string();
+    let e = parse(&SMOL.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("KV heads"), "{e}");
-    let e = parse(&SMOL.replace("\"rope_theta\": 100000.0", "\"rope_scaling\": {\"type\": \"su\", \"factor\": 2}")).unwrap_err().to_string();
+    let e = parse(&SMOL.replace(
+        "\"rope_theta\": 100000.0",
+        "\"rope_scaling\": {\"type\": \"su\", \"factor\": 2}",
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("`su`"), "{e}");
-    assert!(parse("{not json").unwrap_err().to_string().contains("not valid JSON"));
-    let e = parse(&SMOL.replace("\"vocab_size\": 49152", "\"vocab_size\": \"big\"")).unwrap_err().to_string();
+    assert!(parse("{not json")
+        .unwrap_err()
+        .to_string()
+        .contains("not valid JSON"));
+    let e = parse(&SMOL.replace("\"vocab_size\": 49152", "\"vocab_size\": \"big\""))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("vocab_size"), "{e}");
 }

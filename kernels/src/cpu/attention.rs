@@ -43,31 +43,33 @@ pub fn causal<E: Elem>(
     let group = s.group();
     let optr = OutPtr(out.as_mut_ptr());
     let tasks = a.n_q * s.n_heads;
-    (0..tasks).into_par_iter().for_each_init(Vec::<f32>::new, |scores, t| {
-        let optr = optr;
-        let (i, h) = (t / s.n_heads, t % s.n_heads);
-        let g = h / group;
-        let end = a.n_past + i + 1;
-        let start = s.window.map_or(0, |w| end.saturating_sub(w));
-        let qrow = a.q_row0 + i;
-        let qv = &q[qrow * q_cols + a.q_col0 + h * d..][..d];
-        scores.clear();
-        scores.resize(end - start, 0.0);
-        key_scores(qv, k, kv_cols, g * d, start, scores, a.scale);
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0.0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        let inv = 1.0 / sum;
-        scores.iter_mut().for_each(|p| *p *= inv);
-        // SAFETY: row out_row0+i, columns h*d..(h+1)*d are written by this task only.
-        let o = unsafe {
-            std::slice::from_raw_parts_mut(optr.0.add((a.out_row0 + i) * out_cols + h * d), d)
-        };
-        E::weighted_rows(o, scores, &v[start * kv_cols + g * d..], kv_cols);
-    });
+    (0..tasks)
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |scores, t| {
+            let optr = optr;
+            let (i, h) = (t / s.n_heads, t % s.n_heads);
+            let g = h / group;
+            let end = a.n_past + i + 1;
+            let start = s.window.map_or(0, |w| end.saturating_sub(w));
+            let qrow = a.q_row0 + i;
+            let qv = &q[qrow * q_cols + a.q_col0 + h * d..][..d];
+            scores.clear();
+            scores.resize(end - start, 0.0);
+            key_scores(qv, k, kv_cols, g * d, start, scores, a.scale);
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0.0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            scores.iter_mut().for_each(|p| *p *= inv);
+            // SAFETY: row out_row0+i, columns h*d..(h+1)*d are written by this task only.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(optr.0.add((a.out_row0 + i) * out_cols + h * d), d)
+            };
+            E::weighted_rows(o, scores, &v[start * kv_cols + g * d..], kv_cols);
+        });
 }
 
 /// At most this many new queries use the split-over-keys schedule.
@@ -100,7 +102,9 @@ fn split_keys<E: Elem>(
     let chunks = total.div_ceil(KEY_CHUNK).max(1);
     // Task (g, c): KV head g, keys [c*KEY_CHUNK, ..); result: for each (query row i, head in
     // group) a Partial (empty when the chunk lies wholly outside that query's range).
-    let tasks: Vec<(usize, usize)> = (0..s.n_kv_heads).flat_map(|g| (0..chunks).map(move |c| (g, c))).collect();
+    let tasks: Vec<(usize, usize)> = (0..s.n_kv_heads)
+        .flat_map(|g| (0..chunks).map(move |c| (g, c)))
+        .collect();
     let partials: Vec<Vec<Option<Partial>>> = tasks
         .par_iter()
         .map(|&(g, c)| {
@@ -161,7 +165,15 @@ fn split_keys<E: Elem>(
 }
 
 /// `out[j] = scale * q . k[(from + j) * kv_cols + col ..][..d]`, four keys at a time.
-fn key_scores<E: Elem>(q: &[f32], k: &[E], kv_cols: usize, col: usize, from: usize, out: &mut [f32], scale: f32) {
+fn key_scores<E: Elem>(
+    q: &[f32],
+    k: &[E],
+    kv_cols: usize,
+    col: usize,
+    from: usize,
+    out: &mut [f32],
+    scale: f32,
+) {
     let d = q.len();
     let row = |j: usize| &k[(from + j) * kv_cols + col..][..d];
     let n = out.len();

@@ -73,17 +73,22 @@ fn stream<E: Elem>(x: &[f32], m: usize, k: usize, w: &[E], n: usize, out: &mut [
 fn tiled<E: Elem>(x: &[f32], m: usize, k: usize, w: &[E], n: usize, out: &mut [f32]) {
     // Whole-matrix conversion to f32 (in parallel), then one gemm call that parallelises over the
     // whole problem: the conversion reads each weight once per call, amortised over m >= 9 rows.
-    SCRATCH.with(|cell| {
-        let mut buf = cell.borrow_mut();
+    // The scratch is taken out of the thread-local for the call (and put back after): while this
+    // thread waits inside rayon it may run another matmul (work stealing), which then finds the
+    // cell empty and allocates its own, instead of a second borrow of the same buffer.
+    let mut buf = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    {
         let w32: &[f32] = match as_f32(w) {
             Some(w32) => w32,
             None => {
                 buf.resize(n * k, 0.0);
-                buf.par_chunks_mut(TILE * k).zip(w.par_chunks(TILE * k)).for_each(|(d, s)| {
-                    for (d, s) in d.iter_mut().zip(s) {
-                        *d = s.to_f32();
-                    }
-                });
+                buf.par_chunks_mut(TILE * k)
+                    .zip(w.par_chunks(TILE * k))
+                    .for_each(|(d, s)| {
+                        for (d, s) in d.iter_mut().zip(s) {
+                            *d = s.to_f32();
+                        }
+                    });
                 &buf[..n * k]
             }
         };
@@ -110,8 +115,18 @@ fn tiled<E: Elem>(x: &[f32], m: usize, k: usize, w: &[E], n: usize, out: &mut [f
                 false,
                 false,
                 false,
-                if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
             );
+        }
+    }
+    SCRATCH.with(|cell| {
+        let mut kept = cell.borrow_mut();
+        if kept.capacity() < buf.capacity() {
+            *kept = std::mem::take(&mut buf);
         }
     });
 }
@@ -147,7 +162,9 @@ mod tests {
     }
 
     fn vals(n: usize, mul: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * mul) % 17) as f32 / 8.0 - 1.0).collect()
+        (0..n)
+            .map(|i| ((i * mul) % 17) as f32 / 8.0 - 1.0)
+            .collect()
     }
 
     fn rel(a: &[f32], b: &[f32]) -> f32 {
@@ -158,7 +175,13 @@ mod tests {
 
     #[test]
     fn both_regimes_match_naive_for_every_dtype() {
-        for (m, k, n) in [(1, 64, 70), (3, 33, 9), (8, 128, 64), (9, 64, 130), (40, 100, 65)] {
+        for (m, k, n) in [
+            (1, 64, 70),
+            (3, 33, 9),
+            (8, 128, 64),
+            (9, 64, 130),
+            (40, 100, 65),
+        ] {
             let x = vals(m * k, 7);
             let w = vals(n * k, 5);
             let want = naive(&x, m, k, &w, n);
@@ -171,6 +194,40 @@ mod tests {
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             matmul(&x, m, k, &wb, n, &mut out);
             assert!(rel(&out, &want) < 1e-5, "bf16 {m}x{k}x{n}");
+        }
+    }
+
+    /// Many tiled (m > 8) bf16 matmuls at once on one pool: a thread waiting inside one call's
+    /// rayon work steals another call, which must not find the scratch borrowed (it panicked with
+    /// "RefCell already borrowed" on the GPU machine's parity test).
+    #[test]
+    fn concurrent_tiled_matmuls_on_one_pool() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        let (m, k, n) = (12, 128, 1024);
+        let x = vals(m * k, 7);
+        let w = vals(n * k, 5);
+        let want = naive(&x, m, k, &w, n);
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        // Callers on several threads, as the parity tests (and a server) call one backend.
+        let outs: Vec<Vec<f32>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    sc.spawn(|| {
+                        let mut last = vec![0.0; m * n];
+                        for _ in 0..40 {
+                            pool.install(|| matmul(&x, m, k, &wb, n, &mut last));
+                        }
+                        last
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for out in &outs {
+            assert!(rel(out, &want) < 1e-5);
         }
     }
 }

@@ -92,7 +92,9 @@ impl CpuBackend {
     /// A backend with `threads` worker threads (0: one per available core).
     pub fn new(threads: usize) -> Result<CpuBackend> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             threads
         };
@@ -101,7 +103,10 @@ impl CpuBackend {
             .thread_name(|i| format!("farsight-cpu-{i}"))
             .build()
             .map_err(|e| KernelError::Device(format!("cannot start CPU threads: {e}")))?;
-        Ok(CpuBackend { pool: Arc::new(pool), threads })
+        Ok(CpuBackend {
+            pool: Arc::new(pool),
+            threads,
+        })
     }
 
     /// Worker threads.
@@ -116,7 +121,10 @@ fn shape_err(msg: String) -> KernelError {
 
 fn check_rows(t: &CpuTensor, n: usize, what: &str) -> Result<()> {
     if n > t.rows {
-        return Err(shape_err(format!("{what}: {n} rows requested, tensor has {}", t.rows)));
+        return Err(shape_err(format!(
+            "{what}: {n} rows requested, tensor has {}",
+            t.rows
+        )));
     }
     Ok(())
 }
@@ -131,7 +139,11 @@ impl Backend for CpuBackend {
     }
 
     fn tensor(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
-        Ok(CpuTensor { rows, cols, data: vec![0.0; rows * cols] })
+        Ok(CpuTensor {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        })
     }
 
     fn tensor_shape(&self, t: &CpuTensor) -> (usize, usize) {
@@ -165,7 +177,10 @@ impl Backend for CpuBackend {
         dst_row0: usize,
     ) -> Result<()> {
         if src.cols != dst.cols {
-            return Err(shape_err(format!("gather_rows: widths {} and {}", src.cols, dst.cols)));
+            return Err(shape_err(format!(
+                "gather_rows: widths {} and {}",
+                src.cols, dst.cols
+            )));
         }
         check_rows(dst, dst_row0 + src_rows.len(), "gather_rows dst")?;
         let c = src.cols;
@@ -184,7 +199,11 @@ impl Backend for CpuBackend {
             DType::F16 => Store::F16(bytemuck::pod_collect_to_vec(m.bytes)),
             DType::BF16 => Store::BF16(bytemuck::pod_collect_to_vec(m.bytes)),
         };
-        Ok(CpuMatrix { rows: m.rows, cols: m.cols, data })
+        Ok(CpuMatrix {
+            rows: m.rows,
+            cols: m.cols,
+            data,
+        })
     }
 
     fn random_matrix(
@@ -201,10 +220,18 @@ impl Backend for CpuBackend {
         let f = |i: usize| crate::backend::random_value(seed, i as u64, scale);
         let data = self.pool.install(|| match dtype {
             DType::F32 => Store::F32((0..n).into_par_iter().map(f).collect()),
-            DType::F16 => Store::F16((0..n).into_par_iter().map(|i| f16::from_f32(f(i))).collect()),
-            DType::BF16 => {
-                Store::BF16((0..n).into_par_iter().map(|i| bf16::from_f32(f(i))).collect())
-            }
+            DType::F16 => Store::F16(
+                (0..n)
+                    .into_par_iter()
+                    .map(|i| f16::from_f32(f(i)))
+                    .collect(),
+            ),
+            DType::BF16 => Store::BF16(
+                (0..n)
+                    .into_par_iter()
+                    .map(|i| bf16::from_f32(f(i)))
+                    .collect(),
+            ),
         });
         Ok(CpuMatrix { rows, cols, data })
     }
@@ -229,21 +256,34 @@ impl Backend for CpuBackend {
 
     fn matrix_rows(&self, m: &CpuMatrix, rows: &[usize]) -> Result<CpuMatrix> {
         if let Some(&r) = rows.iter().find(|&&r| r >= m.rows) {
-            return Err(KernelError::Shape(format!("matrix_rows: row {r} of a {}-row matrix", m.rows)));
+            return Err(KernelError::Shape(format!(
+                "matrix_rows: row {r} of a {}-row matrix",
+                m.rows
+            )));
         }
         fn pick<T: Copy>(v: &[T], cols: usize, rows: &[usize]) -> Vec<T> {
-            rows.iter().flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied()).collect()
+            rows.iter()
+                .flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied())
+                .collect()
         }
         let data = match &m.data {
             Store::F32(v) => Store::F32(pick(v, m.cols, rows)),
             Store::F16(v) => Store::F16(pick(v, m.cols, rows)),
             Store::BF16(v) => Store::BF16(pick(v, m.cols, rows)),
         };
-        Ok(CpuMatrix { rows: rows.len(), cols: m.cols, data })
+        Ok(CpuMatrix {
+            rows: rows.len(),
+            cols: m.cols,
+            data,
+        })
     }
 
     fn cache(&self, capacity: usize, cols: usize, dtype: DType) -> Result<CpuCache> {
-        Ok(CpuCache { capacity, cols, data: Store::zeros(dtype, capacity * cols) })
+        Ok(CpuCache {
+            capacity,
+            cols,
+            data: Store::zeros(dtype, capacity * cols),
+        })
     }
 
     fn cache_capacity(&self, c: &CpuCache) -> usize {
@@ -267,7 +307,14 @@ impl Backend for CpuBackend {
         src_col0: usize,
         n: usize,
     ) -> Result<()> {
-        checks::cache_write((c.capacity, c.cols), dst_row0, (src.rows, src.cols), src_row0, src_col0, n)?;
+        checks::cache_write(
+            (c.capacity, c.cols),
+            dst_row0,
+            (src.rows, src.cols),
+            src_row0,
+            src_col0,
+            n,
+        )?;
         let cols = c.cols;
         with_store!(&mut c.data, dst => {
             for i in 0..n {
@@ -284,13 +331,19 @@ impl Backend for CpuBackend {
     fn embedding(&self, table: &CpuMatrix, ids: &[u32], out: &mut CpuTensor) -> Result<()> {
         check_rows(out, ids.len(), "embedding")?;
         if out.cols != table.cols {
-            return Err(shape_err(format!("embedding width {} vs {}", table.cols, out.cols)));
+            return Err(shape_err(format!(
+                "embedding width {} vs {}",
+                table.cols, out.cols
+            )));
         }
         let c = table.cols;
         for (i, &id) in ids.iter().enumerate() {
             let id = id as usize;
             if id >= table.rows {
-                return Err(shape_err(format!("token id {id} outside the vocabulary ({})", table.rows)));
+                return Err(shape_err(format!(
+                    "token id {id} outside the vocabulary ({})",
+                    table.rows
+                )));
             }
             let o = &mut out.data[i * c..(i + 1) * c];
             with_store!(&table.data, w => {
@@ -332,13 +385,18 @@ impl Backend for CpuBackend {
         out: &mut CpuTensor,
         n: usize,
     ) -> Result<()> {
-        checks::matmul(n, (x.rows, x.cols), (w.rows, w.cols), (out.rows, out.cols), bias.map(|b| b.data.len()))?;
+        checks::matmul(
+            n,
+            (x.rows, x.cols),
+            (w.rows, w.cols),
+            (out.rows, out.cols),
+            bias.map(|b| b.data.len()),
+        )?;
         let (k, nn) = (w.cols, w.rows);
         let xs = &x.data[..n * k];
         let os = &mut out.data[..n * nn];
-        self.pool.install(|| {
-            with_store!(&w.data, wv => matmul::matmul(xs, n, k, wv, nn, os))
-        });
+        self.pool
+            .install(|| with_store!(&w.data, wv => matmul::matmul(xs, n, k, wv, nn, os)));
         if let Some(b) = bias {
             for row in os.chunks_mut(nn) {
                 for (o, bv) in row.iter_mut().zip(&b.data) {
@@ -358,7 +416,14 @@ impl Backend for CpuBackend {
         positions: &[u32],
         rope: &Rope,
     ) -> Result<()> {
-        checks::rope((x.rows, x.cols), positions.len(), col0, n_heads, head_dim, rope)?;
+        checks::rope(
+            (x.rows, x.cols),
+            positions.len(),
+            col0,
+            n_heads,
+            head_dim,
+            rope,
+        )?;
         let half = head_dim / 2;
         let mut cos = vec![0.0f32; half];
         let mut sin = vec![0.0f32; half];
@@ -387,17 +452,22 @@ impl Backend for CpuBackend {
         check_rows(out, n, "silu_mul out")?;
         let i = out.cols;
         if gate_up.cols != 2 * i {
-            return Err(shape_err(format!("silu_mul: {} columns for {i} outputs", gate_up.cols)));
+            return Err(shape_err(format!(
+                "silu_mul: {} columns for {i} outputs",
+                gate_up.cols
+            )));
         }
         let gu = &gate_up.data[..n * 2 * i];
         let os = &mut out.data[..n * i];
         self.pool.install(|| {
-            os.par_chunks_mut(i).zip(gu.par_chunks(2 * i)).for_each(|(o, gu)| {
-                let (g, u) = gu.split_at(i);
-                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            })
+            os.par_chunks_mut(i)
+                .zip(gu.par_chunks(2 * i))
+                .for_each(|(o, gu)| {
+                    let (g, u) = gu.split_at(i);
+                    for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g / (1.0 + (-g).exp()) * u;
+                    }
+                })
         });
         Ok(())
     }
@@ -432,8 +502,12 @@ impl Backend for CpuBackend {
         let (qc, oc, kc) = (q.cols, out.cols, k.cols);
         let od = &mut out.data;
         self.pool.install(|| match (&k.data, &v.data) {
-            (Store::F32(kk), Store::F32(vv)) => attention::causal(a, &q.data, qc, kk, vv, kc, od, oc),
-            (Store::F16(kk), Store::F16(vv)) => attention::causal(a, &q.data, qc, kk, vv, kc, od, oc),
+            (Store::F32(kk), Store::F32(vv)) => {
+                attention::causal(a, &q.data, qc, kk, vv, kc, od, oc)
+            }
+            (Store::F16(kk), Store::F16(vv)) => {
+                attention::causal(a, &q.data, qc, kk, vv, kc, od, oc)
+            }
             (Store::BF16(kk), Store::BF16(vv)) => {
                 attention::causal(a, &q.data, qc, kk, vv, kc, od, oc)
             }

@@ -152,7 +152,13 @@ mod x86 {
                 /// 2. `out` is valid for 64 writes, `w` for `n` reads, and `v` for rows
                 ///    `j * stride .. j * stride + 64` for every `j < n`.
                 #[target_feature(enable = "avx2,fma,f16c")]
-                pub unsafe fn wsum64(out: *mut f32, w: *const f32, v: *const $t, stride: usize, n: usize) {
+                pub unsafe fn wsum64(
+                    out: *mut f32,
+                    w: *const f32,
+                    v: *const $t,
+                    stride: usize,
+                    n: usize,
+                ) {
                     let mut a0 = _mm256_setzero_ps();
                     let mut a1 = _mm256_setzero_ps();
                     let mut a2 = _mm256_setzero_ps();
@@ -192,7 +198,10 @@ mod x86 {
                     let mut i = 0;
                     while i + 8 <= k {
                         let o = _mm256_loadu_ps(out.add(i));
-                        _mm256_storeu_ps(out.add(i), _mm256_fmadd_ps(av, load8!($tag, v.add(i)), o));
+                        _mm256_storeu_ps(
+                            out.add(i),
+                            _mm256_fmadd_ps(av, load8!($tag, v.add(i)), o),
+                        );
                         i += 8;
                     }
                     while i < k {
@@ -251,7 +260,12 @@ macro_rules! impl_elem {
                     // SAFETY: features checked; all rows hold `x.len()` elements.
                     return unsafe { x86::$m::dot4(p, x.as_ptr(), x.len()) };
                 }
-                [dot_scalar(w[0], x), dot_scalar(w[1], x), dot_scalar(w[2], x), dot_scalar(w[3], x)]
+                [
+                    dot_scalar(w[0], x),
+                    dot_scalar(w[1], x),
+                    dot_scalar(w[2], x),
+                    dot_scalar(w[3], x),
+                ]
             }
             #[inline]
             fn axpy(out: &mut [f32], a: f32, v: &[Self]) {
@@ -275,7 +289,13 @@ macro_rules! impl_elem {
                         // SAFETY: features checked; rows j*stride + b .. + 64 lie inside `v`
                         // (asserted above, b + 64 <= d); out[b..b + 64] is in bounds.
                         unsafe {
-                            x86::$m::wsum64(out.as_mut_ptr().add(b), w.as_ptr(), v.as_ptr().add(b), stride, w.len())
+                            x86::$m::wsum64(
+                                out.as_mut_ptr().add(b),
+                                w.as_ptr(),
+                                v.as_ptr().add(b),
+                                stride,
+                                w.len(),
+                            )
                         };
                     }
                     return;
@@ -311,7 +331,9 @@ mod tests {
 
     fn check<T: Elem>(k: usize) {
         let x = data(k, 1);
-        let rows: Vec<Vec<T>> = (0..4).map(|r| data(k, 10 + r).into_iter().map(T::from_f32).collect()).collect();
+        let rows: Vec<Vec<T>> = (0..4)
+            .map(|r| data(k, 10 + r).into_iter().map(T::from_f32).collect())
+            .collect();
         let want: Vec<f32> = rows.iter().map(|r| dot_scalar(r, &x)).collect();
         let tol = 1e-4 * k as f32;
         for r in 0..4 {

@@ -4,10 +4,14 @@ use super::*;
 use crate::backend::AttnShape;
 
 fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -37,7 +41,12 @@ fn naive_attention(
             let start = s.window.map_or(0, |w| end.saturating_sub(w));
             let qv = &q[i * s.q_width() + h * d..][..d];
             let sc: Vec<f32> = (start..end)
-                .map(|j| (0..d).map(|c| qv[c] * k[j * s.kv_width() + g * d + c]).sum::<f32>() * scale)
+                .map(|j| {
+                    (0..d)
+                        .map(|c| qv[c] * k[j * s.kv_width() + g * d + c])
+                        .sum::<f32>()
+                        * scale
+                })
                 .collect();
             let m = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = sc.iter().map(|x| (x - m).exp()).collect();
@@ -68,7 +77,12 @@ fn attention_matches_naive_with_gqa_window_and_offsets() {
         (None, 1000, 4, DType::F16, 2e-3),
         (Some(3), 600, 6, DType::F32, 1e-5),
     ] {
-        let s = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 16, window };
+        let s = AttnShape {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 16,
+            window,
+        };
         let total = n_past + n_q;
         let qd = vals(n_q * s.q_width(), 1);
         let kd = vals(total * s.kv_width(), 2);
@@ -77,7 +91,8 @@ fn attention_matches_naive_with_gqa_window_and_offsets() {
         let mut q = be.tensor(n_q + 1, s.q_width() + 8).unwrap();
         for i in 0..n_q {
             let row = i + 1;
-            q.data[row * q.cols + 8..][..s.q_width()].copy_from_slice(&qd[i * s.q_width()..][..s.q_width()]);
+            q.data[row * q.cols + 8..][..s.q_width()]
+                .copy_from_slice(&qd[i * s.q_width()..][..s.q_width()]);
         }
         let mut kt = be.tensor(total, s.kv_width()).unwrap();
         kt.data.copy_from_slice(&kd);
@@ -91,7 +106,15 @@ fn attention_matches_naive_with_gqa_window_and_offsets() {
         be.cache_write(&mut vc, 0, &vt, 0, 0, total).unwrap();
         let mut out = be.tensor(n_q, s.q_width()).unwrap();
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let args = CausalAttn { shape: s, q_row0: 1, q_col0: 8, n_q, n_past, out_row0: 0, scale };
+        let args = CausalAttn {
+            shape: s,
+            q_row0: 1,
+            q_col0: 8,
+            n_q,
+            n_past,
+            out_row0: 0,
+            scale,
+        };
         be.attention(&args, &q, &kc, &vc, &mut out).unwrap();
         let want = naive_attention(&qd, &kd, &vd, s, n_past, n_q, scale);
         let e = rel(&out.data, &want);
@@ -102,14 +125,31 @@ fn attention_matches_naive_with_gqa_window_and_offsets() {
 #[test]
 fn attention_rejects_short_cache_and_bad_groups() {
     let be = CpuBackend::new(1).unwrap();
-    let s = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, window: None };
+    let s = AttnShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        window: None,
+    };
     let q = be.tensor(1, 32).unwrap();
     let k = be.cache(3, 16, DType::F32).unwrap();
     let v = be.cache(3, 16, DType::F32).unwrap();
     let mut out = be.tensor(1, 32).unwrap();
-    let a = CausalAttn { shape: s, q_row0: 0, q_col0: 0, n_q: 1, n_past: 3, out_row0: 0, scale: 1.0 };
+    let a = CausalAttn {
+        shape: s,
+        q_row0: 0,
+        q_col0: 0,
+        n_q: 1,
+        n_past: 3,
+        out_row0: 0,
+        scale: 1.0,
+    };
     assert!(be.attention(&a, &q, &k, &v, &mut out).is_err());
-    let bad = CausalAttn { shape: AttnShape { n_kv_heads: 3, ..s }, n_past: 0, ..a };
+    let bad = CausalAttn {
+        shape: AttnShape { n_kv_heads: 3, ..s },
+        n_past: 0,
+        ..a
+    };
     assert!(be.attention(&bad, &q, &k, &v, &mut out).is_err());
 }
 
@@ -120,8 +160,13 @@ fn rope_rotates_half_pairs_by_position() {
     let data = vals(3 * heads * d, 5);
     let mut x = be.tensor(3, heads * d).unwrap();
     x.data.copy_from_slice(&data);
-    let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
-    let rope = Rope { inv_freq: inv.clone(), attention_scaling: 1.0 };
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+        .collect();
+    let rope = Rope {
+        inv_freq: inv.clone(),
+        attention_scaling: 1.0,
+    };
     be.rope(&mut x, 0, heads, d, &[0, 5, 100], &rope).unwrap();
     for (r, p) in [0u32, 5, 100].into_iter().enumerate() {
         for h in 0..heads {
@@ -144,7 +189,8 @@ fn rope_rotates_half_pairs_by_position() {
 fn norm_silu_add_embedding_and_matmul_bias() {
     let be = CpuBackend::new(2).unwrap();
     let mut x = be.tensor(2, 4).unwrap();
-    x.data.copy_from_slice(&[1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 0.5]);
+    x.data
+        .copy_from_slice(&[1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 0.5]);
     let mut w = be.tensor(1, 4).unwrap();
     w.data.copy_from_slice(&[1.0, 0.5, 2.0, 1.0]);
     let mut out = be.tensor(2, 4).unwrap();
@@ -160,9 +206,17 @@ fn norm_silu_add_embedding_and_matmul_bias() {
     assert!((o.data[0] - silu(1.0) * 3.0).abs() < 1e-6);
     assert!((o.data[1] - silu(-2.0) * 4.0).abs() < 1e-6);
 
-    let bytes: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let m = be
-        .upload_matrix(HostMatrix { rows: 3, cols: 2, dtype: DType::F32, bytes: &bytes })
+        .upload_matrix(HostMatrix {
+            rows: 3,
+            cols: 2,
+            dtype: DType::F32,
+            bytes: &bytes,
+        })
         .unwrap();
     let mut e = be.tensor(2, 2).unwrap();
     be.embedding(&m, &[2, 0], &mut e).unwrap();
@@ -177,6 +231,11 @@ fn norm_silu_add_embedding_and_matmul_bias() {
     be.add(&mut a, &e, 2).unwrap();
     assert_eq!(a.data, vec![10.0, 12.0, 2.0, 4.0]);
     assert!(be
-        .upload_matrix(HostMatrix { rows: 3, cols: 3, dtype: DType::F32, bytes: &bytes })
+        .upload_matrix(HostMatrix {
+            rows: 3,
+            cols: 3,
+            dtype: DType::F32,
+            bytes: &bytes
+        })
         .is_err());
 }

@@ -11,9 +11,27 @@ use crate::backend::{CausalAttn, DType, Result};
 /// Largest head dimension the attention kernel handles (`ATTN_MAX_T * 32` in attention.cu).
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
 
-/// Limits of the GQA key-per-lane attention kernel (`GQA_MAX_GROUP`, `GQA_MAX_D`).
+/// Limits of the GQA key-per-lane attention kernel (`GQA_MAX_GROUP`, `GQA_MAX_D`): groups of up
+/// to 8 query heads per KV head, head dims 64 and 128 (the kernels are instantiated per head dim).
 pub const GQA_MAX_GROUP: usize = 8;
 pub const GQA_MAX_HEAD_DIM: usize = 128;
+
+/// Whether the GQA kernels (dense and sparse) are instantiated for this head dimension.
+pub(super) fn gqa_head_dim(head_dim: usize) -> bool {
+    head_dim == 64 || head_dim == 128
+}
+
+/// `<prefix>_<dtype>_d<head dim>_g<4|8>`: the instantiation of a GQA kernel (attention.cu's
+/// `GQA_KERNEL`, sparse.cu's `SPARSE_KERNEL`) for a checked head dim and group <= 8.
+pub(super) fn gqa_kernel_name(prefix: &str, dtype: DType, head_dim: usize, group: usize) -> String {
+    let dt = match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+    };
+    let g = if group <= 4 { 4 } else { 8 };
+    format!("{prefix}_{dt}_d{head_dim}_g{g}")
+}
 
 /// Queries per call from which the tensor-core flash kernel runs (16-bit KV, head dim 64 or 128).
 pub const FLASH_MIN_QUERIES: usize = 16;
@@ -31,7 +49,11 @@ pub(super) fn flash_smem_bytes_of(name: &str) -> Option<usize> {
     if !name.starts_with("flash_attn_") {
         return None;
     }
-    Some(flash_smem_bytes(if name.ends_with("_d64") { 64 } else { 128 }))
+    Some(flash_smem_bytes(if name.ends_with("_d64") {
+        64
+    } else {
+        128
+    }))
 }
 
 /// Which kernel an attention call runs (see `NOTES.md`).
@@ -79,8 +101,7 @@ impl CudaBackend {
             AttnKernel::Flash
         } else if self.attn_gqa.load(Ordering::Relaxed)
             && s.group() <= GQA_MAX_GROUP
-            && s.head_dim.is_multiple_of(32)
-            && s.head_dim <= GQA_MAX_HEAD_DIM
+            && gqa_head_dim(s.head_dim)
         {
             AttnKernel::Gqa
         } else {
@@ -189,13 +210,12 @@ impl CudaBackend {
         }
         let gqa = kernel == AttnKernel::Gqa;
         let name = match (gqa, k.dtype) {
-            (false, DType::F32) => "attention_f32",
-            (false, DType::F16) => "attention_f16",
-            (false, DType::BF16) => "attention_bf16",
-            (true, DType::F32) => "attention_gqa_f32",
-            (true, DType::F16) => "attention_gqa_f16",
-            (true, DType::BF16) => "attention_gqa_bf16",
+            (false, DType::F32) => "attention_f32".to_string(),
+            (false, DType::F16) => "attention_f16".to_string(),
+            (false, DType::BF16) => "attention_bf16".to_string(),
+            (true, dt) => gqa_kernel_name("attention_gqa", dt, s.head_dim, s.group()),
         };
+        let name = name.as_str();
         let heads_per_block = if gqa { s.n_kv_heads } else { s.n_heads };
         let max_keys = s.window.map_or(total, |w| w.min(total));
         let (n_split, chunk) = self.attention_split(a.n_q, heads_per_block, max_keys);

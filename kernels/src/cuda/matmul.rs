@@ -96,13 +96,26 @@ impl CudaBackend {
                         nn,
                     )?;
                 }
-                DType::F16 | DType::BF16 if n == 1 && k % 8 == 0 && self.gemv1 => {
-                    let name = if w.dtype == DType::F16 { "gemv1_f16" } else { "gemv1_bf16" };
+                DType::F16 | DType::BF16 if n == 1 && k % 8 == 0 && self.gemv1 > 0 => {
+                    let name = match (w.dtype == DType::F16, self.gemv1) {
+                        (true, 4) => "gemv1l4_f16",
+                        (false, 4) => "gemv1l4_bf16",
+                        (true, _) => "gemv1_f16",
+                        (false, _) => "gemv1_bf16",
+                    };
                     let (ki, mi) = (int(k, "in")?, int(nn, "out")?);
                     let mut b = self.stream.launch_builder(self.f(name));
-                    b.arg(&x.data).arg(&w.data).arg(&mut out.data).arg(&ki).arg(&mi);
+                    b.arg(&x.data)
+                        .arg(&w.data)
+                        .arg(&mut out.data)
+                        .arg(&ki)
+                        .arg(&mi);
                     // 8 warps per block, one output column per warp.
-                    let cfg = LaunchConfig { grid_dim: (nn.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                    let cfg = LaunchConfig {
+                        grid_dim: (nn.div_ceil(8) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
                     unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
                 }
                 DType::F16 | DType::BF16 if n <= GEMV_MAX_ROWS => {

@@ -25,7 +25,9 @@ use cudarc::nvrtc::Ptx;
 use crate::backend::{Backend, CausalAttn, DType, HostMatrix, Result, Rope};
 use crate::error::KernelError;
 
-pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP, GQA_MAX_HEAD_DIM};
+pub use attention::{
+    AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP, GQA_MAX_HEAD_DIM,
+};
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
 pub use matmul::GEMV_MAX_ROWS;
 pub use offload::{Residency, RowSlab, StreamEvent};
@@ -48,15 +50,26 @@ const KERNELS: &[&str] = &[
     "cast_bf16",
     "gemv1_f16",
     "gemv1_bf16",
+    "gemv1l4_f16",
+    "gemv1l4_bf16",
     "gemv_f16",
     "gemv_bf16",
     "attention_f32",
     "attention_f16",
     "attention_bf16",
     "attention_combine",
-    "attention_gqa_f32",
-    "attention_gqa_f16",
-    "attention_gqa_bf16",
+    "attention_gqa_f32_d64_g4",
+    "attention_gqa_f32_d64_g8",
+    "attention_gqa_f32_d128_g4",
+    "attention_gqa_f32_d128_g8",
+    "attention_gqa_f16_d64_g4",
+    "attention_gqa_f16_d64_g8",
+    "attention_gqa_f16_d128_g4",
+    "attention_gqa_f16_d128_g8",
+    "attention_gqa_bf16_d64_g4",
+    "attention_gqa_bf16_d64_g8",
+    "attention_gqa_bf16_d128_g4",
+    "attention_gqa_bf16_d128_g8",
     "flash_attn_f16_d64",
     "flash_attn_f16_d128",
     "flash_attn_bf16_d64",
@@ -73,8 +86,14 @@ const KERNELS: &[&str] = &[
     "ds_topk_count",
     "ds_topk_write",
     "ds_fixed_rows",
-    "sparse_attn_f16",
-    "sparse_attn_bf16",
+    "sparse_attn_f16_d64_g4",
+    "sparse_attn_f16_d64_g8",
+    "sparse_attn_f16_d128_g4",
+    "sparse_attn_f16_d128_g8",
+    "sparse_attn_bf16_d64_g4",
+    "sparse_attn_bf16_d64_g8",
+    "sparse_attn_bf16_d128_g4",
+    "sparse_attn_bf16_d128_g8",
     "ds_gather_rows",
     "ds_put_rows_f16",
     "ds_put_rows_bf16",
@@ -95,9 +114,9 @@ pub struct CudaBackend {
     scratch: Mutex<Option<CudaSlice<u8>>>,
     /// Split-K partials of attention (grown on demand).
     attn_scratch: Mutex<Option<CudaSlice<f32>>>,
-    /// Batch-1 GEMV with several weight loads in flight per lane (`FARSIGHT_GEMV=rows` turns it
-    /// off, for comparisons).
-    gemv1: bool,
+    /// Weight loads in flight per lane of the batch-1 GEMV: 8 (default) or 4 (`FARSIGHT_GEMV=l4`);
+    /// 0 runs the few-rows kernel instead (`FARSIGHT_GEMV=rows`). For comparisons.
+    gemv1: u8,
     /// Most blocks of the row gathers from host memory (`FARSIGHT_GATHER_BLOCKS`, default
     /// SMs / 8).
     gather_blocks: usize,
@@ -237,8 +256,16 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             attn_scratch: Mutex::new(None),
             rope_cache: Mutex::new(None),
-            gemv1: std::env::var("FARSIGHT_GEMV").map_or(true, |v| v != "rows"),
-            gather_blocks: std::env::var("FARSIGHT_GATHER_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or((sm_count / 8).max(1)),
+            // FARSIGHT_GEMV: `rows` = the few-rows kernel for batch 1 too, `l4` = 4 loads in flight.
+            gemv1: match std::env::var("FARSIGHT_GEMV").as_deref() {
+                Ok("rows") => 0,
+                Ok("l4") => 4,
+                _ => 8,
+            },
+            gather_blocks: std::env::var("FARSIGHT_GATHER_BLOCKS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or((sm_count / 8).max(1)),
             attn_chunk: AtomicUsize::new(0),
             attn_gqa: AtomicBool::new(true),
             attn_flash: AtomicBool::new(true),
@@ -261,7 +288,10 @@ impl CudaBackend {
 
     /// Free device memory in bytes (what other allocations may still take).
     pub fn free_memory(&self) -> Result<usize> {
-        self.ctx.mem_get_info().map(|(free, _)| free).map_err(|e| dev_err("cuMemGetInfo", e))
+        self.ctx
+            .mem_get_info()
+            .map(|(free, _)| free)
+            .map_err(|e| dev_err("cuMemGetInfo", e))
     }
 
     /// Waits for all queued work.
@@ -344,16 +374,27 @@ impl Backend for CudaBackend {
 
     fn matrix_rows(&self, m: &CudaMatrix, rows: &[usize]) -> Result<CudaMatrix> {
         if let Some(&r) = rows.iter().find(|&&r| r >= m.rows) {
-            return Err(shape_err(format!("matrix_rows: row {r} of a {}-row matrix", m.rows)));
+            return Err(shape_err(format!(
+                "matrix_rows: row {r} of a {}-row matrix",
+                m.rows
+            )));
         }
         let rb = m.cols * m.dtype.size();
         let mut data = self.alloc::<u8>(rows.len() * rb, "matrix rows")?;
         for (i, &r) in rows.iter().enumerate() {
             self.stream
-                .memcpy_dtod(&m.data.slice(r * rb..(r + 1) * rb), &mut data.slice_mut(i * rb..(i + 1) * rb))
+                .memcpy_dtod(
+                    &m.data.slice(r * rb..(r + 1) * rb),
+                    &mut data.slice_mut(i * rb..(i + 1) * rb),
+                )
                 .map_err(|e| dev_err("matrix_rows", e))?;
         }
-        Ok(CudaMatrix { rows: rows.len(), cols: m.cols, dtype: m.dtype, data })
+        Ok(CudaMatrix {
+            rows: rows.len(),
+            cols: m.cols,
+            dtype: m.dtype,
+            data,
+        })
     }
 
     fn cache(&self, capacity: usize, cols: usize, dtype: DType) -> Result<CudaCache> {

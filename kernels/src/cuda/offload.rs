@@ -51,7 +51,10 @@ impl CudaBackend {
     /// A backend on a new stream of the same context: pointers, kernels and events are shared,
     /// work on the two streams runs concurrently unless ordered by [`StreamEvent`]s.
     pub fn sibling(&self) -> Result<CudaBackend> {
-        let stream = self.stream.fork().map_err(|e| dev_err("creating a stream", e))?;
+        let stream = self
+            .stream
+            .fork()
+            .map_err(|e| dev_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("creating cuBLAS", e))?;
         let funcs: HashMap<_, _> = self.funcs.clone();
         Ok(CudaBackend {
@@ -64,7 +67,9 @@ impl CudaBackend {
             rope_cache: Mutex::new(None),
             gemv1: self.gemv1,
             gather_blocks: self.gather_blocks,
-            attn_chunk: AtomicUsize::new(self.attn_chunk.load(std::sync::atomic::Ordering::Relaxed)),
+            attn_chunk: AtomicUsize::new(
+                self.attn_chunk.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             attn_gqa: AtomicBool::new(self.attn_gqa.load(std::sync::atomic::Ordering::Relaxed)),
             attn_flash: AtomicBool::new(self.attn_flash.load(std::sync::atomic::Ordering::Relaxed)),
             sm_count: self.sm_count,
@@ -76,12 +81,17 @@ impl CudaBackend {
 
     /// Records the work queued so far on this backend's stream.
     pub fn record(&self) -> Result<StreamEvent> {
-        self.stream.record_event(None).map(StreamEvent).map_err(|e| dev_err("recording an event", e))
+        self.stream
+            .record_event(None)
+            .map(StreamEvent)
+            .map_err(|e| dev_err("recording an event", e))
     }
 
     /// Makes this backend's stream wait (on the device) for `e`.
     pub fn wait(&self, e: &StreamEvent) -> Result<()> {
-        self.stream.wait(&e.0).map_err(|e| dev_err("waiting on an event", e))
+        self.stream
+            .wait(&e.0)
+            .map_err(|e| dev_err("waiting on an event", e))
     }
 
     /// Writes rows `0..n` of `src` (K at `k_col0 + g*D`, V at `v_col0 + g*D`) as tokens
@@ -107,25 +117,56 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        if src_row0 + n > src.rows || k_col0.max(v_col0) + n_kv * head_dim > src.cols || 2 * head_dim > 1024 {
+        if src_row0 + n > src.rows
+            || k_col0.max(v_col0) + n_kv * head_dim > src.cols
+            || 2 * head_dim > 1024
+        {
             return Err(shape_err("ds_put_rows: shapes".into()));
         }
         let name = match dst.dtype {
             DType::F16 => "ds_put_rows_f16",
             DType::BF16 => "ds_put_rows_bf16",
-            DType::F32 => return Err(shape_err("offloaded rows in f32: not supported (use --kv-dtype f16 or bf16)".into())),
+            DType::F32 => {
+                return Err(shape_err(
+                    "offloaded rows in f32: not supported (use --kv-dtype f16 or bf16)".into(),
+                ))
+            }
         };
         let view = src.data.slice(src_row0 * src.cols..);
-        let (sc, kc, vc, nn, hd) = (int(src.cols, "cols")?, int(k_col0, "k col")?, int(v_col0, "v col")?, int(n, "n")?, int(head_dim, "head_dim")?);
-        let (ts, hs, t0_, ns, rg) = (dst.tok_stride as i64, dst.head_stride as i64, t0 as i64, int(n_sink, "sink")?, int(ring, "ring")?);
+        let (sc, kc, vc, nn, hd) = (
+            int(src.cols, "cols")?,
+            int(k_col0, "k col")?,
+            int(v_col0, "v col")?,
+            int(n, "n")?,
+            int(head_dim, "head_dim")?,
+        );
+        let (ts, hs, t0_, ns, rg) = (
+            dst.tok_stride as i64,
+            dst.head_stride as i64,
+            t0 as i64,
+            int(n_sink, "sink")?,
+            int(ring, "ring")?,
+        );
         let null: u64 = 0;
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&view).arg(&sc).arg(&kc).arg(&vc).arg(&nn).arg(&hd).arg(&dst.ptr).arg(&ts).arg(&hs);
+        b.arg(&view)
+            .arg(&sc)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&nn)
+            .arg(&hd)
+            .arg(&dst.ptr)
+            .arg(&ts)
+            .arg(&hs);
         b.arg(&t0_).arg(&ns).arg(&rg);
         let (r, cap);
         match labels {
             Some((chan, rr, lab, c)) => {
-                if chan.len < n_kv * rr || lab.len < n_kv * c * rr || t0 + n > c || rr > 2 * head_dim {
+                if chan.len < n_kv * rr
+                    || lab.len < n_kv * c * rr
+                    || t0 + n > c
+                    || rr > 2 * head_dim
+                {
                     return Err(shape_err("ds_put_rows: label buffers".into()));
                 }
                 r = int(rr, "r")?;
@@ -138,7 +179,11 @@ impl CudaBackend {
                 b.arg(&null).arg(&r).arg(&null).arg(&cap);
             }
         }
-        let cfg = LaunchConfig { grid_dim: (n as u32, n_kv as u32, 1), block_dim: (2 * head_dim as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, n_kv as u32, 1),
+            block_dim: (2 * head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
@@ -170,16 +215,41 @@ impl CudaBackend {
         res: &mut Residency,
         stats: &mut DevBuf<u64>,
     ) -> Result<()> {
-        if k_new < res.k || k_new > res.cap || sel.len < (heads - 1) * sel_stride + k_new || stats.len < 2 {
-            return Err(shape_err(format!("ds_residency: {k_new} rows (had {}, room for {})", res.k, res.cap)));
+        if k_new < res.k
+            || k_new > res.cap
+            || sel.len < (heads - 1) * sel_stride + k_new
+            || stats.len < 2
+        {
+            return Err(shape_err(format!(
+                "ds_residency: {k_new} rows (had {}, room for {})",
+                res.k, res.cap
+            )));
         }
         let name = "ds_residency";
-        let (ss, kn, rs, kp) = (sel_stride as i64, int(k_new, "k")?, res.cap as i64, int(res.k, "k")?);
+        let (ss, kn, rs, kp) = (
+            sel_stride as i64,
+            int(k_new, "k")?,
+            res.cap as i64,
+            int(res.k, "k")?,
+        );
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&sel.data).arg(&ss).arg(&kn).arg(&mut res.tok.data).arg(&mut res.slot.data);
-        b.arg(&mut res.new_slot.data).arg(&rs).arg(&kp).arg(&mut res.miss_tok.data);
-        b.arg(&mut res.miss_slot.data).arg(&mut res.n_miss.data).arg(&mut stats.data);
-        let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: (RES_THREADS, 1, 1), shared_mem_bytes: 0 };
+        b.arg(&sel.data)
+            .arg(&ss)
+            .arg(&kn)
+            .arg(&mut res.tok.data)
+            .arg(&mut res.slot.data);
+        b.arg(&mut res.new_slot.data)
+            .arg(&rs)
+            .arg(&kp)
+            .arg(&mut res.miss_tok.data);
+        b.arg(&mut res.miss_slot.data)
+            .arg(&mut res.n_miss.data)
+            .arg(&mut stats.data);
+        let cfg = LaunchConfig {
+            grid_dim: (heads as u32, 1, 1),
+            block_dim: (RES_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         res.k = k_new;
         Ok(())
@@ -201,8 +271,15 @@ impl CudaBackend {
         dst_head_rows: usize,
         slot0: usize,
     ) -> Result<()> {
-        if row_bytes % 16 != 0 || tok_stride % 16 != 0 || head_stride % 16 != 0 || src % 16 != 0 || dst % 16 != 0 {
-            return Err(shape_err("ds_gather_misses: rows must be 16-byte aligned".into()));
+        if row_bytes % 16 != 0
+            || tok_stride % 16 != 0
+            || head_stride % 16 != 0
+            || src % 16 != 0
+            || dst % 16 != 0
+        {
+            return Err(shape_err(
+                "ds_gather_misses: rows must be 16-byte aligned".into(),
+            ));
         }
         if slot0 + res.cap > dst_head_rows {
             return Err(shape_err("ds_gather_misses: cache too small".into()));
@@ -212,11 +289,27 @@ impl CudaBackend {
             return Ok(());
         }
         let name = "ds_gather_misses";
-        let (ts, hs, rs, hh, ru) = (tok_stride as i64, head_stride as i64, res.cap as i64, int(heads, "heads")?, int(row_bytes / 16, "row")?);
+        let (ts, hs, rs, hh, ru) = (
+            tok_stride as i64,
+            head_stride as i64,
+            res.cap as i64,
+            int(heads, "heads")?,
+            int(row_bytes / 16, "row")?,
+        );
         let (dh, s0) = (dst_head_rows as i64, int(slot0, "slot0")?);
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&src).arg(&ts).arg(&hs).arg(&res.miss_tok.data).arg(&res.miss_slot.data);
-        b.arg(&res.n_miss.data).arg(&rs).arg(&hh).arg(&ru).arg(&dst).arg(&dh).arg(&s0);
+        b.arg(&src)
+            .arg(&ts)
+            .arg(&hs)
+            .arg(&res.miss_tok.data)
+            .arg(&res.miss_slot.data);
+        b.arg(&res.n_miss.data)
+            .arg(&rs)
+            .arg(&hh)
+            .arg(&ru)
+            .arg(&dst)
+            .arg(&dh)
+            .arg(&s0);
         // The kernel walks heads x cap x row units; rows past n_miss are skipped.
         let all = heads * res.cap * row_bytes / 16;
         let threads = 256usize;
@@ -224,7 +317,11 @@ impl CudaBackend {
         // ~100 KB outstanding (54.8 GB/s x ~2 us); loads held for microseconds on every SM
         // would starve the compute stream's kernels running beside the gather.
         let blocks = all.div_ceil(threads * 8).clamp(1, self.gather_blocks);
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
@@ -245,18 +342,38 @@ impl CudaBackend {
         if t1 <= t0 {
             return Ok(());
         }
-        if head_dim % 8 != 0 || src % 16 != 0 || k.dtype.size() != 2 || v.dtype != k.dtype
-            || k.cols != n_kv * head_dim || v.cols != k.cols || t1 > k.capacity.min(v.capacity)
+        if head_dim % 8 != 0
+            || src % 16 != 0
+            || k.dtype.size() != 2
+            || v.dtype != k.dtype
+            || k.cols != n_kv * head_dim
+            || v.cols != k.cols
+            || t1 > k.capacity.min(v.capacity)
         {
             return Err(shape_err("ds_unpack_rows: shapes".into()));
         }
         let name = "ds_unpack_rows";
-        let (nk, hd, a, bb) = (int(n_kv, "n_kv")?, int(head_dim, "head_dim")?, t0 as i64, t1 as i64);
+        let (nk, hd, a, bb) = (
+            int(n_kv, "n_kv")?,
+            int(head_dim, "head_dim")?,
+            t0 as i64,
+            t1 as i64,
+        );
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&src).arg(&nk).arg(&hd).arg(&a).arg(&bb).arg(&mut k.data).arg(&mut v.data);
+        b.arg(&src)
+            .arg(&nk)
+            .arg(&hd)
+            .arg(&a)
+            .arg(&bb)
+            .arg(&mut k.data)
+            .arg(&mut v.data);
         let units = (t1 - t0) * n_kv * head_dim * 2 * 2 / 16;
         let blocks = units.div_ceil(256 * 8).clamp(1, 16 * self.sm_count);
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
@@ -278,25 +395,52 @@ impl CudaBackend {
         pos: usize,
         q_hat: &mut CudaTensor,
     ) -> Result<()> {
-        if row >= raw.rows || raw.cols < n_heads * 2 * r || q_hat.cols < n_heads * head_dim
-            || inv_freq.len < head_dim / 2 || chan.len < n_heads / group.max(1) * r
+        if row >= raw.rows
+            || raw.cols < n_heads * 2 * r
+            || q_hat.cols < n_heads * head_dim
+            || inv_freq.len < head_dim / 2
+            || chan.len < n_heads / group.max(1) * r
         {
             return Err(shape_err("ds_ahead_labels: shapes".into()));
         }
         let name = "ds_ahead_labels";
         let view = raw.data.slice(row * raw.cols..);
-        let (nh, gr, hd, rr, p) = (int(n_heads, "heads")?, int(group, "group")?, int(head_dim, "head_dim")?, int(r, "r")?, pos as i64);
+        let (nh, gr, hd, rr, p) = (
+            int(n_heads, "heads")?,
+            int(group, "group")?,
+            int(head_dim, "head_dim")?,
+            int(r, "r")?,
+            pos as i64,
+        );
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&view).arg(&chan.data).arg(&nh).arg(&gr).arg(&hd).arg(&rr).arg(&inv_freq.data);
+        b.arg(&view)
+            .arg(&chan.data)
+            .arg(&nh)
+            .arg(&gr)
+            .arg(&hd)
+            .arg(&rr)
+            .arg(&inv_freq.data);
         b.arg(&att_scale).arg(&p).arg(&mut q_hat.data);
         let n = (n_heads * r) as u32;
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(128), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128), 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
 
     /// Recall counters: `stats[0] += |a[g] & b[g]|`, `stats[1] += k` per head (sorted lists).
-    pub fn ds_overlap(&self, a: &DevBuf<i32>, b_: &DevBuf<i32>, stride: usize, heads: usize, k: usize, stats: &mut DevBuf<u64>) -> Result<()> {
+    pub fn ds_overlap(
+        &self,
+        a: &DevBuf<i32>,
+        b_: &DevBuf<i32>,
+        stride: usize,
+        heads: usize,
+        k: usize,
+        stats: &mut DevBuf<u64>,
+    ) -> Result<()> {
         if k == 0 {
             return Ok(());
         }
@@ -306,8 +450,16 @@ impl CudaBackend {
         let name = "ds_overlap";
         let (s, kk) = (stride as i64, int(k, "k")?);
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&a.data).arg(&b_.data).arg(&s).arg(&kk).arg(&mut stats.data);
-        let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        b.arg(&a.data)
+            .arg(&b_.data)
+            .arg(&s)
+            .arg(&kk)
+            .arg(&mut stats.data);
+        let cfg = LaunchConfig {
+            grid_dim: (heads as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
@@ -318,24 +470,35 @@ impl CudaBackend {
         if bytes == 0 {
             return Ok(());
         }
-        self.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
-        let r = unsafe { cudarc::driver::sys::cuMemcpyAsync(dst, src, bytes, self.stream.cu_stream()) };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("binding the context", e))?;
+        let r =
+            unsafe { cudarc::driver::sys::cuMemcpyAsync(dst, src, bytes, self.stream.cu_stream()) };
         r.result().map_err(|e| dev_err("cuMemcpyAsync", e))
     }
 
     /// Waits for all work on every stream of the device's context.
     pub fn device_synchronize(&self) -> Result<()> {
-        self.ctx.synchronize().map_err(|e| dev_err("synchronize", e))
+        self.ctx
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
     }
 
     /// Sets a device buffer to zeros.
-    pub fn dev_clear<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, b: &mut DevBuf<T>) -> Result<()> {
-        self.stream.memset_zeros(&mut b.data).map_err(|e| dev_err("memset", e))
+    pub fn dev_clear<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        b: &mut DevBuf<T>,
+    ) -> Result<()> {
+        self.stream
+            .memset_zeros(&mut b.data)
+            .map_err(|e| dev_err("memset", e))
     }
 
     /// Device memory in use and total (bytes), from the driver.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
-        let (free, total) = cudarc::driver::result::mem_get_info().map_err(|e| dev_err("cuMemGetInfo", e))?;
+        let (free, total) =
+            cudarc::driver::result::mem_get_info().map_err(|e| dev_err("cuMemGetInfo", e))?;
         Ok((total - free, total))
     }
 }
@@ -343,7 +506,14 @@ impl CudaBackend {
 impl CudaBackend {
     /// Fills `n` elements of `dtype` at `ptr` (device or pinned host memory) with
     /// `backend::random_value` of `seed` (as `random_matrix`).
-    pub fn random_fill_ptr(&self, ptr: u64, n: usize, dtype: DType, scale: f32, seed: u64) -> Result<()> {
+    pub fn random_fill_ptr(
+        &self,
+        ptr: u64,
+        n: usize,
+        dtype: DType,
+        scale: f32,
+        seed: u64,
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }

@@ -75,7 +75,14 @@ impl CudaBackend {
         src_col0: usize,
         n: usize,
     ) -> Result<()> {
-        checks::cache_write((c.capacity, c.cols), dst_row0, (src.rows, src.cols), src_row0, src_col0, n)?;
+        checks::cache_write(
+            (c.capacity, c.cols),
+            dst_row0,
+            (src.rows, src.cols),
+            src_row0,
+            src_col0,
+            n,
+        )?;
         if n == 0 || c.cols == 0 {
             return Ok(());
         }
@@ -145,7 +152,12 @@ impl CudaBackend {
         out: &mut CudaTensor,
         n: usize,
     ) -> Result<()> {
-        checks::rms_norm(n, (x.rows, x.cols), weight.rows * weight.cols, (out.rows, out.cols))?;
+        checks::rms_norm(
+            n,
+            (x.rows, x.cols),
+            weight.rows * weight.cols,
+            (out.rows, out.cols),
+        )?;
         let c = x.cols;
         if n == 0 || c == 0 {
             return Ok(());
@@ -176,7 +188,14 @@ impl CudaBackend {
         positions: &[u32],
         rope: &Rope,
     ) -> Result<()> {
-        checks::rope((x.rows, x.cols), positions.len(), col0, n_heads, head_dim, rope)?;
+        checks::rope(
+            (x.rows, x.cols),
+            positions.len(),
+            col0,
+            n_heads,
+            head_dim,
+            rope,
+        )?;
         let half = head_dim / 2;
         if positions.is_empty() || n_heads == 0 || half == 0 {
             return Ok(());
@@ -303,7 +322,12 @@ impl CudaBackend {
         if n > 0 {
             self.random_fill(&mut data, n, dtype, scale, seed)?;
         }
-        Ok(CudaMatrix { rows, cols, dtype, data })
+        Ok(CudaMatrix {
+            rows,
+            cols,
+            dtype,
+            data,
+        })
     }
 
     pub(super) fn fill_random_impl(&self, t: &mut CudaTensor, scale: f32, seed: u64) -> Result<()> {

@@ -42,11 +42,16 @@ impl PinnedBuf {
     }
     /// The bytes, for the host to fill or read (waits for queued device work on the buffer).
     pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
-        self.data.as_mut_slice().map_err(|e| dev_err("pinned buffer", e))
+        self.data
+            .as_mut_slice()
+            .map_err(|e| dev_err("pinned buffer", e))
     }
     /// The address kernels read it at (UVA: the host address).
     pub fn ptr(&self) -> Result<u64> {
-        Ok(self.data.as_ptr().map_err(|e| dev_err("pinned buffer", e))? as u64)
+        Ok(self
+            .data
+            .as_ptr()
+            .map_err(|e| dev_err("pinned buffer", e))? as u64)
     }
 }
 
@@ -74,7 +79,10 @@ impl CudaBackend {
         &self,
         n: usize,
     ) -> Result<DevBuf<T>> {
-        Ok(DevBuf { len: n, data: self.alloc::<T>(n, "device buffer")? })
+        Ok(DevBuf {
+            len: n,
+            data: self.alloc::<T>(n, "device buffer")?,
+        })
     }
 
     /// A device copy of `v`.
@@ -82,7 +90,10 @@ impl CudaBackend {
         if v.is_empty() {
             return Err(shape_err("dev_upload of nothing".into()));
         }
-        Ok(DevBuf { len: v.len(), data: self.upload(v, "device buffer")? })
+        Ok(DevBuf {
+            len: v.len(),
+            data: self.upload(v, "device buffer")?,
+        })
     }
 
     /// Reads a device buffer back (synchronizes).
@@ -123,8 +134,10 @@ impl CudaBackend {
     pub fn pinned(&self, bytes: usize) -> Result<PinnedBuf> {
         use cudarc::driver::sys::{CU_MEMHOSTALLOC_DEVICEMAP, CU_MEMHOSTALLOC_PORTABLE};
         let data = unsafe {
-            self.ctx
-                .alloc_pinned_with_flags::<u8>(bytes.max(1), CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)
+            self.ctx.alloc_pinned_with_flags::<u8>(
+                bytes.max(1),
+                CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP,
+            )
         }
         .map_err(|e| self.alloc_err(e, "pinned host buffer", bytes))?;
         Ok(PinnedBuf { data })
@@ -155,12 +168,27 @@ impl CudaBackend {
         let name = match k.dtype {
             DType::BF16 => "ds_labels_from_cache_bf16",
             DType::F16 => "ds_labels_from_cache_f16",
-            DType::F32 => return Err(shape_err("labels from an f32 cache: not implemented".into())),
+            DType::F32 => {
+                return Err(shape_err(
+                    "labels from an f32 cache: not implemented".into(),
+                ))
+            }
         };
-        let (ts, hd, rr) = (k.tok_stride as i64, int(head_dim, "head_dim")?, int(r, "r")?);
+        let (ts, hd, rr) = (
+            k.tok_stride as i64,
+            int(head_dim, "head_dim")?,
+            int(r, "r")?,
+        );
         let (a, b_, c) = (t0 as i64, t1 as i64, cap as i64);
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&k.k).arg(&ts).arg(&hd).arg(&chan.data).arg(&rr).arg(&a).arg(&b_).arg(&c);
+        b.arg(&k.k)
+            .arg(&ts)
+            .arg(&hd)
+            .arg(&chan.data)
+            .arg(&rr)
+            .arg(&a)
+            .arg(&b_)
+            .arg(&c);
         b.arg(&mut labels.data);
         let cfg = LaunchConfig {
             grid_dim: ((t1 - t0).div_ceil(256) as u32, n_kv as u32, 1),
@@ -189,7 +217,9 @@ impl CudaBackend {
         t1: usize,
         scores: &mut DevBuf<f32>,
     ) -> Result<()> {
-        self.ds_label_scores_at(q, 0, chan, n_kv, group, head_dim, r, labels, cap, t0, t1, scores)
+        self.ds_label_scores_at(
+            q, 0, chan, n_kv, group, head_dim, r, labels, cap, t0, t1, scores,
+        )
     }
 
     /// [`Self::ds_label_scores`] for the query in row `q_row` of `q`.
@@ -210,8 +240,14 @@ impl CudaBackend {
         scores: &mut DevBuf<f32>,
     ) -> Result<()> {
         let n = t1.saturating_sub(t0);
-        if r == 0 || r > DS_MAX_R || q.cols < n_kv * group * head_dim || q_row >= q.rows || chan.len < n_kv * r
-            || labels.len < n_kv * cap * r || t1 > cap || scores.len < n_kv * n
+        if r == 0
+            || r > DS_MAX_R
+            || q.cols < n_kv * group * head_dim
+            || q_row >= q.rows
+            || chan.len < n_kv * r
+            || labels.len < n_kv * cap * r
+            || t1 > cap
+            || scores.len < n_kv * n
         {
             return Err(shape_err("ds_label_scores: shapes".into()));
         }
@@ -219,11 +255,20 @@ impl CudaBackend {
             return Ok(());
         }
         let name = "ds_label_scores";
-        let (gr, hd, rr) = (int(group, "group")?, int(head_dim, "head_dim")?, int(r, "r")?);
+        let (gr, hd, rr) = (
+            int(group, "group")?,
+            int(head_dim, "head_dim")?,
+            int(r, "r")?,
+        );
         let (c, a, b_) = (cap as i64, t0 as i64, t1 as i64);
         let qv = q.data.slice(q_row * q.cols..);
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&qv).arg(&chan.data).arg(&gr).arg(&hd).arg(&rr).arg(&labels.data);
+        b.arg(&qv)
+            .arg(&chan.data)
+            .arg(&gr)
+            .arg(&hd)
+            .arg(&rr)
+            .arg(&labels.data);
         b.arg(&c).arg(&a).arg(&b_).arg(&mut scores.data);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(256) as u32, n_kv as u32, 1),
@@ -270,10 +315,13 @@ impl CudaBackend {
             return Ok(());
         }
         if k > n || scores.len < heads * n || out.len < (heads - 1) * out_stride + out_off + k {
-            return Err(shape_err(format!("ds_topk: k {k} of {n}, buffers too small")));
+            return Err(shape_err(format!(
+                "ds_topk: k {k} of {n}, buffers too small"
+            )));
         }
         let (blocks, chunk) = Self::topk_blocks(n);
-        if scratch.state.len() < 2 * heads || scratch.hist.len() < TK_BINS * heads
+        if scratch.state.len() < 2 * heads
+            || scratch.hist.len() < TK_BINS * heads
             || scratch.counts.len() < 2 * blocks * heads
         {
             *scratch = self.ds_topk_scratch(heads, n)?;
@@ -282,20 +330,39 @@ impl CudaBackend {
         let name = "ds_topk_init";
         let mut b = self.stream.launch_builder(self.f(name));
         b.arg(&mut scratch.state).arg(&kk).arg(&hh);
-        let cfg = LaunchConfig { grid_dim: (heads.div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (heads.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         // Histogram blocks: about 4 per SM over all heads, at least 4096 scores each.
-        let hblocks = (4 * self.sm_count).div_ceil(heads).min(n.div_ceil(4096)).max(1);
+        let hblocks = (4 * self.sm_count)
+            .div_ceil(heads)
+            .min(n.div_ceil(4096))
+            .max(1);
         for pass in 0..3i32 {
             let name = "ds_topk_hist";
             let mut b = self.stream.launch_builder(self.f(name));
-            b.arg(&scores.data).arg(&nn).arg(&scratch.state).arg(&mut scratch.hist).arg(&pass);
-            let cfg = LaunchConfig { grid_dim: (hblocks as u32, heads as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+            b.arg(&scores.data)
+                .arg(&nn)
+                .arg(&scratch.state)
+                .arg(&mut scratch.hist)
+                .arg(&pass);
+            let cfg = LaunchConfig {
+                grid_dim: (hblocks as u32, heads as u32, 1),
+                block_dim: (512, 1, 1),
+                shared_mem_bytes: 0,
+            };
             unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
             let name = "ds_topk_pick";
             let mut b = self.stream.launch_builder(self.f(name));
             b.arg(&mut scratch.state).arg(&mut scratch.hist).arg(&pass);
-            let cfg = LaunchConfig { grid_dim: (heads as u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (heads as u32, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
             unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         }
         let ch = chunk as i64;
@@ -306,12 +373,20 @@ impl CudaBackend {
         };
         let name = "ds_topk_count";
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&scores.data).arg(&nn).arg(&ch).arg(&scratch.state).arg(&mut scratch.counts);
+        b.arg(&scores.data)
+            .arg(&nn)
+            .arg(&ch)
+            .arg(&scratch.state)
+            .arg(&mut scratch.counts);
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         let (os, oo, bs) = (out_stride as i64, out_off as i64, int(base, "base")?);
         let name = "ds_topk_write";
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&scores.data).arg(&nn).arg(&ch).arg(&scratch.state).arg(&scratch.counts);
+        b.arg(&scores.data)
+            .arg(&nn)
+            .arg(&ch)
+            .arg(&scratch.state)
+            .arg(&scratch.counts);
         b.arg(&mut out.data).arg(&os).arg(&oo).arg(&bs);
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
@@ -333,14 +408,30 @@ impl CudaBackend {
         if m == 0 {
             return Ok(());
         }
-        if out.len < (heads - 1) * stride + n_sink + k + n_recent || n_sink + k + n_recent > stride {
+        if out.len < (heads - 1) * stride + n_sink + k + n_recent || n_sink + k + n_recent > stride
+        {
             return Err(shape_err("ds_fixed_rows: buffer too small".into()));
         }
         let name = "ds_fixed_rows";
-        let (s, a, kk, r0, b_) = (stride as i64, int(n_sink, "sink")?, int(k, "k")?, int(recent0, "recent0")?, int(n_recent, "recent")?);
+        let (s, a, kk, r0, b_) = (
+            stride as i64,
+            int(n_sink, "sink")?,
+            int(k, "k")?,
+            int(recent0, "recent0")?,
+            int(n_recent, "recent")?,
+        );
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&mut out.data).arg(&s).arg(&a).arg(&kk).arg(&r0).arg(&b_);
-        let cfg = LaunchConfig { grid_dim: (m.div_ceil(256) as u32, heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        b.arg(&mut out.data)
+            .arg(&s)
+            .arg(&a)
+            .arg(&kk)
+            .arg(&r0)
+            .arg(&b_);
+        let cfg = LaunchConfig {
+            grid_dim: (m.div_ceil(256) as u32, heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
@@ -362,7 +453,9 @@ impl CudaBackend {
         scale: f32,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        self.sparse_attention_at(q, 0, kv, idx, idx_stride, n_sel, n_heads, n_kv, head_dim, scale, out, 0)
+        self.sparse_attention_at(
+            q, 0, kv, idx, idx_stride, n_sel, n_heads, n_kv, head_dim, scale, out, 0,
+        )
     }
 
     /// [`Self::sparse_attention`] for the query in row `q_row` of `q`, output to row `out_row`.
@@ -383,12 +476,19 @@ impl CudaBackend {
         out_row: usize,
     ) -> Result<()> {
         let group = n_heads / n_kv.max(1);
-        if n_kv == 0 || n_heads % n_kv != 0 || group > super::GQA_MAX_GROUP || head_dim % 32 != 0
-            || head_dim > super::GQA_MAX_HEAD_DIM
+        if n_kv == 0
+            || n_heads % n_kv != 0
+            || group > super::GQA_MAX_GROUP
+            || !super::attention::gqa_head_dim(head_dim)
         {
-            return Err(shape_err(format!("sparse_attention: {n_heads} heads / {n_kv} KV heads / D {head_dim} not supported")));
+            return Err(shape_err(format!(
+                "sparse_attention: {n_heads} heads / {n_kv} KV heads / D {head_dim} not supported"
+            )));
         }
-        if q.cols < n_heads * head_dim || out.cols < n_heads * head_dim || n_sel == 0 || q_row >= q.rows
+        if q.cols < n_heads * head_dim
+            || out.cols < n_heads * head_dim
+            || n_sel == 0
+            || q_row >= q.rows
             || out_row >= out.rows
         {
             return Err(shape_err("sparse_attention: shapes".into()));
@@ -398,11 +498,13 @@ impl CudaBackend {
                 return Err(shape_err("sparse_attention: index buffer too small".into()));
             }
         }
-        let name = match kv.dtype {
-            DType::F16 => "sparse_attn_f16",
-            DType::BF16 => "sparse_attn_bf16",
-            DType::F32 => return Err(shape_err("sparse attention over f32 rows: not implemented".into())),
-        };
+        if kv.dtype == DType::F32 {
+            return Err(shape_err(
+                "sparse attention over f32 rows: not implemented".into(),
+            ));
+        }
+        let name = super::attention::gqa_kernel_name("sparse_attn", kv.dtype, head_dim, group);
+        let name = name.as_str();
         let want = (4 * self.sm_count).div_ceil(n_kv);
         let n_split = want.min(n_sel.div_ceil(256)).clamp(1, 65_535);
         let chunk = n_sel.div_ceil(n_split);
@@ -413,8 +515,17 @@ impl CudaBackend {
             *guard = Some(self.alloc::<f32>(need, "attention partials")?);
         }
         let part = guard.as_mut().expect("allocated above");
-        let (ts, hs, is) = (kv.tok_stride as i64, kv.head_stride as i64, idx_stride as i64);
-        let (ns, nh, gr, hd) = (int(n_sel, "n_sel")?, int(n_heads, "heads")?, int(group, "group")?, int(head_dim, "head_dim")?);
+        let (ts, hs, is) = (
+            kv.tok_stride as i64,
+            kv.head_stride as i64,
+            idx_stride as i64,
+        );
+        let (ns, nh, gr, hd) = (
+            int(n_sel, "n_sel")?,
+            int(n_heads, "heads")?,
+            int(group, "group")?,
+            int(head_dim, "head_dim")?,
+        );
         let (sp, chk) = (n_split as i32, chunk as i32);
         let null: u64 = 0;
         let qv = q.data.slice(q_row * q.cols..);
@@ -426,7 +537,13 @@ impl CudaBackend {
             Some(ix) => b.arg(&ix.data),
             None => b.arg(&null),
         };
-        b.arg(&is).arg(&ns).arg(&mut ov).arg(&nh).arg(&gr).arg(&hd).arg(&scale);
+        b.arg(&is)
+            .arg(&ns)
+            .arg(&mut ov)
+            .arg(&nh)
+            .arg(&gr)
+            .arg(&hd)
+            .arg(&scale);
         b.arg(&sp).arg(&chk).arg(&mut *part);
         let cfg = LaunchConfig {
             grid_dim: (n_kv as u32, n_split as u32, 1),
@@ -467,9 +584,12 @@ impl CudaBackend {
         dst: &mut DevBuf<u8>,
     ) -> Result<()> {
         if row_bytes % 16 != 0 || tok_stride % 16 != 0 || head_stride % 16 != 0 || src % 16 != 0 {
-            return Err(shape_err("ds_gather_rows: rows must be 16-byte aligned".into()));
+            return Err(shape_err(
+                "ds_gather_rows: rows must be 16-byte aligned".into(),
+            ));
         }
-        if dst.len < heads * n_sel * row_bytes || idx.len < (heads.max(1) - 1) * idx_stride + n_sel {
+        if dst.len < heads * n_sel * row_bytes || idx.len < (heads.max(1) - 1) * idx_stride + n_sel
+        {
             return Err(shape_err("ds_gather_rows: buffers too small".into()));
         }
         let units = heads * n_sel * row_bytes / 16;
@@ -478,13 +598,28 @@ impl CudaBackend {
         }
         let name = "ds_gather_rows";
         let (ts, hs, is) = (tok_stride as i64, head_stride as i64, idx_stride as i64);
-        let (ns, hh, ru) = (int(n_sel, "n_sel")?, int(heads, "heads")?, int(row_bytes / 16, "row")?);
+        let (ns, hh, ru) = (
+            int(n_sel, "n_sel")?,
+            int(heads, "heads")?,
+            int(row_bytes / 16, "row")?,
+        );
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&src).arg(&ts).arg(&hs).arg(&idx.data).arg(&is).arg(&ns).arg(&hh).arg(&ru);
+        b.arg(&src)
+            .arg(&ts)
+            .arg(&hs)
+            .arg(&idx.data)
+            .arg(&is)
+            .arg(&ns)
+            .arg(&hh)
+            .arg(&ru);
         b.arg(&mut dst.data);
         let threads = 256usize;
         let blocks = units.div_ceil(threads * 8).clamp(1, 16 * self.sm_count);
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
     }

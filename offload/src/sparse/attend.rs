@@ -7,7 +7,14 @@
 use farsight_kernels::cpu::simd::Elem;
 
 /// `out = softmax(scale * K q) V` over the `n` rows of `rows` (`n * 2d` elements).
-pub fn attend_rows<E: Elem>(q: &[f32], rows: &[E], d: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+pub fn attend_rows<E: Elem>(
+    q: &[f32],
+    rows: &[E],
+    d: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let n = rows.len() / (2 * d);
     // Keys four at a time, as the CPU backend's dense attention scores them, so that with every
     // row selected the arithmetic is the same operation for operation.
@@ -42,11 +49,15 @@ mod tests {
     #[test]
     fn matches_a_direct_softmax() {
         let d = 4;
-        let rows: Vec<f32> = (0..3 * 2 * d).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+        let rows: Vec<f32> = (0..3 * 2 * d)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0)
+            .collect();
         let q = [0.5, -1.0, 0.25, 2.0];
         let mut out = vec![0.0; d];
         attend_rows(&q, &rows, d, 0.5, &mut Vec::new(), &mut out);
-        let s: Vec<f32> = (0..3).map(|j| (0..d).map(|c| rows[j * 2 * d + c] * q[c]).sum::<f32>() * 0.5).collect();
+        let s: Vec<f32> = (0..3)
+            .map(|j| (0..d).map(|c| rows[j * 2 * d + c] * q[c]).sum::<f32>() * 0.5)
+            .collect();
         let m = s.iter().cloned().fold(f32::MIN, f32::max);
         let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
         let z: f32 = e.iter().sum();

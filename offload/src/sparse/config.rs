@@ -29,13 +29,17 @@ impl FromStr for TokenBudget {
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if let Some(den) = s.strip_prefix("1/") {
-            let n: usize = den.parse().map_err(|_| format!("token budget {s:?}: expected K or 1/N"))?;
+            let n: usize = den
+                .parse()
+                .map_err(|_| format!("token budget {s:?}: expected K or 1/N"))?;
             if n == 0 {
                 return Err(format!("token budget {s:?}: N must be at least 1"));
             }
             return Ok(TokenBudget::Fraction(n));
         }
-        let k: usize = s.parse().map_err(|_| format!("token budget {s:?}: expected K or 1/N"))?;
+        let k: usize = s
+            .parse()
+            .map_err(|_| format!("token budget {s:?}: expected K or 1/N"))?;
         if k == 0 {
             return Err("token budget must be at least 1 token".into());
         }
@@ -97,7 +101,9 @@ impl FromStr for Predict {
         match s.trim() {
             "same-layer" => Ok(Predict::SameLayer),
             "layer-ahead" => Ok(Predict::LayerAhead),
-            o => Err(format!("--predict {o:?}: expected same-layer or layer-ahead")),
+            o => Err(format!(
+                "--predict {o:?}: expected same-layer or layer-ahead"
+            )),
         }
     }
 }
@@ -171,8 +177,14 @@ mod tests {
 
     #[test]
     fn budgets_parse_and_scale() {
-        assert_eq!("128".parse::<TokenBudget>().unwrap(), TokenBudget::Tokens(128));
-        assert_eq!("1/16".parse::<TokenBudget>().unwrap(), TokenBudget::Fraction(16));
+        assert_eq!(
+            "128".parse::<TokenBudget>().unwrap(),
+            TokenBudget::Tokens(128)
+        );
+        assert_eq!(
+            "1/16".parse::<TokenBudget>().unwrap(),
+            TokenBudget::Fraction(16)
+        );
         assert_eq!(TokenBudget::Fraction(16).tokens(6000), 375);
         assert_eq!(TokenBudget::Fraction(16).tokens(1), 1);
         for bad in ["0", "1/0", "x", "1/", "-3", "2/8"] {
@@ -184,7 +196,10 @@ mod tests {
     fn bits_and_predict_parse() {
         assert_eq!("4".parse::<LabelBits>().unwrap(), LabelBits::B4);
         assert!("8".parse::<LabelBits>().is_err());
-        assert_eq!("layer-ahead".parse::<Predict>().unwrap(), Predict::LayerAhead);
+        assert_eq!(
+            "layer-ahead".parse::<Predict>().unwrap(),
+            Predict::LayerAhead
+        );
         assert!("ahead".parse::<Predict>().is_err());
     }
 }

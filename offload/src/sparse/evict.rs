@@ -62,7 +62,9 @@ impl FromStr for HostKvBudget {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
-        let bad = || format!("--host-kv-budget {s:?}: expected bytes (2GiB, 512MiB, 100000) or a fraction (0.25, 1/4)");
+        let bad = || {
+            format!("--host-kv-budget {s:?}: expected bytes (2GiB, 512MiB, 100000) or a fraction (0.25, 1/4)")
+        };
         if let Some(den) = t.strip_prefix("1/") {
             let n: f64 = den.parse().map_err(|_| bad())?;
             if n.is_nan() || n < 1.0 {
@@ -73,7 +75,9 @@ impl FromStr for HostKvBudget {
         if t.contains('.') {
             let r: f64 = t.parse().map_err(|_| bad())?;
             if r.is_nan() || r <= 0.0 || r > 1.0 {
-                return Err(format!("--host-kv-budget {s:?}: a fraction must be in (0, 1]"));
+                return Err(format!(
+                    "--host-kv-budget {s:?}: a fraction must be in (0, 1]"
+                ));
             }
             return Ok(HostKvBudget::Ratio(r));
         }
@@ -122,7 +126,12 @@ pub struct EvictConfig {
 
 impl EvictConfig {
     pub fn new(budget_bytes: usize) -> EvictConfig {
-        EvictConfig { budget_bytes, window: 32, threshold: 1.0, batch: 0.05 }
+        EvictConfig {
+            budget_bytes,
+            window: 32,
+            threshold: 1.0,
+            batch: 0.05,
+        }
     }
 
     /// Most token slots (live plus reserved) under the budget for `bytes_per_slot` (rows and
@@ -185,7 +194,11 @@ impl Unimportance {
         for p in 0..len.min(self.counts.len()) {
             let seen = std::mem::take(self.seen[p].get_mut());
             let un = std::mem::take(self.unimportant[p].get_mut());
-            let u = if seen > 0 { un as f32 / seen as f32 } else { 0.0 };
+            let u = if seen > 0 {
+                un as f32 / seen as f32
+            } else {
+                0.0
+            };
             self.counts[p] = self.counts[p] * keep + u;
         }
     }
@@ -217,11 +230,26 @@ mod tests {
 
     #[test]
     fn budgets_parse() {
-        assert_eq!("2GiB".parse::<HostKvBudget>().unwrap(), HostKvBudget::Bytes(2 << 30));
-        assert_eq!("512MiB".parse::<HostKvBudget>().unwrap(), HostKvBudget::Bytes(512 << 20));
-        assert_eq!("1000".parse::<HostKvBudget>().unwrap(), HostKvBudget::Bytes(1000));
-        assert_eq!("0.25".parse::<HostKvBudget>().unwrap(), HostKvBudget::Ratio(0.25));
-        assert_eq!("1/8".parse::<HostKvBudget>().unwrap(), HostKvBudget::Ratio(0.125));
+        assert_eq!(
+            "2GiB".parse::<HostKvBudget>().unwrap(),
+            HostKvBudget::Bytes(2 << 30)
+        );
+        assert_eq!(
+            "512MiB".parse::<HostKvBudget>().unwrap(),
+            HostKvBudget::Bytes(512 << 20)
+        );
+        assert_eq!(
+            "1000".parse::<HostKvBudget>().unwrap(),
+            HostKvBudget::Bytes(1000)
+        );
+        assert_eq!(
+            "0.25".parse::<HostKvBudget>().unwrap(),
+            HostKvBudget::Ratio(0.25)
+        );
+        assert_eq!(
+            "1/8".parse::<HostKvBudget>().unwrap(),
+            HostKvBudget::Ratio(0.125)
+        );
         assert_eq!(HostKvBudget::Ratio(0.25).resolve(1000), 250);
         for bad in ["0", "1.5", "0.0", "x", "3TB", "1/0", "-1", ""] {
             assert!(bad.parse::<HostKvBudget>().is_err(), "{bad}");

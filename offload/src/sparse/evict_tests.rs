@@ -11,7 +11,12 @@ use super::*;
 use crate::tier::HostKvTier;
 use crate::KvStore;
 
-const SHAPE: AttnShape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, window: None };
+const SHAPE: AttnShape = AttnShape {
+    n_heads: 4,
+    n_kv_heads: 2,
+    head_dim: 8,
+    window: None,
+};
 const LAYERS: usize = 2;
 /// Small extents so that small budgets hold several of them.
 const EXTENT: usize = 8;
@@ -36,7 +41,16 @@ fn store(cfg: SparseConfig) -> SparseKvStore {
     let mut layout = row_layout(LAYERS, &SHAPE, DType::F16);
     layout.extent_slots = EXTENT;
     let ranking = ChannelRanking::natural(LAYERS, SHAPE.n_kv_heads, SHAPE.head_dim);
-    SparseKvStore::new(cfg, SHAPE, LAYERS, DType::F16, &ranking, Box::new(HostKvTier::new(layout)), 1 << 20).unwrap()
+    SparseKvStore::new(
+        cfg,
+        SHAPE,
+        LAYERS,
+        DType::F16,
+        &ranking,
+        Box::new(HostKvTier::new(layout)),
+        1 << 20,
+    )
+    .unwrap()
 }
 
 /// Bytes of rows and labels per slot.
@@ -47,21 +61,41 @@ fn per_slot(cfg: &SparseConfig) -> usize {
 /// One forward call of `n` random tokens.
 fn call(be: &CpuBackend, s: &mut SparseKvStore, n: usize, seed: u64) {
     let mut src = be.tensor(n, cols()).unwrap();
-    be.write_tensor(&mut src, 0, &fill(n * cols(), seed)).unwrap();
+    be.write_tensor(&mut src, 0, &fill(n * cols(), seed))
+        .unwrap();
     let (qw, kvw) = (SHAPE.q_width(), SHAPE.kv_width());
     s.reserve(be, n).unwrap();
     for l in 0..LAYERS {
         s.write(be, l, &src, 0, qw, qw + kvw, n).unwrap();
-        let a = CausalAttn { shape: SHAPE, q_row0: 0, q_col0: 0, n_q: n, n_past: KvStore::<CpuBackend>::len(s), out_row0: 0, scale: 0.35 };
+        let a = CausalAttn {
+            shape: SHAPE,
+            q_row0: 0,
+            q_col0: 0,
+            n_q: n,
+            n_past: KvStore::<CpuBackend>::len(s),
+            out_row0: 0,
+            scale: 0.35,
+        };
         let mut out = be.tensor(n, qw).unwrap();
         s.attend(be, l, &a, &src, &mut out).unwrap();
     }
     KvStore::<CpuBackend>::commit(s, n);
 }
 
-fn check(s: &SparseKvStore, cfg: &SparseConfig, budget: usize, evicted: &mut HashSet<usize>, seed: u64) -> std::result::Result<(), TestCaseError> {
+fn check(
+    s: &SparseKvStore,
+    cfg: &SparseConfig,
+    budget: usize,
+    evicted: &mut HashSet<usize>,
+    seed: u64,
+) -> std::result::Result<(), TestCaseError> {
     let len = KvStore::<CpuBackend>::len(s);
-    prop_assert!(KvStore::<CpuBackend>::bytes(s) <= budget, "footprint {} over budget {}", KvStore::<CpuBackend>::bytes(s), budget);
+    prop_assert!(
+        KvStore::<CpuBackend>::bytes(s) <= budget,
+        "footprint {} over budget {}",
+        KvStore::<CpuBackend>::bytes(s),
+        budget
+    );
     let mut slots = HashSet::new();
     for p in 0..len {
         match s.slot_of(p) {
@@ -71,7 +105,12 @@ fn check(s: &SparseKvStore, cfg: &SparseConfig, budget: usize, evicted: &mut Has
                 prop_assert!(slot != EVICTED);
             }
             None => {
-                prop_assert!(p >= cfg.sink && p + cfg.recent < len, "protected position {} of {} evicted", p, len);
+                prop_assert!(
+                    p >= cfg.sink && p + cfg.recent < len,
+                    "protected position {} of {} evicted",
+                    p,
+                    len
+                );
                 evicted.insert(p);
             }
         }
@@ -83,7 +122,10 @@ fn check(s: &SparseKvStore, cfg: &SparseConfig, budget: usize, evicted: &mut Has
         for g in 0..SHAPE.n_kv_heads {
             let qlab = s.group_label_query(l, g, &q);
             let (pos, _) = s.select(l, g, &qlab, 0, len, len / 3 + 1);
-            prop_assert!(pos.iter().all(|p| !evicted.contains(p)), "selected an evicted position");
+            prop_assert!(
+                pos.iter().all(|p| !evicted.contains(p)),
+                "selected an evicted position"
+            );
         }
     }
     Ok(())
@@ -130,30 +172,65 @@ proptest! {
 
 #[test]
 fn a_call_that_cannot_fit_is_refused_with_a_clear_error() {
-    let mut cfg = SparseConfig { label_channels: 4, sink: 2, recent: 4, ..SparseConfig::default() };
+    let mut cfg = SparseConfig {
+        label_channels: 4,
+        sink: 2,
+        recent: 4,
+        ..SparseConfig::default()
+    };
     cfg.evict = Some(EvictConfig::new(2 * EXTENT * per_slot(&cfg)));
     let be = CpuBackend::new(1).unwrap();
     let mut s = store(cfg);
-    let e = KvStore::<CpuBackend>::reserve(&mut s, &be, 17).unwrap_err().to_string();
-    assert!(e.contains("hold 16 tokens") && e.contains("17 new tokens"), "{e}");
+    let e = KvStore::<CpuBackend>::reserve(&mut s, &be, 17)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("hold 16 tokens") && e.contains("17 new tokens"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_budget_below_the_protected_tokens_is_refused() {
-    let mut cfg = SparseConfig { label_channels: 4, sink: 4, recent: 32, ..SparseConfig::default() };
+    let mut cfg = SparseConfig {
+        label_channels: 4,
+        sink: 4,
+        recent: 32,
+        ..SparseConfig::default()
+    };
     cfg.evict = Some(EvictConfig::new(EXTENT * per_slot(&cfg)));
     let mut layout = row_layout(LAYERS, &SHAPE, DType::F16);
     layout.extent_slots = EXTENT;
     let ranking = ChannelRanking::natural(LAYERS, SHAPE.n_kv_heads, SHAPE.head_dim);
-    let e = SparseKvStore::new(cfg, SHAPE, LAYERS, DType::F16, &ranking, Box::new(HostKvTier::new(layout)), 100).err().unwrap().to_string();
+    let e = SparseKvStore::new(
+        cfg,
+        SHAPE,
+        LAYERS,
+        DType::F16,
+        &ranking,
+        Box::new(HostKvTier::new(layout)),
+        100,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("holds 8 tokens"), "{e}");
 }
 
 #[test]
 fn the_least_attended_tokens_go_first() {
     // Keys of tokens 10..20 point away from every query: those are the ones evicted.
-    let mut cfg = SparseConfig { label_channels: 8, sink: 1, recent: 2, budget: TokenBudget::Tokens(1 << 20), ..SparseConfig::default() };
-    cfg.evict = Some(EvictConfig { batch: 0.0, ..EvictConfig::new(4 * EXTENT * per_slot(&cfg)) });
+    let mut cfg = SparseConfig {
+        label_channels: 8,
+        sink: 1,
+        recent: 2,
+        budget: TokenBudget::Tokens(1 << 20),
+        ..SparseConfig::default()
+    };
+    cfg.evict = Some(EvictConfig {
+        batch: 0.0,
+        ..EvictConfig::new(4 * EXTENT * per_slot(&cfg))
+    });
     let be = CpuBackend::new(1).unwrap();
     let mut s = store(cfg);
     let (qw, kvw, d) = (SHAPE.q_width(), SHAPE.kv_width(), SHAPE.head_dim);
@@ -170,7 +247,15 @@ fn the_least_attended_tokens_go_first() {
         KvStore::<CpuBackend>::reserve(&mut s, &be, 1).unwrap();
         for l in 0..LAYERS {
             s.write(&be, l, &src, 0, qw, qw + kvw, 1).unwrap();
-            let a = CausalAttn { shape: SHAPE, q_row0: 0, q_col0: 0, n_q: 1, n_past: t, out_row0: 0, scale: 0.35 };
+            let a = CausalAttn {
+                shape: SHAPE,
+                q_row0: 0,
+                q_col0: 0,
+                n_q: 1,
+                n_past: t,
+                out_row0: 0,
+                scale: 0.35,
+            };
             let mut out = be.tensor(1, qw).unwrap();
             s.attend(&be, l, &a, &src, &mut out).unwrap();
         }

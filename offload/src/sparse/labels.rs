@@ -32,7 +32,14 @@ impl LabelCache {
             // f16 minimum, f16 scale, then two codes per byte.
             LabelBits::B4 => 4 + r.div_ceil(2),
         };
-        LabelCache { bits, r, kv_heads, stride, tables: vec![Vec::new(); layers * kv_heads], capacity: 0 }
+        LabelCache {
+            bits,
+            r,
+            kv_heads,
+            stride,
+            tables: vec![Vec::new(); layers * kv_heads],
+            capacity: 0,
+        }
     }
 
     /// Channels per label.
@@ -58,9 +65,20 @@ impl LabelCache {
 
     /// Stores the label of `slot` in (`layer`, `head`): `values` holds the `r` channel values.
     pub fn write(&mut self, layer: usize, head: usize, slot: u32, values: &[f32]) {
-        assert_eq!(values.len(), self.r, "label of {} channels, cache has {}", values.len(), self.r);
-        assert!((slot as usize) < self.capacity, "label slot {slot} past capacity {}", self.capacity);
-        let row = &mut self.tables[layer * self.kv_heads + head][slot as usize * self.stride..][..self.stride];
+        assert_eq!(
+            values.len(),
+            self.r,
+            "label of {} channels, cache has {}",
+            values.len(),
+            self.r
+        );
+        assert!(
+            (slot as usize) < self.capacity,
+            "label slot {slot} past capacity {}",
+            self.capacity
+        );
+        let row = &mut self.tables[layer * self.kv_heads + head][slot as usize * self.stride..]
+            [..self.stride];
         match self.bits {
             LabelBits::B16 => {
                 for (c, &v) in values.iter().enumerate() {
@@ -77,7 +95,11 @@ impl LabelCache {
                 row[2..4].copy_from_slice(&scale16.to_le_bytes());
                 row[4..].fill(0);
                 for (c, &v) in values.iter().enumerate() {
-                    let q = if scale > 0.0 { ((v - lo) / scale).round().clamp(0.0, 15.0) as u8 } else { 0 };
+                    let q = if scale > 0.0 {
+                        ((v - lo) / scale).round().clamp(0.0, 15.0) as u8
+                    } else {
+                        0
+                    };
                     row[4 + c / 2] |= q << (4 * (c % 2));
                 }
             }
@@ -86,15 +108,18 @@ impl LabelCache {
 
     /// The stored (dequantised) label of `slot`.
     pub fn read(&self, layer: usize, head: usize, slot: u32) -> Vec<f32> {
-        let row = &self.tables[layer * self.kv_heads + head][slot as usize * self.stride..][..self.stride];
+        let row = &self.tables[layer * self.kv_heads + head][slot as usize * self.stride..]
+            [..self.stride];
         match self.bits {
-            LabelBits::B16 => {
-                (0..self.r).map(|c| f16::from_le_bytes([row[2 * c], row[2 * c + 1]]).to_f32()).collect()
-            }
+            LabelBits::B16 => (0..self.r)
+                .map(|c| f16::from_le_bytes([row[2 * c], row[2 * c + 1]]).to_f32())
+                .collect(),
             LabelBits::B4 => {
                 let lo = f16::from_le_bytes([row[0], row[1]]).to_f32();
                 let scale = f16::from_le_bytes([row[2], row[3]]).to_f32();
-                (0..self.r).map(|c| lo + scale * ((row[4 + c / 2] >> (4 * (c % 2))) & 15) as f32).collect()
+                (0..self.r)
+                    .map(|c| lo + scale * ((row[4 + c / 2] >> (4 * (c % 2))) & 15) as f32)
+                    .collect()
             }
         }
     }

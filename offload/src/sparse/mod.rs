@@ -36,29 +36,55 @@ pub struct ChannelRanking {
 impl ChannelRanking {
     /// Channels in their natural order (for tests and for `r = head_dim`).
     pub fn natural(layers: usize, kv_heads: usize, head_dim: usize) -> ChannelRanking {
-        ChannelRanking { order: vec![vec![(0..head_dim).collect(); kv_heads]; layers] }
+        ChannelRanking {
+            order: vec![vec![(0..head_dim).collect(); kv_heads]; layers],
+        }
     }
 
     /// The first `r` channels of every (layer, KV head), checked against the model's shape.
-    pub fn top(&self, r: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Result<Vec<Vec<Vec<usize>>>> {
+    pub fn top(
+        &self,
+        r: usize,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Vec<Vec<Vec<usize>>>> {
         let bad = |m: String| Err(KernelError::Shape(m));
         if self.order.len() != layers {
-            return bad(format!("channel ranking has {} layers, the model {layers}", self.order.len()));
+            return bad(format!(
+                "channel ranking has {} layers, the model {layers}",
+                self.order.len()
+            ));
         }
         for (l, heads) in self.order.iter().enumerate() {
             if heads.len() != kv_heads {
-                return bad(format!("channel ranking layer {l} has {} KV heads, the model {kv_heads}", heads.len()));
+                return bad(format!(
+                    "channel ranking layer {l} has {} KV heads, the model {kv_heads}",
+                    heads.len()
+                ));
             }
             for ch in heads {
                 let mut seen = vec![false; head_dim];
-                if ch.len() != head_dim || !ch.iter().all(|&c| c < head_dim && !std::mem::replace(&mut seen[c], true)) {
-                    return bad(format!("channel ranking layer {l} is not a permutation of 0..{head_dim}"));
+                if ch.len() != head_dim
+                    || !ch
+                        .iter()
+                        .all(|&c| c < head_dim && !std::mem::replace(&mut seen[c], true))
+                {
+                    return bad(format!(
+                        "channel ranking layer {l} is not a permutation of 0..{head_dim}"
+                    ));
                 }
             }
         }
         if r == 0 || r > head_dim {
-            return bad(format!("--label-channels {r}: must be between 1 and the head dimension {head_dim}"));
+            return bad(format!(
+                "--label-channels {r}: must be between 1 and the head dimension {head_dim}"
+            ));
         }
-        Ok(self.order.iter().map(|heads| heads.iter().map(|ch| ch[..r].to_vec()).collect()).collect())
+        Ok(self
+            .order
+            .iter()
+            .map(|heads| heads.iter().map(|ch| ch[..r].to_vec()).collect())
+            .collect())
     }
 }

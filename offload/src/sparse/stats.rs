@@ -28,7 +28,11 @@ pub struct SparseStats {
 
 impl SparseStats {
     pub fn new(layers: usize) -> SparseStats {
-        SparseStats { recall_hits: vec![0; layers], recall_total: vec![0; layers], ..Default::default() }
+        SparseStats {
+            recall_hits: vec![0; layers],
+            recall_total: vec![0; layers],
+            ..Default::default()
+        }
     }
 
     pub(crate) fn dense(&mut self, rows: usize) {

@@ -61,7 +61,12 @@ pub const EVICTED: u32 = u32::MAX;
 
 /// The row layout a [`SparseKvStore`] of this shape needs from its tier.
 pub fn row_layout(layers: usize, shape: &AttnShape, dtype: DType) -> RowLayout {
-    RowLayout { layers, kv_heads: shape.n_kv_heads, row_bytes: 2 * shape.head_dim * dtype.size(), extent_slots: 1024 }
+    RowLayout {
+        layers,
+        kv_heads: shape.n_kv_heads,
+        row_bytes: 2 * shape.head_dim * dtype.size(),
+        extent_slots: 1024,
+    }
 }
 
 fn invalid(msg: String) -> KernelError {
@@ -88,19 +93,27 @@ impl SparseKvStore {
             )));
         }
         if let Some(&l) = cfg.dense_layers.iter().find(|&&l| l >= layers) {
-            return Err(invalid(format!("--dense-layers: layer {l} does not exist (the model has {layers})")));
+            return Err(invalid(format!(
+                "--dense-layers: layer {l} does not exist (the model has {layers})"
+            )));
         }
         let channels = ranking.top(r, layers, shape.n_kv_heads, shape.head_dim)?;
         let want = row_layout(layers, &shape, dtype);
         let got = *tier.layout();
-        if (got.layers, got.kv_heads, got.row_bytes) != (want.layers, want.kv_heads, want.row_bytes) {
-            return Err(invalid(format!("tier layout {got:?} does not fit rows {want:?}")));
+        if (got.layers, got.kv_heads, got.row_bytes) != (want.layers, want.kv_heads, want.row_bytes)
+        {
+            return Err(invalid(format!(
+                "tier layout {got:?} does not fit rows {want:?}"
+            )));
         }
         let labels = LabelCache::new(layers, shape.n_kv_heads, r, cfg.label_bits);
         let slot_cap = match &cfg.evict {
             None => usize::MAX,
             Some(e) => {
-                let cap = e.slot_cap(got.layers * got.kv_heads * got.row_bytes + labels.bytes_per_token(), got.extent_slots);
+                let cap = e.slot_cap(
+                    got.layers * got.kv_heads * got.row_bytes + labels.bytes_per_token(),
+                    got.extent_slots,
+                );
                 if cap < cfg.sink + cfg.recent + 1 {
                     return Err(invalid(format!(
                         "--host-kv-budget {} bytes holds {cap} tokens; sink {} + recent {} + 1 need more",
@@ -184,7 +197,15 @@ impl SparseKvStore {
 
     /// The positions attention reads for a query seeing `start..end`, in increasing order, and
     /// how many of them were chosen by score.
-    pub(crate) fn select(&self, layer: usize, g: usize, qlab: &[f32], start: usize, end: usize, budget: usize) -> (Vec<usize>, usize) {
+    pub(crate) fn select(
+        &self,
+        layer: usize,
+        g: usize,
+        qlab: &[f32],
+        start: usize,
+        end: usize,
+        budget: usize,
+    ) -> (Vec<usize>, usize) {
         let sink_end = (start + self.cfg.sink).min(end);
         let recent_start = end.saturating_sub(self.cfg.recent).max(sink_end);
         let mut pos = self.live(start..sink_end);
@@ -201,7 +222,11 @@ impl SparseKvStore {
             let mut scores = Vec::new();
             self.labels.score(layer, g, qlab, &slots, &mut scores);
             let mut idx: Vec<u32> = (0..slots.len() as u32).collect();
-            let by_score = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+            let by_score = |a: &u32, b: &u32| {
+                scores[*b as usize]
+                    .total_cmp(&scores[*a as usize])
+                    .then(a.cmp(b))
+            };
             idx.select_nth_unstable_by(k - 1, by_score);
             idx.truncate(k);
             idx.iter().map(|&i| middle[i as usize]).collect()
@@ -231,9 +256,13 @@ impl SparseKvStore {
     ) -> Result<()> {
         let d = self.shape.head_dim;
         let slots: Vec<u32> = positions.iter().map(|&p| self.slot_of[p]).collect();
-        debug_assert!(!slots.contains(&EVICTED), "attention over an evicted position");
+        debug_assert!(
+            !slots.contains(&EVICTED),
+            "attention over an evicted position"
+        );
         let mut rows = vec![E::default(); slots.len() * 2 * d];
-        self.tier.read(layer, g, &slots, bytemuck::cast_slice_mut(&mut rows))?;
+        self.tier
+            .read(layer, g, &slots, bytemuck::cast_slice_mut(&mut rows))?;
         let mut scores = Vec::new();
         let group = self.shape.group();
         // Tallied queries: `tally` is the live tokens seen; a row is important when some head of
@@ -242,12 +271,23 @@ impl SparseKvStore {
             (Some(t), Some(e)) => e.threshold / t.max(1) as f32,
             _ => 0.0,
         };
-        let mut important = tally.filter(|_| self.cfg.evict.is_some()).map(|_| vec![false; positions.len()]);
+        let mut important = tally
+            .filter(|_| self.cfg.evict.is_some())
+            .map(|_| vec![false; positions.len()]);
         for j in 0..group {
             let h = g * group + j;
-            attend_rows(&q[h * d..(h + 1) * d], &rows, d, scale, &mut scores, &mut out[j * d..(j + 1) * d]);
+            attend_rows(
+                &q[h * d..(h + 1) * d],
+                &rows,
+                d,
+                scale,
+                &mut scores,
+                &mut out[j * d..(j + 1) * d],
+            );
             if let (Some(_), Some(imp)) = (tally, important.as_mut()) {
-                imp.iter_mut().zip(&scores).for_each(|(i, &w)| *i |= w >= threshold);
+                imp.iter_mut()
+                    .zip(&scores)
+                    .for_each(|(i, &w)| *i |= w >= threshold);
             }
         }
         if let Some(imp) = important {
@@ -289,12 +329,18 @@ impl SparseKvStore {
                 let (guess, _) = self.select(layer, g, &qhat, start, end, budget);
                 let hits = overlap(&truth, &guess);
                 let fixed = truth.len() - k;
-                self.stats.lock().expect("stats lock").add_recall(layer, hits - fixed, k);
+                self.stats
+                    .lock()
+                    .expect("stats lock")
+                    .add_recall(layer, hits - fixed, k);
                 guess
             }
             _ => truth,
         };
-        self.stats.lock().expect("stats lock").sparse(pos.len(), end - start);
+        self.stats
+            .lock()
+            .expect("stats lock")
+            .sparse(pos.len(), end - start);
         let tally = if tallied {
             // Live tokens the labels did not select are unimportant.
             let visible = self.live(start..end);
@@ -321,8 +367,11 @@ impl SparseKvStore {
     ) -> Result<()> {
         let s = self.shape;
         let (d, group, qw) = (s.head_dim, s.group(), s.q_width());
-        let sparse = !self.cfg.dense_layers.contains(&layer) && (a.n_q == 1 || self.cfg.sparse_prefill);
-        let tasks: Vec<(usize, usize)> = (0..a.n_q).flat_map(|i| (0..s.n_kv_heads).map(move |g| (i, g))).collect();
+        let sparse =
+            !self.cfg.dense_layers.contains(&layer) && (a.n_q == 1 || self.cfg.sparse_prefill);
+        let tasks: Vec<(usize, usize)> = (0..a.n_q)
+            .flat_map(|i| (0..s.n_kv_heads).map(move |g| (i, g)))
+            .collect();
         let task = |&(i, g): &(usize, usize)| -> Result<Vec<f32>> {
             let qrow = &q[i * q_cols + a.q_col0..][..qw];
             let mut o = vec![0.0f32; group * d];
@@ -330,8 +379,11 @@ impl SparseKvStore {
             Ok(o)
         };
         // A decode step's few (query, KV head) tasks are cheaper than waking a thread pool.
-        let results: Vec<Result<Vec<f32>>> =
-            if tasks.len() >= 16 { tasks.par_iter().map(task).collect() } else { tasks.iter().map(task).collect() };
+        let results: Vec<Result<Vec<f32>>> = if tasks.len() >= 16 {
+            tasks.par_iter().map(task).collect()
+        } else {
+            tasks.iter().map(task).collect()
+        };
         for (&(i, g), r) in tasks.iter().zip(results) {
             let o = r?;
             out[i * qw + g * group * d..][..group * d].copy_from_slice(&o);
@@ -355,7 +407,9 @@ impl SparseKvStore {
     /// Evicts committed tokens until `n` more slots fit under the budget's slot cap: at least a
     /// batch, highest unimportance first, never a sink nor one of the last `recent` tokens.
     fn make_room(&mut self, n: usize) -> Result<()> {
-        let Some(e) = &self.cfg.evict else { return Ok(()) };
+        let Some(e) = &self.cfg.evict else {
+            return Ok(());
+        };
         let live = self.pool.in_use();
         if live + n <= self.slot_cap {
             return Ok(());
@@ -375,9 +429,11 @@ impl SparseKvStore {
         }
         let gone = victims(&self.unimp, &mut candidates, batch);
         for &p in &gone {
-            self.pool.free(std::mem::replace(&mut self.slot_of[p], EVICTED));
+            self.pool
+                .free(std::mem::replace(&mut self.slot_of[p], EVICTED));
         }
-        let per_token = self.tier.layout().token_layer_bytes() * self.layers + self.labels.bytes_per_token();
+        let per_token =
+            self.tier.layout().token_layer_bytes() * self.layers + self.labels.bytes_per_token();
         let mut st = self.stats.lock().expect("stats lock");
         st.evictions += 1;
         st.evicted_tokens += gone.len() as u64;
@@ -452,7 +508,10 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
     fn reserve(&mut self, _backend: &B, n: usize) -> Result<()> {
         let need = self.len + n;
         if need > self.max_tokens {
-            return Err(invalid(format!("KV store holds at most {} tokens; {need} requested", self.max_tokens)));
+            return Err(invalid(format!(
+                "KV store holds at most {} tokens; {need} requested",
+                self.max_tokens
+            )));
         }
         self.release_from(self.len);
         self.make_room(n)?;
@@ -479,7 +538,10 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
         n: usize,
     ) -> Result<()> {
         if self.len + n > self.slot_of.len() {
-            return Err(invalid(format!("write of {n} rows after {} without reserve", self.len)));
+            return Err(invalid(format!(
+                "write of {n} rows after {} without reserve",
+                self.len
+            )));
         }
         let cols = backend.tensor_shape(src).1;
         let rows = backend.read_rows(src, src_row0, n)?;
@@ -494,7 +556,11 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
             for h in 0..g {
                 let k = &row[k_col0 + h * d..][..d];
                 encode(self.dtype, k, &mut buf[h * rb..][..d * es]);
-                encode(self.dtype, &row[v_col0 + h * d..][..d], &mut buf[h * rb + d * es..][..d * es]);
+                encode(
+                    self.dtype,
+                    &row[v_col0 + h * d..][..d],
+                    &mut buf[h * rb + d * es..][..d * es],
+                );
                 lab.clear();
                 lab.extend(self.channels[layer][h].iter().map(|&c| k[c]));
                 self.labels.write(layer, h, slot, &lab);
@@ -505,7 +571,10 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
     }
 
     fn commit(&mut self, n: usize) {
-        assert!(self.len + n <= self.slot_of.len(), "commit past the reserved rows");
+        assert!(
+            self.len + n <= self.slot_of.len(),
+            "commit past the reserved rows"
+        );
         self.len += n;
         self.ahead.iter_mut().for_each(|a| *a = None);
         if let Some(e) = &self.cfg.evict {
@@ -518,7 +587,14 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
         self.release_from(self.len);
     }
 
-    fn attend(&self, backend: &B, layer: usize, args: &CausalAttn, q: &B::Tensor, out: &mut B::Tensor) -> Result<()> {
+    fn attend(
+        &self,
+        backend: &B,
+        layer: usize,
+        args: &CausalAttn,
+        q: &B::Tensor,
+        out: &mut B::Tensor,
+    ) -> Result<()> {
         if args.n_past != self.len || args.n_past + args.n_q > self.slot_of.len() {
             return Err(invalid(format!(
                 "attention after {} tokens (+{}), store holds {} (+{} reserved)",
@@ -565,7 +641,10 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
     fn predict(&mut self, layer: usize, q_hat: &[f32], n: usize) -> Result<()> {
         let want = n * self.shape.n_heads * self.cfg.label_channels;
         if q_hat.len() != want || layer >= self.layers {
-            return Err(invalid(format!("layer-ahead prediction of {} values for layer {layer}, want {want}", q_hat.len())));
+            return Err(invalid(format!(
+                "layer-ahead prediction of {} values for layer {layer}, want {want}",
+                q_hat.len()
+            )));
         }
         self.ahead[layer] = Some(q_hat.to_vec());
         Ok(())

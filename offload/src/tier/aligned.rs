@@ -28,7 +28,10 @@ impl AlignedBuf {
     /// large for a `Layout`).
     pub fn zeroed(len: usize) -> Option<AlignedBuf> {
         if len == 0 {
-            return Some(AlignedBuf { ptr: NonNull::dangling(), len: 0 });
+            return Some(AlignedBuf {
+                ptr: NonNull::dangling(),
+                len: 0,
+            });
         }
         let layout = Layout::from_size_align(len, ALIGN).ok()?;
         // SAFETY: `layout` has a non-zero size.

@@ -88,7 +88,9 @@ struct WriteBack {
 
 impl WriteBack {
     fn get(&self, block: u64) -> Option<&[u8]> {
-        self.index.get(&block).map(|&i| &self.slab.as_slice()[i * ALIGN..][..ALIGN])
+        self.index
+            .get(&block)
+            .map(|&i| &self.slab.as_slice()[i * ALIGN..][..ALIGN])
     }
 }
 
@@ -131,7 +133,11 @@ fn io_error(path: &Path, what: String, e: io::Error) -> KernelError {
         Some(libc::EFBIG) => format!("{what}: the file size limit is reached"),
         _ => what,
     };
-    KernelError::Io { path: path.to_path_buf(), what, source: e }
+    KernelError::Io {
+        path: path.to_path_buf(),
+        what,
+        source: e,
+    }
 }
 
 fn alloc(bytes: usize, what: &str) -> Result<AlignedBuf> {
@@ -163,8 +169,9 @@ impl DiskKvTier {
             path.to_path_buf()
         };
         let row_blocks = layout.row_bytes.div_ceil(ALIGN) + 1;
-        let max_blocks =
-            (options.write_back_bytes / ALIGN).max(layout.kv_heads * row_blocks).max(1);
+        let max_blocks = (options.write_back_bytes / ALIGN)
+            .max(layout.kv_heads * row_blocks)
+            .max(1);
         let cache = WriteBack {
             slab: alloc(max_blocks * ALIGN, "KV write-back cache")?,
             blocks: Vec::with_capacity(max_blocks),
@@ -191,7 +198,10 @@ impl DiskKvTier {
             written: Vec::new(),
             cache,
             staging: None,
-            io: Mutex::new(IoState { engine, bounce: AlignedBuf::zeroed(0).expect("empty") }),
+            io: Mutex::new(IoState {
+                engine,
+                bounce: AlignedBuf::zeroed(0).expect("empty"),
+            }),
             read_requests: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
         };
@@ -232,13 +242,20 @@ impl DiskKvTier {
 
     /// How reads and writes are issued.
     pub fn io_kind(&self) -> DiskIo {
-        self.io.lock().unwrap_or_else(|p| p.into_inner()).engine.kind()
+        self.io
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .engine
+            .kind()
     }
 
     /// File read requests and bytes read by [`KvTier::read`] so far (rows served from the
     /// write-back cache are not counted).
     pub fn read_counters(&self) -> (u64, u64) {
-        (self.read_requests.load(Ordering::Relaxed), self.read_bytes.load(Ordering::Relaxed))
+        (
+            self.read_requests.load(Ordering::Relaxed),
+            self.read_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether the file is open with O_DIRECT.
@@ -254,10 +271,16 @@ impl DiskKvTier {
         }
         let staging = match &mut self.staging {
             Some(s) => s,
-            None => self.staging.insert(alloc(cache.max_blocks * ALIGN, "KV flush staging")?),
+            None => self
+                .staging
+                .insert(alloc(cache.max_blocks * ALIGN, "KV flush staging")?),
         };
-        let mut order: Vec<(u64, usize)> =
-            cache.blocks.iter().enumerate().map(|(i, &b)| (b, i)).collect();
+        let mut order: Vec<(u64, usize)> = cache
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| (b, i))
+            .collect();
         order.sort_unstable();
         let (slab, out) = (cache.slab.as_slice(), staging.as_mut_slice());
         for (k, &(_, i)) in order.iter().enumerate() {
@@ -316,7 +339,11 @@ impl DiskKvTier {
             let state = self.io.get_mut().unwrap_or_else(|p| p.into_inner());
             let n = reqs.len();
             state.engine.read(fd, &mut reqs).map_err(|e| {
-                io_error(&self.path, format!("reading {n} KV blocks to update them"), e)
+                io_error(
+                    &self.path,
+                    format!("reading {n} KV blocks to update them"),
+                    e,
+                )
             })?;
         }
         for (i, &block) in blocks.iter().enumerate() {
@@ -371,7 +398,8 @@ impl KvTier for DiskKvTier {
         }
         self.file_len = len;
         self.capacity = capacity;
-        self.written.resize((len / ALIGN as u64).div_ceil(64) as usize, 0);
+        self.written
+            .resize((len / ALIGN as u64).div_ceil(64) as usize, 0);
         Ok(())
     }
 
@@ -426,7 +454,12 @@ impl KvTier for DiskKvTier {
                 match self.cache.get(block) {
                     Some(b) => out[out_at..][..len].copy_from_slice(&b[in_block..][..len]),
                     None if !self.was_written(block) => out[out_at..][..len].fill(0),
-                    None => pieces.push(Piece { out_at, block, in_block, len }),
+                    None => pieces.push(Piece {
+                        out_at,
+                        block,
+                        in_block,
+                        len,
+                    }),
                 }
                 out_at += len;
                 off += len as u64;
@@ -467,10 +500,16 @@ impl KvTier for DiskKvTier {
             rest = tail;
         }
         state.engine.read(self.fd(), &mut reqs).map_err(|e| {
-            io_error(&self.path, format!("reading {} KV rows of layer {layer}", slots.len()), e)
+            io_error(
+                &self.path,
+                format!("reading {} KV rows of layer {layer}", slots.len()),
+                e,
+            )
         })?;
-        self.read_requests.fetch_add(ranges.len() as u64, Ordering::Relaxed);
-        self.read_bytes.fetch_add(bounce_len as u64, Ordering::Relaxed);
+        self.read_requests
+            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+        self.read_bytes
+            .fetch_add(bounce_len as u64, Ordering::Relaxed);
         let bounce = state.bounce.as_slice();
         for p in &pieces {
             let r = ranges.partition_point(|&(first, _, _)| first <= p.block) - 1;
@@ -487,7 +526,11 @@ impl KvTier for DiskKvTier {
 
     fn describe(&self) -> String {
         let buffered = if self.direct { "" } else { ", buffered" };
-        format!("disk:{} ({}{buffered})", self.path.display(), self.io_kind())
+        format!(
+            "disk:{} ({}{buffered})",
+            self.path.display(),
+            self.io_kind()
+        )
     }
 }
 

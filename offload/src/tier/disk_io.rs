@@ -129,7 +129,8 @@ impl Engine {
                 }
                 use rayon::prelude::*;
                 pool.install(|| {
-                    reqs.par_iter_mut().try_for_each(|(off, buf)| pread_full(fd, *off, buf))
+                    reqs.par_iter_mut()
+                        .try_for_each(|(off, buf)| pread_full(fd, *off, buf))
                 })
             }
         }
@@ -172,7 +173,8 @@ impl Engine {
                 }
                 use rayon::prelude::*;
                 pool.install(|| {
-                    reqs.par_iter().try_for_each(|(off, buf)| pwrite_full(fd, *off, buf))
+                    reqs.par_iter()
+                        .try_for_each(|(off, buf)| pwrite_full(fd, *off, buf))
                 })
             }
         }
@@ -190,7 +192,10 @@ enum BatchError {
 
 /// True for `io_uring_enter` errors that mean "try again".
 fn is_transient(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+    )
 }
 
 /// Submits `entries` (their `user_data` is overwritten with their index) in rounds of the ring's
@@ -225,7 +230,9 @@ unsafe fn submit_all(
         {
             let mut sq = ring.submission();
             while next + pushed < entries.len() && !sq.is_full() {
-                let entry = entries[next + pushed].clone().user_data((next + pushed) as u64);
+                let entry = entries[next + pushed]
+                    .clone()
+                    .user_data((next + pushed) as u64);
                 // SAFETY: the caller keeps the buffers alive until this returns, and this
                 // returns only after reaping every entry the kernel took.
                 sq.push(&entry).expect("submission queue has room");
@@ -326,10 +333,20 @@ pub(crate) fn pwrite_full(fd: RawFd, off: u64, buf: &[u8]) -> io::Result<()> {
         let rest = &buf[done..];
         // SAFETY: `rest` is a valid readable buffer of `rest.len()` bytes.
         let n = unsafe {
-            libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), (off + done as u64) as libc::off_t)
+            libc::pwrite(
+                fd,
+                rest.as_ptr().cast(),
+                rest.len(),
+                (off + done as u64) as libc::off_t,
+            )
         };
         match n {
-            0 => return Err(io::Error::new(io::ErrorKind::WriteZero, "pwrite wrote nothing")),
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwrite wrote nothing",
+                ))
+            }
             n if n > 0 => done += n as usize,
             _ => {
                 let e = io::Error::last_os_error();

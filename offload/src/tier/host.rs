@@ -34,7 +34,10 @@ impl HostKvTier {
         if let Err(e) = layout.validate() {
             panic!("HostKvTier::new: {e}");
         }
-        HostKvTier { layout, extents: Vec::new() }
+        HostKvTier {
+            layout,
+            extents: Vec::new(),
+        }
     }
 
     /// Byte offset of row (`slot`, `layer`, `head`) inside its extent, and the extent index.

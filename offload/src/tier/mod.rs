@@ -66,7 +66,9 @@ impl RowLayout {
     /// Fails when a field is zero (a layout no tier can store).
     pub fn validate(&self) -> Result<()> {
         if self.layers == 0 || self.kv_heads == 0 || self.row_bytes == 0 || self.extent_slots == 0 {
-            return Err(KernelError::Shape(format!("RowLayout with a zero field: {self:?}")));
+            return Err(KernelError::Shape(format!(
+                "RowLayout with a zero field: {self:?}"
+            )));
         }
         Ok(())
     }
@@ -186,7 +188,10 @@ pub(crate) fn slot_runs(slots: &[u32], extent_slots: usize) -> impl Iterator<Ite
             end += 1;
         }
         first = end;
-        Some(SlotRun { first: start, len: end - start })
+        Some(SlotRun {
+            first: start,
+            len: end - start,
+        })
     })
 }
 

@@ -33,13 +33,25 @@ fn target_tempdir() -> tempfile::TempDir {
 }
 
 /// Rows straddle blocks (96 bytes) and extents are not block-aligned (28 800 bytes).
-const ODD: RowLayout = RowLayout { layers: 3, kv_heads: 2, row_bytes: 96, extent_slots: 50 };
+const ODD: RowLayout = RowLayout {
+    layers: 3,
+    kv_heads: 2,
+    row_bytes: 96,
+    extent_slots: 50,
+};
 /// Power-of-two rows, block-aligned extents.
-const EVEN: RowLayout = RowLayout { layers: 2, kv_heads: 3, row_bytes: 256, extent_slots: 64 };
+const EVEN: RowLayout = RowLayout {
+    layers: 2,
+    kv_heads: 3,
+    row_bytes: 256,
+    extent_slots: 64,
+};
 
 fn row_pattern(layout: &RowLayout, layer: usize, slot: u32, version: u64) -> Vec<u8> {
     let mut rng = Rng(((layer as u64) << 40) ^ ((slot as u64) << 8) ^ version ^ 0x9e37_79b9);
-    (0..layout.token_layer_bytes()).map(|_| rng.next() as u8).collect()
+    (0..layout.token_layer_bytes())
+        .map(|_| rng.next() as u8)
+        .collect()
 }
 
 /// Random writes, frees with slot reuse, growth and reads, checked on every tier against a
@@ -110,7 +122,11 @@ fn random_ops(tiers: &mut [Box<dyn KvTier>], seed: u64, steps: usize) {
                 for t in tiers.iter() {
                     let mut out = vec![0xAA; slots.len() * row];
                     t.read(layer, head, &slots, &mut out).unwrap();
-                    assert!(out == want, "{} differs: layer {layer} head {head}", t.describe());
+                    assert!(
+                        out == want,
+                        "{} differs: layer {layer} head {head}",
+                        t.describe()
+                    );
                 }
             }
             _ => {}
@@ -120,7 +136,11 @@ fn random_ops(tiers: &mut [Box<dyn KvTier>], seed: u64, steps: usize) {
 
 /// Options with a tiny write-back cache, so that flushes and read-modify-writes happen often.
 fn small_cache(force_pread: bool, buffered: bool) -> DiskOptions {
-    DiskOptions { force_pread, buffered, write_back_bytes: 16 << 10 }
+    DiskOptions {
+        force_pread,
+        buffered,
+        write_back_bytes: 16 << 10,
+    }
 }
 
 fn disk_variants(dir: &Path, layout: RowLayout) -> Vec<Box<dyn KvTier>> {
@@ -234,8 +254,14 @@ fn disk_describe_names_path_and_io() {
     let dir = target_tempdir();
     let tier = DiskKvTier::create(dir.path(), EVEN).unwrap();
     let text = tier.describe();
-    assert!(text.starts_with(&format!("disk:{}", tier.path().display())), "{text}");
-    assert!(text.contains("(io_uring") || text.contains("(pread"), "{text}");
+    assert!(
+        text.starts_with(&format!("disk:{}", tier.path().display())),
+        "{text}"
+    );
+    assert!(
+        text.contains("(io_uring") || text.contains("(pread"),
+        "{text}"
+    );
     assert!(tier.path().starts_with(dir.path()));
 }
 
@@ -295,7 +321,9 @@ fn unwritable_path_error_names_the_path() {
     assert!(err.contains(&path.display().to_string()), "{err}");
     assert!(err.contains("cannot create the KV file"), "{err}");
     // /proc refuses new files even to root.
-    let err = DiskKvTier::create("/proc/farsight-kv.bin", EVEN).unwrap_err().to_string();
+    let err = DiskKvTier::create("/proc/farsight-kv.bin", EVEN)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("/proc/farsight-kv.bin"), "{err}");
 }
 
@@ -305,13 +333,21 @@ fn unwritable_path_error_names_the_path() {
 fn disk_full_is_a_clear_error() {
     let dir = target_tempdir();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "tier::tests::disk_full_child", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "tier::tests::disk_full_child",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("FARSIGHT_DISK_FULL_DIR", dir.path())
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("DISK FULL OK"), "{text}");
+    assert!(
+        out.status.success() && text.contains("DISK FULL OK"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -323,19 +359,26 @@ fn disk_full_child() {
     // SAFETY: plain syscalls; this process runs only this test.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        let limit = libc::rlimit { rlim_cur: 1 << 20, rlim_max: 1 << 20 };
+        let limit = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: 1 << 20,
+        };
         assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
     }
     // 64 slots x 2 layers x 3 heads x 256 B = 96 KiB per extent.
     let mut tier = DiskKvTier::create(&dir, EVEN).unwrap();
     tier.grow(640).unwrap();
     for slot in 0..640 {
-        tier.write(1, slot, &row_pattern(&EVEN, 1, slot, 0)).unwrap();
+        tier.write(1, slot, &row_pattern(&EVEN, 1, slot, 0))
+            .unwrap();
     }
     tier.flush().unwrap();
     let err = tier.grow(64 * 11).unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, farsight_kernels::KernelError::Io { .. }), "{text}");
+    assert!(
+        matches!(err, farsight_kernels::KernelError::Io { .. }),
+        "{text}"
+    );
     assert!(text.contains("file size limit"), "{text}");
     assert!(text.contains(&tier.path().display().to_string()), "{text}");
     // The tier still works at its old size.
@@ -353,14 +396,20 @@ fn spec_parses_host_and_disk() {
         KvStoreSpec::Disk("/mnt/nvme/kv".into())
     );
     assert_eq!(KvStoreSpec::Disk("/a:b".into()).to_string(), "disk:/a:b");
-    assert_eq!("disk:/a:b".parse::<KvStoreSpec>().unwrap(), KvStoreSpec::Disk("/a:b".into()));
+    assert_eq!(
+        "disk:/a:b".parse::<KvStoreSpec>().unwrap(),
+        KvStoreSpec::Disk("/a:b".into())
+    );
 }
 
 #[test]
 fn spec_rejects_unknown_text() {
     for bad in ["", "gpu", "disk", "disk:", "host:x", "Disk:/x"] {
         let err = bad.parse::<KvStoreSpec>().unwrap_err().to_string();
-        assert!(err.contains("expected `host` or `disk:PATH`"), "{bad}: {err}");
+        assert!(
+            err.contains("expected `host` or `disk:PATH`"),
+            "{bad}: {err}"
+        );
     }
 }
 
@@ -371,6 +420,9 @@ fn spec_opens_each_tier() {
     assert_eq!(host.describe(), "host");
     let disk = KvStoreSpec::Disk(dir.path().into()).open(EVEN).unwrap();
     assert!(disk.describe().starts_with("disk:"));
-    let zero = RowLayout { kv_heads: 0, ..EVEN };
+    let zero = RowLayout {
+        kv_heads: 0,
+        ..EVEN
+    };
     assert!(KvStoreSpec::Host.open(zero).is_err());
 }

@@ -148,80 +148,122 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_bf16(ATT
 // One block (ATTN_WARPS warps) per (query row, KV head, key split) serving all `group` query
 // heads of that KV head, so each K/V row is read once per block instead of once per query head.
 // A warp takes 32 keys at a time, one per lane: the lane computes the full dot products of its
-// key with the group's queries (queries in shared memory, K read 16 bytes at a time), the warp
-// updates an online softmax per head, then accumulates V with the lanes splitting the head dim.
-// Needs group <= GQA_MAX_GROUP, head_dim % 32 == 0 and head_dim <= GQA_MAX_D.
+// key with the group's queries (queries in shared memory; the key's row read as 16-byte words,
+// 64 dims' worth issued before any is used), the warp updates an online softmax per head, then
+// accumulates V with each lane owning D/32 consecutive dims (one 4- or 8-byte load per key),
+// eight keys' V loads in flight at a time. Templated on the head dim D (64 or 128) and the
+// largest group G (4 or 8) so every loop unrolls and the accumulators stay in registers; the
+// kernels are named `attention_gqa_<dtype>_d<D>_g<G>`. `sparse_attn_*` (sparse.cu) runs the same
+// block over rows picked by an index.
 #define GQA_MAX_GROUP 8
 #define GQA_MAX_D 128
-#define GQA_T (GQA_MAX_D / 32)
 
-__device__ __forceinline__ void load8(const float* p, float* o) {
-    float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-}
-template <typename T> __device__ __forceinline__ void load8(const T* p, float* o) {
-    uint4 q = *(const uint4*)p;
-    u32 w[4] = {q.x, q.y, q.z, q.w};
-    #pragma unroll
-    for (int t = 0; t < 4; t++) {
-        T lo, hi;
-        lo.x = (u16)(w[t] & 0xffffu);
-        hi.x = (u16)(w[t] >> 16);
-        o[2 * t] = to_f32(lo);
-        o[2 * t + 1] = to_f32(hi);
+// Eight (16-bit T) or four (f32) values of one 16-byte word as floats.
+template <typename T> __device__ __forceinline__ void unpack_u4(uint4 w, float* o) {
+    if constexpr (sizeof(T) == 4) {
+        o[0] = __uint_as_float(w.x); o[1] = __uint_as_float(w.y);
+        o[2] = __uint_as_float(w.z); o[3] = __uint_as_float(w.w);
+    } else {
+        u32 a[4] = {w.x, w.y, w.z, w.w};
+        #pragma unroll
+        for (int t = 0; t < 4; t++) {
+            T lo, hi;
+            lo.x = (u16)(a[t] & 0xffffu);
+            hi.x = (u16)(a[t] >> 16);
+            o[2 * t] = to_f32(lo);
+            o[2 * t + 1] = to_f32(hi);
+        }
     }
 }
 
-template <typename T>
-__device__ void attention_gqa(const float* q, int q_cols, int q_row0, int q_col0, const T* k,
-                              const T* v, int kv_cols, float* out, int out_cols, int out_row0,
-                              int n_past, int n_heads, int group, int head_dim, int window,
-                              float scale, int n_split, int chunk, float* part) {
-    int i = blockIdx.x, g = blockIdx.y, split = blockIdx.z;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int end = n_past + i + 1;
-    int start = (window > 0 && end > window) ? end - window : 0;
-    int kb = start + split * chunk;
-    int ke = min(end, kb + chunk);
-    int nt = head_dim >> 5;
+// N consecutive values (N = 1, 2 or 4; aligned to N elements) as floats, in one load.
+template <int N, typename T> __device__ __forceinline__ void load_n(const T* p, float* o) {
+    if constexpr (sizeof(T) == 4) {
+        if constexpr (N == 4) { float4 a = *(const float4*)p; o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; }
+        else if constexpr (N == 2) { float2 a = *(const float2*)p; o[0] = a.x; o[1] = a.y; }
+        else { o[0] = to_f32(p[0]); }
+    } else {
+        if constexpr (N == 4) {
+            uint2 w = *(const uint2*)p;
+            uint4 q = make_uint4(w.x, w.y, 0u, 0u);
+            float f[8];
+            unpack_u4<T>(q, f);
+            o[0] = f[0]; o[1] = f[1]; o[2] = f[2]; o[3] = f[3];
+        } else if constexpr (N == 2) {
+            u32 w = *(const u32*)p;
+            T lo, hi;
+            lo.x = (u16)(w & 0xffffu);
+            hi.x = (u16)(w >> 16);
+            o[0] = to_f32(lo);
+            o[1] = to_f32(hi);
+        } else {
+            o[0] = to_f32(p[0]);
+        }
+    }
+}
 
-    __shared__ float qs[GQA_MAX_GROUP * GQA_MAX_D];
-    const float* qp = q + (size_t)(q_row0 + i) * q_cols + q_col0 + (size_t)g * group * head_dim;
-    for (int x = threadIdx.x; x < group * head_dim; x += blockDim.x) qs[x] = qp[x];
+// The block's work: the `group` queries at qp (group x D floats) over rows kb..ke of one KV
+// head (row j at kh/vh + (ix ? ix[j] : j) * stride elements). With n_split == 1 writes query r's
+// normalised output to out[r * D ..]; else its partial (acc[D], max, sum) to
+// part[(r * n_split + split) * (D + 2) ..] for attention_combine.
+template <typename T, int D, int G>
+__device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T* vh,
+                                          const int* ix, long stride, int kb, int ke, int group,
+                                          float scale, int n_split, int split, float* out,
+                                          float* part) {
+    constexpr int NT = D / 32;            // V dims per lane
+    constexpr int VPU = 16 / sizeof(T);   // values per 16-byte word
+    constexpr int U = 64 / VPU;           // words per 64 dims
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+    __shared__ __align__(16) float qs[G * D];
+    for (int x = threadIdx.x; x < group * D; x += blockDim.x) qs[x] = qp[x];
     __syncthreads();
 
-    float m[GQA_MAX_GROUP], l[GQA_MAX_GROUP], acc[GQA_MAX_GROUP][GQA_T];
+    float m[G], l[G], acc[G][NT];
     #pragma unroll
-    for (int r = 0; r < GQA_MAX_GROUP; r++) {
+    for (int r = 0; r < G; r++) {
         m[r] = NEG_INF;
         l[r] = 0.0f;
         #pragma unroll
-        for (int t = 0; t < GQA_T; t++) acc[r][t] = 0.0f;
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
     }
     for (int j0 = kb + warp * 32; j0 < ke; j0 += ATTN_WARPS * 32) {
         int j = j0 + lane;
         bool valid = j < ke;
-        float s[GQA_MAX_GROUP];
+        // Lanes past the end read the warp's first row (valid memory) and get weight 0.
+        int jr = valid ? j : j0;
+        long row = ix ? (long)ix[jr] : (long)jr;
+        float s[G];
         #pragma unroll
-        for (int r = 0; r < GQA_MAX_GROUP; r++) s[r] = 0.0f;
-        if (valid) {
-            const T* kr = k + (size_t)j * kv_cols + (size_t)g * head_dim;
-            for (int d = 0; d < head_dim; d += 8) {
-                float kf[8];
-                load8(kr + d, kf);
+        for (int r = 0; r < G; r++) s[r] = 0.0f;
+        const uint4* kr = (const uint4*)(kh + row * stride);
+        #pragma unroll
+        for (int c = 0; c < D / 64; c++) {
+            uint4 raw[U];
+            #pragma unroll
+            for (int u = 0; u < U; u++) raw[u] = kr[c * U + u];
+            #pragma unroll
+            for (int u = 0; u < U; u++) {
+                float kf[VPU];
+                unpack_u4<T>(raw[u], kf);
+                int d = c * 64 + u * VPU;
                 #pragma unroll
-                for (int r = 0; r < GQA_MAX_GROUP; r++) {
+                for (int r = 0; r < G; r++) {
                     if (r < group) {
-                        const float* qr = qs + r * head_dim + d;
-                        s[r] += qr[0] * kf[0] + qr[1] * kf[1] + qr[2] * kf[2] + qr[3] * kf[3] +
-                                qr[4] * kf[4] + qr[5] * kf[5] + qr[6] * kf[6] + qr[7] * kf[7];
+                        const float* qr = qs + r * D + d;
+                        float a = 0.0f;
+                        #pragma unroll
+                        for (int e = 0; e < VPU; e++) a += qr[e] * kf[e];
+                        s[r] += a;
                     }
                 }
             }
         }
-        float p[GQA_MAX_GROUP];
+        float p[G];
         #pragma unroll
-        for (int r = 0; r < GQA_MAX_GROUP; r++) {
+        for (int r = 0; r < G; r++) {
+            p[r] = 0.0f;
             if (r < group) {
                 float sc = valid ? s[r] * scale : NEG_INF;
                 float m_new = fmaxf(m[r], warp_max(sc));  // finite: lane 0's key is valid
@@ -229,43 +271,51 @@ __device__ void attention_gqa(const float* q, int q_cols, int q_row0, int q_col0
                 p[r] = valid ? expf(sc - m_new) : 0.0f;
                 l[r] = l[r] * corr + p[r];  // per-lane partial sums, reduced at the end
                 #pragma unroll
-                for (int t = 0; t < GQA_T; t++) acc[r][t] *= corr;
+                for (int t = 0; t < NT; t++) acc[r][t] *= corr;
                 m[r] = m_new;
             }
         }
         int nk = min(32, ke - j0);
-        for (int jj = 0; jj < nk; jj++) {
-            const T* vr = v + (size_t)(j0 + jj) * kv_cols + (size_t)g * head_dim;
-            float vf[GQA_T];
-            #pragma unroll
-            for (int t = 0; t < GQA_T; t++) vf[t] = t < nt ? to_f32(vr[lane + 32 * t]) : 0.0f;
-            #pragma unroll
-            for (int r = 0; r < GQA_MAX_GROUP; r++) {
-                if (r < group) {
-                    float pj = __shfl_sync(0xffffffffu, p[r], jj);
+        const T* vb = vh + lane * NT;
+        #pragma unroll
+        for (int jj0 = 0; jj0 < 32; jj0 += 8) {
+            if (jj0 < nk) {
+                float vf[8][NT];
+                #pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    long rj = __shfl_sync(0xffffffffu, row, jj0 + u);
+                    load_n<NT>(vb + rj * stride, vf[u]);
+                }
+                #pragma unroll
+                for (int u = 0; u < 8; u++) {
                     #pragma unroll
-                    for (int t = 0; t < GQA_T; t++) acc[r][t] += pj * vf[t];
+                    for (int r = 0; r < G; r++) {
+                        if (r < group) {
+                            float pj = __shfl_sync(0xffffffffu, p[r], jj0 + u);
+                            #pragma unroll
+                            for (int t = 0; t < NT; t++) acc[r][t] += pj * vf[u][t];
+                        }
+                    }
                 }
             }
         }
     }
 
     // Merge the warps through shared memory.
-    __shared__ float sm_m[ATTN_WARPS][GQA_MAX_GROUP], sm_l[ATTN_WARPS][GQA_MAX_GROUP];
-    __shared__ float sm_acc[ATTN_WARPS][GQA_MAX_GROUP][GQA_MAX_D];
+    __shared__ float sm_m[ATTN_WARPS][G], sm_l[ATTN_WARPS][G];
+    __shared__ float sm_acc[ATTN_WARPS][G][D];
     #pragma unroll
-    for (int r = 0; r < GQA_MAX_GROUP; r++) {
+    for (int r = 0; r < G; r++) {
         if (r < group) {
             float lr = warp_sum(l[r]);
             if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = lr; }
             #pragma unroll
-            for (int t = 0; t < GQA_T; t++)
-                if (t < nt) sm_acc[warp][r][lane + 32 * t] = acc[r][t];
+            for (int t = 0; t < NT; t++) sm_acc[warp][r][lane * NT + t] = acc[r][t];
         }
     }
     __syncthreads();
-    for (int x = threadIdx.x; x < group * head_dim; x += blockDim.x) {
-        int r = x / head_dim, d = x - r * head_dim;
+    for (int x = threadIdx.x; x < group * D; x += blockDim.x) {
+        int r = x / D, d = x - r * D;
         float mm = NEG_INF;
         #pragma unroll
         for (int w = 0; w < ATTN_WARPS; w++) mm = fmaxf(mm, sm_m[w][r]);
@@ -276,20 +326,48 @@ __device__ void attention_gqa(const float* q, int q_cols, int q_row0, int q_col0
             lt += sm_l[w][r] * f;
             o += sm_acc[w][r][d] * f;
         }
-        int h = g * group + r;
         if (n_split > 1) {
-            float* pp = part + ((size_t)(i * n_heads + h) * n_split + split) * (head_dim + 2);
+            float* pp = part + ((long)r * n_split + split) * (D + 2);
             pp[d] = o;
-            if (d == 0) { pp[head_dim] = mm; pp[head_dim + 1] = lt; }
+            if (d == 0) { pp[D] = mm; pp[D + 1] = lt; }
         } else {
-            out[(size_t)(out_row0 + i) * out_cols + (size_t)h * head_dim + d] = o / lt;
+            out[(long)r * D + d] = o / lt;
         }
     }
 }
 
-#define GQA_CALL                                                                             \
-    attention_gqa(q, q_cols, q_row0, q_col0, k, v, kv_cols, out, out_cols, out_row0, n_past, \
-                  n_heads, group, head_dim, window, scale, n_split, chunk, part)
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_gqa_f32(ATTN_ARGS(float)) { GQA_CALL; }
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_gqa_f16(ATTN_ARGS(f16_t)) { GQA_CALL; }
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_gqa_bf16(ATTN_ARGS(bf16_t)) { GQA_CALL; }
+template <typename T, int D, int G>
+__device__ void attention_gqa(const float* q, int q_cols, int q_row0, int q_col0, const T* k,
+                              const T* v, int kv_cols, float* out, int out_cols, int out_row0,
+                              int n_past, int n_heads, int group, int head_dim, int window,
+                              float scale, int n_split, int chunk, float* part) {
+    int i = blockIdx.x, g = blockIdx.y, split = blockIdx.z;
+    int end = n_past + i + 1;
+    int start = (window > 0 && end > window) ? end - window : 0;
+    int kb = start + split * chunk;
+    int ke = min(end, kb + chunk);
+    const float* qp = q + (size_t)(q_row0 + i) * q_cols + q_col0 + (size_t)g * group * D;
+    float* op = out + (size_t)(out_row0 + i) * out_cols + (size_t)g * group * D;
+    float* pp = part + (size_t)(i * n_heads + g * group) * n_split * (D + 2);
+    gqa_block<T, D, G>(qp, k + (size_t)g * D, v + (size_t)g * D, nullptr, kv_cols, kb, ke, group,
+                       scale, n_split, split, op, pp);
+}
+
+#define GQA_KERNEL(NAME, T, D, G)                                                            \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) NAME(ATTN_ARGS(T)) {      \
+        attention_gqa<T, D, G>(q, q_cols, q_row0, q_col0, k, v, kv_cols, out, out_cols,     \
+                               out_row0, n_past, n_heads, group, head_dim, window, scale,   \
+                               n_split, chunk, part);                                       \
+    }
+GQA_KERNEL(attention_gqa_f32_d64_g4, float, 64, 4)
+GQA_KERNEL(attention_gqa_f32_d64_g8, float, 64, 8)
+GQA_KERNEL(attention_gqa_f32_d128_g4, float, 128, 4)
+GQA_KERNEL(attention_gqa_f32_d128_g8, float, 128, 8)
+GQA_KERNEL(attention_gqa_f16_d64_g4, f16_t, 64, 4)
+GQA_KERNEL(attention_gqa_f16_d64_g8, f16_t, 64, 8)
+GQA_KERNEL(attention_gqa_f16_d128_g4, f16_t, 128, 4)
+GQA_KERNEL(attention_gqa_f16_d128_g8, f16_t, 128, 8)
+GQA_KERNEL(attention_gqa_bf16_d64_g4, bf16_t, 64, 4)
+GQA_KERNEL(attention_gqa_bf16_d64_g8, bf16_t, 64, 8)
+GQA_KERNEL(attention_gqa_bf16_d128_g4, bf16_t, 128, 4)
+GQA_KERNEL(attention_gqa_bf16_d128_g8, bf16_t, 128, 8)

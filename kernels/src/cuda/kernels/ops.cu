@@ -215,11 +215,27 @@ __device__ void gemv(const float* x, const T* w, float* out, int n, int k, int n
         }
     }
 }
-// One activation row (batch-1 decode), k a multiple of 8: each lane keeps GEMV1_LOADS 16-byte
-// weight loads in flight (streaming, not kept in L1) before using them, so that enough bytes are
-// outstanding to cover HBM latency with one warp per output.
-#define GEMV1_LOADS 4
+// x[0..8] . the 8 16-bit weights of one 16-byte word, in the order of the CPU backend's sum.
 template <typename T>
+__device__ __forceinline__ float dot8(uint4 q, float4 a, float4 b) {
+    u32 words[4] = {q.x, q.y, q.z, q.w};
+    float wf[8];
+    #pragma unroll
+    for (int t = 0; t < 4; t++) {
+        T lo, hi;
+        lo.x = (u16)(words[t] & 0xffffu);
+        hi.x = (u16)(words[t] >> 16);
+        wf[2 * t] = to_f32(lo);
+        wf[2 * t + 1] = to_f32(hi);
+    }
+    return a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] +
+           b.z * wf[6] + b.w * wf[7];
+}
+
+// One activation row (batch-1 decode), k a multiple of 8: each lane keeps L 16-byte weight loads
+// in flight (streaming, not kept in L1) before using them, so that enough bytes are outstanding
+// to cover HBM latency with one warp per output. Kernels: gemv1_* (L = 8), gemv1l4_* (L = 4).
+template <typename T, int L>
 __device__ void gemv1(const float* x, const T* w, float* out, int k, int nout) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (warp >= nout) return;
@@ -228,48 +244,23 @@ __device__ void gemv1(const float* x, const T* w, float* out, int k, int nout) {
     int nv = k >> 3;
     float acc = 0.0f;
     int v = lane;
-    for (; v + 32 * (GEMV1_LOADS - 1) < nv; v += 32 * GEMV1_LOADS) {
-        uint4 q[GEMV1_LOADS];
+    for (; v + 32 * (L - 1) < nv; v += 32 * L) {
+        uint4 q[L];
         #pragma unroll
-        for (int u = 0; u < GEMV1_LOADS; u++) q[u] = __ldcs(wv + v + 32 * u);
+        for (int u = 0; u < L; u++) q[u] = __ldcs(wv + v + 32 * u);
         #pragma unroll
-        for (int u = 0; u < GEMV1_LOADS; u++) {
+        for (int u = 0; u < L; u++) {
             int c = v + 32 * u;
-            float4 a = __ldg(xv + 2 * c), b = __ldg(xv + 2 * c + 1);
-            u32 words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
-            float wf[8];
-            #pragma unroll
-            for (int t = 0; t < 4; t++) {
-                T lo, hi;
-                lo.x = (u16)(words[t] & 0xffffu);
-                hi.x = (u16)(words[t] >> 16);
-                wf[2 * t] = to_f32(lo);
-                wf[2 * t + 1] = to_f32(hi);
-            }
-            acc += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] +
-                   b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+            acc += dot8<T>(q[u], __ldg(xv + 2 * c), __ldg(xv + 2 * c + 1));
         }
     }
-    for (; v < nv; v += 32) {
-        uint4 q = __ldcs(wv + v);
-        float4 a = __ldg(xv + 2 * v), b = __ldg(xv + 2 * v + 1);
-        u32 words[4] = {q.x, q.y, q.z, q.w};
-        float wf[8];
-        #pragma unroll
-        for (int t = 0; t < 4; t++) {
-            T lo, hi;
-            lo.x = (u16)(words[t] & 0xffffu);
-            hi.x = (u16)(words[t] >> 16);
-            wf[2 * t] = to_f32(lo);
-            wf[2 * t + 1] = to_f32(hi);
-        }
-        acc += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] +
-               b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
-    }
+    for (; v < nv; v += 32) acc += dot8<T>(__ldcs(wv + v), __ldg(xv + 2 * v), __ldg(xv + 2 * v + 1));
     acc = warp_sum(acc);
     if (lane == 0) out[warp] = acc;
 }
-extern "C" __global__ void gemv1_f16(const float* x, const f16_t* w, float* o, int k, int m) { gemv1(x, w, o, k, m); }
-extern "C" __global__ void gemv1_bf16(const float* x, const bf16_t* w, float* o, int k, int m) { gemv1(x, w, o, k, m); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv1_f16(const float* x, const f16_t* w, float* o, int k, int m) { gemv1<f16_t, 8>(x, w, o, k, m); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv1_bf16(const float* x, const bf16_t* w, float* o, int k, int m) { gemv1<bf16_t, 8>(x, w, o, k, m); }
+extern "C" __global__ void gemv1l4_f16(const float* x, const f16_t* w, float* o, int k, int m) { gemv1<f16_t, 4>(x, w, o, k, m); }
+extern "C" __global__ void gemv1l4_bf16(const float* x, const bf16_t* w, float* o, int k, int m) { gemv1<bf16_t, 4>(x, w, o, k, m); }
 extern "C" __global__ void gemv_f16(const float* x, const f16_t* w, float* o, int n, int k, int m) { gemv(x, w, o, n, k, m); }
 extern "C" __global__ void gemv_bf16(const float* x, const bf16_t* w, float* o, int n, int k, int m) { gemv(x, w, o, n, k, m); }

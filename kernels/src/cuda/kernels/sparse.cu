@@ -1,7 +1,7 @@
 // Double Sparsity decode kernels (ALGORITHMS.md section 1): label scoring, exact top-k, sparse
 // attention over rows chosen by index, and a row gather that reads device or pinned host memory
 // (UVA zero-copy). Compiled together with ops.cu and attention.cu (to_f32, warp_sum, warp_max,
-// load8, NEG_INF, ATTN_WARPS, GQA_*).
+// unpack_u4, gqa_block, NEG_INF, ATTN_WARPS, GQA_*).
 //
 // Pointers to KV rows are passed as raw 64-bit addresses, so one kernel reads a device cache or a
 // pinned host buffer (cuMemHostAlloc PORTABLE|DEVICEMAP, where the host pointer is the device
@@ -57,7 +57,7 @@ extern "C" __global__ void ds_label_scores(const float* q, const int* chan, int 
     if ((r & 7) == 0) {
         for (int c = 0; c < r; c += 8) {
             float lf[8];
-            load8(lab + c, lf);
+            unpack_u4<f16_t>(*(const uint4*)(lab + c), lf);
             #pragma unroll
             for (int e = 0; e < 8; e++) s += qs[c + e] * lf[e];
         }
@@ -252,132 +252,38 @@ extern "C" __global__ void ds_fixed_rows(int* out, long stride, int n_sink, int 
 // One decode query, GQA: one block (ATTN_WARPS warps) per (KV head g, split) serving the group's
 // query heads over rows idx[g*idx_stride + j], j in the split's range of [0, n_sel) (idx null:
 // row j). Row t of head g: K at k + t*tok_stride + g*head_stride, V likewise from v (elements).
-// Same arithmetic as attention_gqa; partials for attention_combine when n_split > 1.
-template <typename T>
+// The GQA key-per-lane block of attention.cu (gqa_block) over the selected rows of KV head
+// blockIdx.x, split blockIdx.y; partials for attention_combine when n_split > 1.
+template <typename T, int D, int G>
 __device__ void sparse_attn(const float* q, const T* k, const T* v, long tok_stride,
                             long head_stride, const int* idx, long idx_stride, int n_sel,
-                            float* out, int n_heads, int group, int head_dim, float scale,
-                            int n_split, int chunk, float* part) {
+                            float* out, int group, float scale, int n_split, int chunk,
+                            float* part) {
     int g = blockIdx.x, split = blockIdx.y;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int kb = split * chunk;
     int ke = min(n_sel, kb + chunk);
-    int nt = head_dim >> 5;
-    const int* ix = idx ? idx + (long)g * idx_stride : nullptr;
-    const T* kh = k + (long)g * head_stride;
-    const T* vh = v + (long)g * head_stride;
-
-    __shared__ float qs[GQA_MAX_GROUP * GQA_MAX_D];
-    const float* qp = q + (long)g * group * head_dim;
-    for (int x = threadIdx.x; x < group * head_dim; x += blockDim.x) qs[x] = qp[x];
-    __syncthreads();
-
-    float m[GQA_MAX_GROUP], l[GQA_MAX_GROUP], acc[GQA_MAX_GROUP][GQA_T];
-    #pragma unroll
-    for (int r = 0; r < GQA_MAX_GROUP; r++) {
-        m[r] = NEG_INF;
-        l[r] = 0.0f;
-        #pragma unroll
-        for (int t = 0; t < GQA_T; t++) acc[r][t] = 0.0f;
-    }
-    for (int j0 = kb + warp * 32; j0 < ke; j0 += ATTN_WARPS * 32) {
-        int j = j0 + lane;
-        bool valid = j < ke;
-        long row = valid ? (ix ? (long)ix[j] : (long)j) : 0;
-        float s[GQA_MAX_GROUP];
-        #pragma unroll
-        for (int r = 0; r < GQA_MAX_GROUP; r++) s[r] = 0.0f;
-        if (valid) {
-            const T* kr = kh + row * tok_stride;
-            for (int d = 0; d < head_dim; d += 8) {
-                float kf[8];
-                load8(kr + d, kf);
-                #pragma unroll
-                for (int r = 0; r < GQA_MAX_GROUP; r++) {
-                    if (r < group) {
-                        const float* qr = qs + r * head_dim + d;
-                        s[r] += qr[0] * kf[0] + qr[1] * kf[1] + qr[2] * kf[2] + qr[3] * kf[3] +
-                                qr[4] * kf[4] + qr[5] * kf[5] + qr[6] * kf[6] + qr[7] * kf[7];
-                    }
-                }
-            }
-        }
-        float p[GQA_MAX_GROUP];
-        #pragma unroll
-        for (int r = 0; r < GQA_MAX_GROUP; r++) {
-            if (r < group) {
-                float sc = valid ? s[r] * scale : NEG_INF;
-                float m_new = fmaxf(m[r], warp_max(sc));
-                float corr = expf(m[r] - m_new);
-                p[r] = valid ? expf(sc - m_new) : 0.0f;
-                l[r] = l[r] * corr + p[r];
-                #pragma unroll
-                for (int t = 0; t < GQA_T; t++) acc[r][t] *= corr;
-                m[r] = m_new;
-            }
-        }
-        int nk = min(32, ke - j0);
-        for (int jj = 0; jj < nk; jj++) {
-            long rj = __shfl_sync(0xffffffffu, row, jj);
-            const T* vr = vh + rj * tok_stride;
-            float vf[GQA_T];
-            #pragma unroll
-            for (int t = 0; t < GQA_T; t++) vf[t] = t < nt ? to_f32(vr[lane + 32 * t]) : 0.0f;
-            #pragma unroll
-            for (int r = 0; r < GQA_MAX_GROUP; r++) {
-                if (r < group) {
-                    float pj = __shfl_sync(0xffffffffu, p[r], jj);
-                    #pragma unroll
-                    for (int t = 0; t < GQA_T; t++) acc[r][t] += pj * vf[t];
-                }
-            }
-        }
-    }
-
-    __shared__ float sm_m[ATTN_WARPS][GQA_MAX_GROUP], sm_l[ATTN_WARPS][GQA_MAX_GROUP];
-    __shared__ float sm_acc[ATTN_WARPS][GQA_MAX_GROUP][GQA_MAX_D];
-    #pragma unroll
-    for (int r = 0; r < GQA_MAX_GROUP; r++) {
-        if (r < group) {
-            float lr = warp_sum(l[r]);
-            if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = lr; }
-            #pragma unroll
-            for (int t = 0; t < GQA_T; t++)
-                if (t < nt) sm_acc[warp][r][lane + 32 * t] = acc[r][t];
-        }
-    }
-    __syncthreads();
-    for (int x = threadIdx.x; x < group * head_dim; x += blockDim.x) {
-        int r = x / head_dim, d = x - r * head_dim;
-        float mm = NEG_INF;
-        #pragma unroll
-        for (int w = 0; w < ATTN_WARPS; w++) mm = fmaxf(mm, sm_m[w][r]);
-        float lt = 0.0f, o = 0.0f;
-        #pragma unroll
-        for (int w = 0; w < ATTN_WARPS; w++) {
-            float f = sm_l[w][r] > 0.0f ? expf(sm_m[w][r] - mm) : 0.0f;
-            lt += sm_l[w][r] * f;
-            o += sm_acc[w][r][d] * f;
-        }
-        int h = g * group + r;
-        if (n_split > 1) {
-            float* pp = part + ((long)h * n_split + split) * (head_dim + 2);
-            pp[d] = o;
-            if (d == 0) { pp[head_dim] = mm; pp[head_dim + 1] = lt; }
-        } else {
-            out[(long)h * head_dim + d] = o / lt;
-        }
-    }
+    gqa_block<T, D, G>(q + (long)g * group * D, k + (long)g * head_stride,
+                       v + (long)g * head_stride, idx ? idx + (long)g * idx_stride : nullptr,
+                       tok_stride, kb, ke, group, scale, n_split, split,
+                       out + (long)g * group * D, part + (long)g * group * n_split * (D + 2));
 }
 #define SPARSE_ARGS                                                                            \
     const float *q, u64 k, u64 v, long tok_stride, long head_stride, const int *idx,          \
         long idx_stride, int n_sel, float *out, int n_heads, int group, int head_dim,          \
         float scale, int n_split, int chunk, float *part
-#define SPARSE_CALL(T)                                                                         \
-    sparse_attn(q, (const T*)k, (const T*)v, tok_stride, head_stride, idx, idx_stride, n_sel, \
-                out, n_heads, group, head_dim, scale, n_split, chunk, part)
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sparse_attn_f16(SPARSE_ARGS) { SPARSE_CALL(f16_t); }
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sparse_attn_bf16(SPARSE_ARGS) { SPARSE_CALL(bf16_t); }
+#define SPARSE_KERNEL(NAME, T, D, G)                                                           \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) NAME(SPARSE_ARGS) {         \
+        sparse_attn<T, D, G>(q, (const T*)k, (const T*)v, tok_stride, head_stride, idx,       \
+                             idx_stride, n_sel, out, group, scale, n_split, chunk, part);     \
+    }
+SPARSE_KERNEL(sparse_attn_f16_d64_g4, f16_t, 64, 4)
+SPARSE_KERNEL(sparse_attn_f16_d64_g8, f16_t, 64, 8)
+SPARSE_KERNEL(sparse_attn_f16_d128_g4, f16_t, 128, 4)
+SPARSE_KERNEL(sparse_attn_f16_d128_g8, f16_t, 128, 8)
+SPARSE_KERNEL(sparse_attn_bf16_d64_g4, bf16_t, 64, 4)
+SPARSE_KERNEL(sparse_attn_bf16_d64_g8, bf16_t, 64, 8)
+SPARSE_KERNEL(sparse_attn_bf16_d128_g4, bf16_t, 128, 4)
+SPARSE_KERNEL(sparse_attn_bf16_d128_g8, bf16_t, 128, 8)
 
 // ---- row gather -----------------------------------------------------------------------------
 // dst row (g, j) (row_bytes, contiguous, g-major) = src + idx[g*idx_stride + j]*tok_stride +
