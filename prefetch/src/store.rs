@@ -206,7 +206,11 @@ impl OffloadKvStore {
                 topk: b.ds_topk_scratch(n_kv, cap)?,
             })
         };
-        let prefetch = be.sibling()?;
+        // The compute stream waits on the prefetch chain (scores, top-k, residency, gather) of
+        // the next layer, so its stream gets the higher priority (`FARSIGHT_PREFETCH_PRIORITY=
+        // normal` for comparisons).
+        let high = std::env::var("FARSIGHT_PREFETCH_PRIORITY").map_or(true, |v| v != "normal");
+        let prefetch = be.sibling_with_priority(high)?;
         let st = State {
             res: (0..layers)
                 .map(|_| be.ds_residency_state(n_kv, cache_rows))
@@ -463,6 +467,7 @@ impl OffloadKvStore {
             res.n_miss = be.dev_upload(&vec![toks.len() as i32; n_kv])?;
             res.k = toks.len();
             be.ds_gather_misses(
+                self.cfg.home == RowHome::Host,
                 lay.slab_ptr,
                 n_kv * 2 * d * es,
                 2 * d * es,
@@ -536,6 +541,7 @@ impl OffloadKvStore {
         let es = self.cfg.dtype.size();
         let rb = self.row_bytes();
         be.ds_gather_misses(
+            self.cfg.home == RowHome::Host,
             lay.slab_ptr,
             n_kv * 2 * d * es,
             2 * d * es,
@@ -744,6 +750,7 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             res.k = toks.len();
             for lay in &self.layers {
                 be.ds_gather_misses(
+                    self.cfg.home == RowHome::Host,
                     lay.slab_ptr,
                     n_kv * 2 * d * es,
                     2 * d * es,

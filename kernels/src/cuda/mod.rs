@@ -82,8 +82,6 @@ const KERNELS: &[&str] = &[
     "ds_label_scores",
     "ds_topk_init",
     "ds_topk_hist",
-    "ds_topk_pick",
-    "ds_topk_count",
     "ds_topk_write",
     "ds_fixed_rows",
     "sparse_attn_f16_d64_g4",

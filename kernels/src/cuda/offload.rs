@@ -51,10 +51,27 @@ impl CudaBackend {
     /// A backend on a new stream of the same context: pointers, kernels and events are shared,
     /// work on the two streams runs concurrently unless ordered by [`StreamEvent`]s.
     pub fn sibling(&self) -> Result<CudaBackend> {
-        let stream = self
-            .stream
-            .fork()
-            .map_err(|e| dev_err("creating a stream", e))?;
+        self.sibling_with_priority(false)
+    }
+
+    /// [`Self::sibling`]; with `high`, its stream has the device's greatest priority: the block
+    /// scheduler starts its kernels' blocks before pending blocks of normal-priority streams (for
+    /// short, latency-critical work such as the prefetch chain that the compute stream waits on).
+    pub fn sibling_with_priority(&self, high: bool) -> Result<CudaBackend> {
+        let stream = if high {
+            let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
+                .map_err(|e| dev_err("stream priorities", e))?;
+            let s = self
+                .ctx
+                .new_stream_with_priority(greatest)
+                .map_err(|e| dev_err("creating a stream", e))?;
+            s.join(&self.stream).map_err(|e| dev_err("ordering a new stream", e))?;
+            s
+        } else {
+            self.stream
+                .fork()
+                .map_err(|e| dev_err("creating a stream", e))?
+        };
         let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("creating cuBLAS", e))?;
         let funcs: HashMap<_, _> = self.funcs.clone();
         Ok(CudaBackend {
@@ -257,10 +274,12 @@ impl CudaBackend {
 
     /// Copies the rows of the misses of the last [`Self::ds_residency`] from `src` (a slab of
     /// `[token][g][row_bytes]`: `tok_stride`/`head_stride` in bytes) into the cache slots
-    /// `slot0 + slot` of `dst` (`[g][dst_head_rows][row_bytes]`, device).
+    /// `slot0 + slot` of `dst` (`[g][dst_head_rows][row_bytes]`, device). `from_host`: `src` is
+    /// pinned host memory (the gather then runs on few blocks, see below).
     #[allow(clippy::too_many_arguments)]
     pub fn ds_gather_misses(
         &self,
+        from_host: bool,
         src: u64,
         tok_stride: usize,
         head_stride: usize,
@@ -315,8 +334,14 @@ impl CudaBackend {
         let threads = 256usize;
         // Few blocks: 8 x 16 B in flight per thread is 32 KB per block, and PCIe needs only
         // ~100 KB outstanding (54.8 GB/s x ~2 us); loads held for microseconds on every SM
-        // would starve the compute stream's kernels running beside the gather.
-        let blocks = all.div_ceil(threads * 8).clamp(1, self.gather_blocks);
+        // would starve the compute stream's kernels running beside the gather. From device
+        // memory the loads are short: up to 4 blocks per SM.
+        let cap = if from_host {
+            self.gather_blocks
+        } else {
+            4 * self.sm_count
+        };
+        let blocks = all.div_ceil(threads * 8).clamp(1, cap.max(1));
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (threads as u32, 1, 1),

@@ -16,8 +16,10 @@ use crate::backend::{DType, Result};
 
 /// Bins of the first two radix passes of the top-k (`TK_BINS` in sparse.cu).
 const TK_BINS: usize = 2048;
-/// Threads per block of the top-k count/write kernels (`TK_THREADS`).
+/// Threads per block of the top-k compaction kernel (`TK_THREADS`).
 const TK_THREADS: usize = 512;
+/// State words per head of the top-k (`TK_STATE`).
+const TK_STATE: usize = 4;
 /// Largest label width (`DS_MAX_R`).
 pub const DS_MAX_R: usize = 64;
 
@@ -68,9 +70,11 @@ pub struct KvRows {
 
 /// Scratch of the top-k (radix state, histograms, per-block counts), grown on demand.
 pub struct TopkScratch {
+    /// `TK_STATE` words per head (sparse.cu).
     state: CudaSlice<u32>,
     hist: CudaSlice<u32>,
-    counts: CudaSlice<u32>,
+    /// Look-back status of the compaction, one word per (head, block).
+    status: CudaSlice<u64>,
 }
 
 impl CudaBackend {
@@ -283,13 +287,13 @@ impl CudaBackend {
     pub fn ds_topk_scratch(&self, heads: usize, n: usize) -> Result<TopkScratch> {
         let blocks = Self::topk_blocks(n).0;
         Ok(TopkScratch {
-            state: self.alloc::<u32>(2 * heads, "top-k state")?,
+            state: self.alloc::<u32>(TK_STATE * heads, "top-k state")?,
             hist: self.alloc::<u32>(TK_BINS * heads, "top-k histograms")?,
-            counts: self.alloc::<u32>(2 * blocks * heads, "top-k counts")?,
+            status: self.alloc::<u64>(blocks * heads, "top-k look-back status")?,
         })
     }
 
-    /// (blocks, chunk) of the count/write passes over `n` scores.
+    /// (blocks, chunk) of the compaction pass over `n` scores.
     fn topk_blocks(n: usize) -> (usize, usize) {
         let chunk = (TK_THREADS * 16).max(n.div_ceil(1024));
         (n.div_ceil(chunk).max(1), chunk)
@@ -320,23 +324,29 @@ impl CudaBackend {
             )));
         }
         let (blocks, chunk) = Self::topk_blocks(n);
-        if scratch.state.len() < 2 * heads
+        if scratch.state.len() < TK_STATE * heads
             || scratch.hist.len() < TK_BINS * heads
-            || scratch.counts.len() < 2 * blocks * heads
+            || scratch.status.len() < blocks * heads
         {
             *scratch = self.ds_topk_scratch(heads, n)?;
         }
         let (nn, kk, hh) = (n as i64, k as u32, int(heads, "heads")?);
+        let n_status = (blocks * heads) as i64;
         let name = "ds_topk_init";
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&mut scratch.state).arg(&kk).arg(&hh);
+        b.arg(&mut scratch.state)
+            .arg(&kk)
+            .arg(&hh)
+            .arg(&mut scratch.status)
+            .arg(&n_status);
         let cfg = LaunchConfig {
-            grid_dim: (heads.div_ceil(128) as u32, 1, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (heads.max(blocks * heads).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
-        // Histogram blocks: about 4 per SM over all heads, at least 4096 scores each.
+        // Histogram blocks: about 4 per SM over all heads, at least 4096 scores each. The last
+        // block of each head to finish a pass picks that pass's digit.
         let hblocks = (4 * self.sm_count)
             .div_ceil(heads)
             .min(n.div_ceil(4096))
@@ -346,7 +356,7 @@ impl CudaBackend {
             let mut b = self.stream.launch_builder(self.f(name));
             b.arg(&scores.data)
                 .arg(&nn)
-                .arg(&scratch.state)
+                .arg(&mut scratch.state)
                 .arg(&mut scratch.hist)
                 .arg(&pass);
             let cfg = LaunchConfig {
@@ -355,38 +365,22 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
             };
             unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
-            let name = "ds_topk_pick";
-            let mut b = self.stream.launch_builder(self.f(name));
-            b.arg(&mut scratch.state).arg(&mut scratch.hist).arg(&pass);
-            let cfg = LaunchConfig {
-                grid_dim: (heads as u32, 1, 1),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         }
-        let ch = chunk as i64;
+        let (ch, nb) = (chunk as i64, int(blocks, "top-k blocks")?);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, heads as u32, 1),
             block_dim: (TK_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let name = "ds_topk_count";
-        let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&scores.data)
-            .arg(&nn)
-            .arg(&ch)
-            .arg(&scratch.state)
-            .arg(&mut scratch.counts);
-        unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         let (os, oo, bs) = (out_stride as i64, out_off as i64, int(base, "base")?);
         let name = "ds_topk_write";
         let mut b = self.stream.launch_builder(self.f(name));
         b.arg(&scores.data)
             .arg(&nn)
             .arg(&ch)
-            .arg(&scratch.state)
-            .arg(&scratch.counts);
+            .arg(&nb)
+            .arg(&mut scratch.state)
+            .arg(&mut scratch.status);
         b.arg(&mut out.data).arg(&os).arg(&oo).arg(&bs);
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())

@@ -71,27 +71,84 @@ extern "C" __global__ void ds_label_scores(const float* q, const int* chan, int 
 // Per head (row of `scores`, n values), the k largest by (score descending, index ascending),
 // written in increasing index order. Radix select on order-preserving 32-bit keys (the order of
 // f32::total_cmp) in three digit passes of 11, 11 and 10 bits, then an ordered compaction: every
-// key above the threshold key, and the first `need` keys equal to it.
-// State per head: [0] prefix, [1] need (how many still to take at or below the prefix).
+// key above the threshold key, and the first `need` keys equal to it. Five launches: init, three
+// histogram passes (the last block of each head to finish picks the digit), one compaction pass
+// (blocks in ticket order, each finding its output offset by a decoupled look-back).
+// State per head (TK_STATE words): [0] prefix, [1] need (how many still to take at or below the
+// prefix), [2] compaction ticket, [3] histogram blocks done.
 #define TK_BINS 2048
 #define TK_THREADS 512
+#define TK_STATE 4
 
 __device__ __forceinline__ unsigned tk_key(float f) {
     unsigned b = __float_as_uint(f);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// Grid (blocks, heads): histogram of digit `pass` of the keys matching the prefix.
-extern "C" __global__ void ds_topk_hist(const float* scores, long n, const unsigned* state,
+// Initialises the state for k per head (prefix 0, need k, counters 0) and clears the look-back
+// status words of the compaction.
+extern "C" __global__ void ds_topk_init(unsigned* state, unsigned k, int heads,
+                                       unsigned long long* status, long n_status) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < heads) {
+        state[i * TK_STATE] = 0;
+        state[i * TK_STATE + 1] = k;
+        state[i * TK_STATE + 2] = 0;
+        state[i * TK_STATE + 3] = 0;
+    }
+    if (i < n_status) status[i] = 0;
+}
+
+// One warp: picks the digit of the threshold from the head's histogram h (in shared memory),
+// updates (prefix, need) in st and resets the done counter.
+__device__ void tk_pick(unsigned* st, const unsigned* h, int pass, int lane) {
+    int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+    int bins = pass == 2 ? 1024 : 2048;
+    int per = bins / 32;
+    // Lane l owns bins [bins - (l+1)*per, bins - l*per): lane 0 the highest.
+    int lo = bins - (lane + 1) * per;
+    unsigned cnt = 0;
+    for (int b = lo; b < lo + per; b++) cnt += h[b];
+    // Inclusive scan from lane 0 (highest bins) upward.
+    unsigned incl = cnt;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+    }
+    unsigned need = st[1];
+    unsigned excl = incl - cnt;
+    bool mine = excl < need && incl >= need;
+    unsigned ballot = __ballot_sync(0xffffffffu, mine);
+    int owner = __ffs(ballot) - 1;
+    if (lane == owner) {
+        unsigned above = excl;
+        for (int b = lo + per - 1; b >= lo; b--) {
+            unsigned c = h[b];
+            if (above + c >= need) {
+                st[0] |= ((unsigned)b) << shift;
+                st[1] = need - above;
+                break;
+            }
+            above += c;
+        }
+    }
+    if (lane == 0) st[3] = 0;
+}
+
+// Grid (blocks, heads): histogram of digit `pass` of the keys matching the prefix; the last
+// block of a head to finish picks the digit (tk_pick).
+extern "C" __global__ void ds_topk_hist(const float* scores, long n, unsigned* state,
                                         unsigned* hist, int pass) {
     __shared__ unsigned h[TK_BINS];
+    __shared__ bool last;
     for (int b = threadIdx.x; b < TK_BINS; b += blockDim.x) h[b] = 0;
     __syncthreads();
     int head = blockIdx.y;
+    unsigned* st = state + head * TK_STATE;
     int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
     unsigned hi_mask = pass == 0 ? 0u : (pass == 1 ? 0xffe00000u : 0xfffffc00u);
     unsigned digit_mask = pass == 2 ? 0x3ffu : 0x7ffu;
-    unsigned prefix = state[head * 2];
+    unsigned prefix = st[0];
     const float* s = scores + (long)head * n;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long)gridDim.x * blockDim.x) {
@@ -102,100 +159,48 @@ extern "C" __global__ void ds_topk_hist(const float* scores, long n, const unsig
     unsigned* gh = hist + (long)head * TK_BINS;
     for (int b = threadIdx.x; b < TK_BINS; b += blockDim.x)
         if (h[b]) atomicAdd(&gh[b], h[b]);
-}
-
-// One warp per head: picks the digit of the threshold, updates (prefix, need), clears the
-// histogram for the next pass.
-extern "C" __global__ void ds_topk_pick(unsigned* state, unsigned* hist, int pass) {
-    int head = blockIdx.x, lane = threadIdx.x;
-    int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-    int bins = pass == 2 ? 1024 : 2048;
-    int per = bins / 32;
-    unsigned* gh = hist + (long)head * TK_BINS;
-    // Lane l owns bins [bins - (l+1)*per, bins - l*per): lane 0 the highest.
-    int lo = bins - (lane + 1) * per;
-    unsigned cnt = 0;
-    for (int b = lo; b < lo + per; b++) cnt += gh[b];
-    // Inclusive scan from lane 0 (highest bins) upward.
-    unsigned incl = cnt;
-    for (int o = 1; o < 32; o <<= 1) {
-        unsigned v = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += v;
-    }
-    unsigned need = state[head * 2 + 1];
-    unsigned excl = incl - cnt;
-    bool mine = excl < need && incl >= need;
-    unsigned ballot = __ballot_sync(0xffffffffu, mine);
-    int owner = __ffs(ballot) - 1;
-    if (lane == owner) {
-        unsigned above = excl;
-        for (int b = lo + per - 1; b >= lo; b--) {
-            unsigned c = gh[b];
-            if (above + c >= need) {
-                state[head * 2] |= ((unsigned)b) << shift;
-                state[head * 2 + 1] = need - above;
-                break;
-            }
-            above += c;
-        }
-    }
-    __syncwarp();
-    for (int b = lane; b < TK_BINS; b += 32) gh[b] = 0;
-}
-
-// Grid (blocks, heads), TK_THREADS threads, each block a contiguous chunk of `chunk` scores:
-// counts keys above the threshold (gt) and equal to it (eq) per block.
-extern "C" __global__ void ds_topk_count(const float* scores, long n, long chunk,
-                                         const unsigned* state, unsigned* counts) {
-    int head = blockIdx.y;
-    unsigned thr = state[head * 2];
-    const float* s = scores + (long)head * n;
-    long b0 = (long)blockIdx.x * chunk, b1 = min(n, b0 + chunk);
-    unsigned gt = 0, eq = 0;
-    for (long i = b0 + threadIdx.x; i < b1; i += blockDim.x) {
-        unsigned key = tk_key(s[i]);
-        gt += key > thr;
-        eq += key == thr;
-    }
-    __shared__ unsigned sg[TK_THREADS / 32], se[TK_THREADS / 32];
-    for (int o = 16; o > 0; o >>= 1) {
-        gt += __shfl_xor_sync(0xffffffffu, gt, o);
-        eq += __shfl_xor_sync(0xffffffffu, eq, o);
-    }
-    int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) { sg[w] = gt; se[w] = eq; }
+    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned a = 0, e = 0;
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) { a += sg[i]; e += se[i]; }
-        counts[((long)head * gridDim.x + blockIdx.x) * 2] = a;
-        counts[((long)head * gridDim.x + blockIdx.x) * 2 + 1] = e;
+    if (threadIdx.x == 0) last = atomicAdd(st + 3, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    // The last block: the head's histogram into shared memory (read from L2, where the other
+    // blocks' atomics went), cleared for the next pass; then one warp picks the digit.
+    __threadfence();
+    for (int b = threadIdx.x; b < TK_BINS; b += blockDim.x) {
+        h[b] = __ldcg(gh + b);
+        gh[b] = 0;
     }
+    __syncthreads();
+    if (threadIdx.x < 32) tk_pick(st, h, pass, threadIdx.x);
 }
 
-// Same grid: writes the selected indices (+ base) in increasing order to out[head*out_stride +
-// out_off + j]. A thread takes `per` consecutive scores of its block's chunk.
-extern "C" __global__ void ds_topk_write(const float* scores, long n, long chunk,
-                                         const unsigned* state, const unsigned* counts, int* out,
+// Look-back status word: flag (2 bits: 0 none, 1 block aggregate, 2 inclusive prefix), then the
+// counts of keys above (31 bits) and equal to (31 bits) the threshold.
+__device__ __forceinline__ unsigned long long tk_pack(unsigned long long f, unsigned long long gt,
+                                                      unsigned long long eq) {
+    return (f << 62) | (gt << 31) | eq;
+}
+
+// Grid (blocks, heads), TK_THREADS threads: writes the selected indices (+ base) in increasing
+// order to out[head*out_stride + out_off + j]. Blocks take chunks of `chunk` scores in ticket
+// order; each counts its keys above / equal to the threshold, publishes them, and adds up its
+// predecessors' (decoupled look-back: it only waits on blocks with earlier tickets, which are
+// running). A thread takes `per` consecutive scores of its block's chunk.
+extern "C" __global__ void ds_topk_write(const float* scores, long n, long chunk, int nblocks,
+                                         unsigned* state, unsigned long long* status, int* out,
                                          long out_stride, long out_off, int base) {
     int head = blockIdx.y;
-    unsigned thr = state[head * 2];
-    unsigned need_eq = state[head * 2 + 1];
-    const float* s = scores + (long)head * n;
-    const unsigned* cnt = counts + (long)head * gridDim.x * 2;
-    // Selected before this block: gt before + min(eq before, need_eq); eq before this block.
+    unsigned* st = state + head * TK_STATE;
+    __shared__ int sh_vid;
     __shared__ unsigned sh_gt, sh_eq;
-    if (threadIdx.x < 32) {
-        unsigned a = 0, e = 0;
-        for (int b = threadIdx.x; b < (int)blockIdx.x; b += 32) { a += cnt[b * 2]; e += cnt[b * 2 + 1]; }
-        for (int o = 16; o > 0; o >>= 1) {
-            a += __shfl_xor_sync(0xffffffffu, a, o);
-            e += __shfl_xor_sync(0xffffffffu, e, o);
-        }
-        if (threadIdx.x == 0) { sh_gt = a; sh_eq = e; }
-    }
+    if (threadIdx.x == 0) sh_vid = (int)atomicAdd(st + 2, 1u);
     __syncthreads();
-    long b0 = (long)blockIdx.x * chunk, b1 = min(n, b0 + chunk);
+    int vid = sh_vid;
+    unsigned thr = st[0];
+    unsigned need_eq = st[1];
+    const float* s = scores + (long)head * n;
+    long b0 = (long)vid * chunk, b1 = min(n, b0 + chunk);
     long per = (chunk + blockDim.x - 1) / blockDim.x;
     long i0 = b0 + threadIdx.x * per, i1 = min(b1, i0 + per);
     // Thread-local counts of gt and eq, then block exclusive scans of both.
@@ -214,6 +219,41 @@ extern "C" __global__ void ds_topk_write(const float* scores, long n, long chunk
     }
     if (lane == 31) { wg[w] = ig; we[w] = ie; }
     __syncthreads();
+    if (w == 0) {
+        // Warp 0: the block's totals, then a look-back over up to 32 predecessors at a time
+        // (lane l reads block vid-1-l), stopping at the nearest one with an inclusive prefix.
+        unsigned long long tot_g = 0, tot_e = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) { tot_g += wg[i]; tot_e += we[i]; }
+        unsigned long long* my = status + (long)head * nblocks;
+        if (lane == 0 && vid > 0) atomicExch(my + vid, tk_pack(1, tot_g, tot_e));
+        unsigned long long pg = 0, pe = 0;
+        for (int top = vid - 1; top >= 0; top -= 32) {
+            int p = top - lane;
+            unsigned long long v = tk_pack(2, 0, 0);  // before block 0: an empty prefix
+            if (p >= 0) {
+                do {
+                    v = *(volatile unsigned long long*)(my + p);
+                } while ((v >> 62) == 0);
+            }
+            unsigned incl = __ballot_sync(0xffffffffu, (v >> 62) == 2);
+            int stop = incl ? __ffs(incl) - 1 : 31;
+            unsigned long long g = lane <= stop ? (v >> 31) & 0x7fffffffull : 0;
+            unsigned long long e = lane <= stop ? v & 0x7fffffffull : 0;
+            for (int o = 16; o > 0; o >>= 1) {
+                g += __shfl_xor_sync(0xffffffffu, g, o);
+                e += __shfl_xor_sync(0xffffffffu, e, o);
+            }
+            pg += g;
+            pe += e;
+            if (incl) break;
+        }
+        if (lane == 0) {
+            atomicExch(my + vid, tk_pack(2, pg + tot_g, pe + tot_e));
+            sh_gt = (unsigned)pg;
+            sh_eq = (unsigned)pe;
+        }
+    }
+    __syncthreads();
     unsigned pg = sh_gt, pe = sh_eq;
     for (int i = 0; i < w; i++) { pg += wg[i]; pe += we[i]; }
     pg += ig - tg;
@@ -230,12 +270,6 @@ extern "C" __global__ void ds_topk_write(const float* scores, long n, long chunk
             pe++;
         }
     }
-}
-
-// Initialises the state for k per head: prefix 0, need k.
-extern "C" __global__ void ds_topk_init(unsigned* state, unsigned k, int heads) {
-    int h = blockIdx.x * blockDim.x + threadIdx.x;
-    if (h < heads) { state[h * 2] = 0; state[h * 2 + 1] = k; }
 }
 
 // Fixed rows of a selection: out[h*stride + j] = j for j < n_sink, and
