@@ -997,6 +997,28 @@ impl KvStore<CudaBackend> for OffloadKvStore {
 }
 
 impl OffloadKvStore {
+    /// The prefetch chain of every layer (label scores, top-k, residency, gather of the misses)
+    /// run alone on the prefetch stream with the last predicted query labels, as one decode step
+    /// would queue it: its wall time in ms, a "transfer-only" step for overlap figures. Needs
+    /// layer-ahead prediction and at least one decode step before; the row caches change as a
+    /// step would change them, and the next step selects on its own compute stream (the queued
+    /// predictions are dropped).
+    pub fn time_prefetch_chain(&mut self) -> Result<f64> {
+        if self.cfg.predict != Predict::LayerAhead {
+            return Err(bad("time_prefetch_chain needs layer-ahead prediction".into()));
+        }
+        self.prefetch.device_synchronize()?;
+        let t = std::time::Instant::now();
+        for l in 0..self.layers.len() {
+            self.launch_ahead(l, None)?;
+        }
+        self.prefetch.synchronize()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
+        st.ready.iter_mut().for_each(|r| *r = None);
+        Ok(ms)
+    }
+
     /// Queues layer `layer`'s selection and row fetch on the prefetch stream (after `after`).
     fn launch_ahead(&mut self, layer: usize, after: Option<StreamEvent>) -> Result<()> {
         let visible = self.len + 1;

@@ -328,6 +328,19 @@ fn offloaded(
             * 1e3;
         let pcie_floor = fetched / (a.pcie_gbs * 1e9) * 1e3;
         let st = Stats::of(&r.ms);
+        // Transfer-only: the prefetch chain of every layer alone (batch 1, layer-ahead).
+        let chain = if batch == 1 && base.predict == Predict::LayerAhead {
+            let mut v = Vec::with_capacity(5);
+            for _ in 0..5 {
+                v.push(stores[0].time_prefetch_chain()?);
+            }
+            Some(Stats::of(&v[1..]))
+        } else {
+            None
+        };
+        if let Some(c) = &chain {
+            eprintln!("  budget {budget}: prefetch chain alone (transfer-only) {:.2} ms [{:.2}, {:.2}]", c.median, c.min, c.max);
+        }
         eprintln!(
             "  budget {budget}: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
             st.median,
@@ -352,6 +365,7 @@ fn offloaded(
             "recall": r.recall,
             "hbm_floor_ms": hbm_floor,
             "pcie_floor_ms": pcie_floor,
+            "transfer_only_ms": chain,
             "gpu_used_bytes": gpu_used,
             "gpu_store_bytes": store_gpu,
             "host_kv_bytes": store_host,
@@ -537,17 +551,17 @@ impl OffloadBenchArgs {
 
 fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "| context | batch | budget | rows/KV head | ms/step median [min, max] | tok/s | hit rate | PCIe MB/step | PCIe floor ms | HBM floor ms | recall | GPU GiB used |")?;
+    writeln!(out, "| context | batch | budget | rows/KV head | ms/step median [min, max] | tok/s | hit rate | PCIe MB/step | PCIe floor ms | HBM floor ms | transfer-only ms | recall | GPU GiB used |")?;
     writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )?;
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     for x in r["offloaded"].as_array().into_iter().flatten() {
         if let Some(e) = x.get("error") {
             writeln!(
                 out,
-                "| {} | {} | - | - | error: {} | | | | | | | |",
+                "| {} | {} | - | - | error: {} | | | | | | | | |",
                 x["context"],
                 x["batch"],
                 e.as_str().unwrap_or("")
@@ -557,7 +571,7 @@ fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
         let s = &x["step_ms"];
         writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.1} | {:.3} | {:.1} | {:.2} | {:.2} | {} | {:.2} |",
+            "| {} | {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.1} | {:.3} | {:.1} | {:.2} | {:.2} | {} | {} | {:.2} |",
             x["context"],
             x["batch"],
             x["budget"].as_str().unwrap_or(""),
@@ -570,6 +584,9 @@ fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
             f(&x["pcie_bytes_per_step"]) / 1e6,
             f(&x["pcie_floor_ms"]),
             f(&x["hbm_floor_ms"]),
+            x["transfer_only_ms"]["median"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.2}")),
             x["recall"].as_f64().map_or("-".into(), |v| format!("{v:.3}")),
             f(&x["gpu_used_bytes"]) / GIB,
         )?;

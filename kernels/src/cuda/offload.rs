@@ -259,13 +259,17 @@ impl CudaBackend {
             .arg(&rs)
             .arg(&kp)
             .arg(&mut res.miss_tok.data);
+        // The searches run in shared memory when the two lists fit the default 48 KiB.
+        let smem = (k_new + res.k) * 4;
+        let use_smem = i32::from(smem <= 48 * 1024);
         b.arg(&mut res.miss_slot.data)
             .arg(&mut res.n_miss.data)
-            .arg(&mut stats.data);
+            .arg(&mut stats.data)
+            .arg(&use_smem);
         let cfg = LaunchConfig {
             grid_dim: (heads as u32, 1, 1),
             block_dim: (RES_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: if use_smem == 1 { smem as u32 } else { 0 },
         };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         res.k = k_new;

@@ -82,19 +82,31 @@ __device__ int ds_block_scan(int flag, int* total) {
 extern "C" __global__ void __launch_bounds__(DS_RES_THREADS)
 ds_residency(const int* sel, long sel_stride, int k_new, int* res_tok, int* res_slot,
              int* new_slot, long res_stride, int k_prev, int* miss_tok, int* miss_slot,
-             int* n_miss, unsigned long long* stats) {
+             int* n_miss, unsigned long long* stats, int use_smem) {
     int g = blockIdx.x;
-    const int* s = sel + g * sel_stride;
+    const int* s_g = sel + g * sel_stride;
     int* rt = res_tok + g * res_stride;
     int* rs = res_slot + g * res_stride;
     int* ns = new_slot + g * res_stride;
     int* mt = miss_tok + g * res_stride;
     int* ms = miss_slot + g * res_stride;
+    // The binary searches read the selection and the residents from shared memory when they fit
+    // (use_smem: k_new + k_prev ints of dynamic shared memory), else from global memory.
+    extern __shared__ int ds_res_smem[];
+    const int* s = s_g;
+    const int* rtf = rt;
+    if (use_smem) {
+        for (int i = threadIdx.x; i < k_new; i += blockDim.x) ds_res_smem[i] = s_g[i];
+        for (int i = threadIdx.x; i < k_prev; i += blockDim.x) ds_res_smem[k_new + i] = rt[i];
+        __syncthreads();
+        s = ds_res_smem;
+        rtf = ds_res_smem + k_new;
+    }
     // Pass 1: free slots = slots of residents not selected (in resident order), then k_prev..
     int n_free = 0;
     for (int j0 = 0; j0 < k_prev; j0 += blockDim.x) {
         int j = j0 + threadIdx.x, at;
-        int dropped = j < k_prev && !ds_find(s, k_new, rt[j], &at);
+        int dropped = j < k_prev && !ds_find(s, k_new, rtf[j], &at);
         int total, pre = ds_block_scan(dropped, &total);
         if (dropped) ms[n_free + pre] = rs[j];  // staged in miss_slot, consumed in pass 2
         n_free += total;
@@ -106,7 +118,7 @@ ds_residency(const int* sel, long sel_stride, int k_new, int* res_tok, int* res_
         int miss = 0;
         if (i < k_new) {
             int tok = s[i];
-            if (ds_find(rt, k_prev, tok, &at)) ns[i] = rs[at];
+            if (ds_find(rtf, k_prev, tok, &at)) ns[i] = rs[at];
             else miss = 1;
         }
         int total, pre = ds_block_scan(miss, &total);
