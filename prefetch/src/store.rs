@@ -998,19 +998,20 @@ impl KvStore<CudaBackend> for OffloadKvStore {
 
 impl OffloadKvStore {
     /// The prefetch chain of every layer (label scores, top-k, residency, gather of the misses)
-    /// run alone on the prefetch stream with the last predicted query labels, as one decode step
-    /// would queue it: its wall time in ms, a "transfer-only" step for overlap figures. Needs
-    /// layer-ahead prediction and at least one decode step before; the row caches change as a
-    /// step would change them, and the next step selects on its own compute stream (the queued
-    /// predictions are dropped).
-    pub fn time_prefetch_chain(&mut self) -> Result<f64> {
+    /// run alone on the prefetch stream, as one decode step would queue it: its wall time in ms,
+    /// a "transfer-only" step for overlap figures. The queries are the last two predicted query
+    /// labels (layer parity `flip`-swapped, so that calls alternating `flip` select other rows
+    /// than the caches hold, as a new decode step does). Needs layer-ahead prediction and one
+    /// decode step before; the row caches change as a step would change them, and the next step
+    /// selects on its own compute stream (the queued predictions are dropped).
+    pub fn time_prefetch_chain(&mut self, flip: bool) -> Result<f64> {
         if self.cfg.predict != Predict::LayerAhead {
             return Err(bad("time_prefetch_chain needs layer-ahead prediction".into()));
         }
         self.prefetch.device_synchronize()?;
         let t = std::time::Instant::now();
         for l in 0..self.layers.len() {
-            self.launch_ahead(l, None)?;
+            self.launch_ahead_with(l, None, (l + usize::from(flip)) % 2)?;
         }
         self.prefetch.synchronize()?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -1021,6 +1022,16 @@ impl OffloadKvStore {
 
     /// Queues layer `layer`'s selection and row fetch on the prefetch stream (after `after`).
     fn launch_ahead(&mut self, layer: usize, after: Option<StreamEvent>) -> Result<()> {
+        self.launch_ahead_with(layer, after, layer % 2)
+    }
+
+    /// [`Self::launch_ahead`] with the predicted query labels of buffer `q_buf`.
+    fn launch_ahead_with(
+        &mut self,
+        layer: usize,
+        after: Option<StreamEvent>,
+        q_buf: usize,
+    ) -> Result<()> {
         let visible = self.len + 1;
         if self.top_k(visible) == 0 {
             return Ok(());
@@ -1044,7 +1055,7 @@ impl OffloadKvStore {
             &mut res[layer],
             res_stats,
             layer,
-            &q_hat[layer % 2],
+            &q_hat[q_buf],
             0,
             visible,
         )?;

@@ -330,9 +330,10 @@ fn offloaded(
         let st = Stats::of(&r.ms);
         // Transfer-only: the prefetch chain of every layer alone (batch 1, layer-ahead).
         let chain = if batch == 1 && base.predict == Predict::LayerAhead {
+            // Alternating query buffers: each run selects other rows than the caches hold.
             let mut v = Vec::with_capacity(5);
-            for _ in 0..5 {
-                v.push(stores[0].time_prefetch_chain()?);
+            for i in 0..5 {
+                v.push(stores[0].time_prefetch_chain(i % 2 == 1)?);
             }
             Some(Stats::of(&v[1..]))
         } else {
