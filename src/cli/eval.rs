@@ -204,6 +204,7 @@ fn recall_json(st: &Option<SparseStats>) -> serde_json::Value {
             "step_reuse_per_layer": s.reuse_per_layer(),
             "layer_ahead_step_reuse": s.ahead_step_reuse(),
             "layer_ahead_step_reuse_per_layer": s.ahead_reuse_per_layer(),
+            "counters": s,
         }),
         None => serde_json::Value::Null,
     }

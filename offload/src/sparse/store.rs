@@ -321,6 +321,7 @@ impl SparseKvStore {
 
     /// Attention for one (query, KV head) task: chooses the rows and attends over them.
     /// Returns the rows the top-k chose (`None` when it attended densely).
+    #[allow(clippy::too_many_arguments)]
     fn attend_one<E: Elem + bytemuck::Pod>(
         &self,
         layer: usize,
