@@ -37,6 +37,10 @@ pub struct KvMemory {
     pub evictions: u64,
     pub evicted_tokens: u64,
     pub bytes_freed: u64,
+    /// Sparse stores: step-to-step reuse of the top-k selection (the share of a position's
+    /// chosen rows that the previous position also chose; a row cache's hit rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection_reuse: Option<f64>,
 }
 
 /// A sequence's KV rows, for every layer.

@@ -200,6 +200,11 @@ fn recall_json(st: &Option<SparseStats>) -> serde_json::Value {
             "read_fraction": s.read_fraction(),
             "layer_ahead_recall": s.recall(),
             "layer_ahead_recall_per_layer": s.recall_per_layer(),
+            "step_reuse": s.step_reuse(),
+            "step_reuse_per_layer": s.reuse_per_layer(),
+            "layer_ahead_step_reuse": s.ahead_step_reuse(),
+            "layer_ahead_step_reuse_per_layer": s.ahead_reuse_per_layer(),
+            "counters": s,
         }),
         None => serde_json::Value::Null,
     }
@@ -375,6 +380,26 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
                 "layer-ahead recall {:.4}; per layer: {}",
                 rc,
                 per.join(" ")
+            ))?;
+        }
+        let per = |v: Vec<Option<f64>>| -> String {
+            v.iter()
+                .map(|r| r.map_or("-".into(), |v| format!("{:.3}", v)))
+                .collect::<Vec<String>>()
+                .join(" ")
+        };
+        if let Some(r) = s.step_reuse() {
+            out_line(&format!(
+                "step-to-step selection reuse {:.4}; per layer: {}",
+                r,
+                per(s.reuse_per_layer())
+            ))?;
+        }
+        if let Some(r) = s.ahead_step_reuse() {
+            out_line(&format!(
+                "step-to-step selection reuse of the layer-ahead guess {:.4}; per layer: {}",
+                r,
+                per(s.ahead_reuse_per_layer())
             ))?;
         }
     }

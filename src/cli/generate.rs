@@ -192,6 +192,9 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
             g.decode_tokens_per_s(),
             g.finish,
         );
+        if let Some(r) = g.kv_memory.selection_reuse {
+            eprintln!("[step-to-step selection reuse {r:.4}]");
+        }
     }
     Ok(())
 }

@@ -54,6 +54,19 @@ pub struct SparseKvStore {
     unimp: Unimportance,
     /// Most slots (live plus reserved) the budget allows; `usize::MAX` without a budget.
     slot_cap: usize,
+    /// Per `layer * n_kv_heads + g`: the top-k rows of the last query attended (for
+    /// step-to-step reuse), or `None` when it attended densely.
+    last_chosen: Mutex<Vec<Option<Chosen>>>,
+}
+
+/// The rows one (query, KV head) chose by top-k (neither sinks nor recent), in increasing
+/// order: the true selection and, with layer-ahead prediction, the guess that was read.
+#[derive(Clone, Debug)]
+struct Chosen {
+    /// The query's `end` (its position + 1).
+    end: usize,
+    truth: Vec<u32>,
+    guess: Option<Vec<u32>>,
 }
 
 /// `slot_of` of an evicted position (never a slot number: see [`crate::MAX_SLOTS`]).
@@ -128,6 +141,7 @@ impl SparseKvStore {
             unimp: Unimportance::default(),
             slot_cap,
             stats: Mutex::new(SparseStats::new(layers)),
+            last_chosen: Mutex::new(vec![None; layers * shape.n_kv_heads]),
             ahead: vec![None; layers],
             cfg,
             shape,
@@ -206,8 +220,7 @@ impl SparseKvStore {
         end: usize,
         budget: usize,
     ) -> (Vec<usize>, usize) {
-        let sink_end = (start + self.cfg.sink).min(end);
-        let recent_start = end.saturating_sub(self.cfg.recent).max(sink_end);
+        let (sink_end, recent_start) = self.windows(start, end);
         let mut pos = self.live(start..sink_end);
         let middle = self.live(sink_end..recent_start);
         let recent = self.live(recent_start..end);
@@ -235,6 +248,14 @@ impl SparseKvStore {
         pos.extend_from_slice(&chosen);
         pos.extend_from_slice(&recent);
         (pos, k)
+    }
+
+    /// For a query seeing `start..end`: where the sinks end and the recent window starts (the
+    /// top-k chooses among `sink_end..recent_start`).
+    fn windows(&self, start: usize, end: usize) -> (usize, usize) {
+        let sink_end = (start + self.cfg.sink).min(end);
+        let recent_start = end.saturating_sub(self.cfg.recent).max(sink_end);
+        (sink_end, recent_start)
     }
 
     /// The positions of `range` that own a slot (not evicted), in order.
@@ -299,6 +320,8 @@ impl SparseKvStore {
     }
 
     /// Attention for one (query, KV head) task: chooses the rows and attends over them.
+    /// Returns the rows the top-k chose (`None` when it attended densely).
+    #[allow(clippy::too_many_arguments)]
     fn attend_one<E: Elem + bytemuck::Pod>(
         &self,
         layer: usize,
@@ -308,7 +331,7 @@ impl SparseKvStore {
         q: &[f32],
         sparse: bool,
         out: &mut [f32],
-    ) -> Result<()> {
+    ) -> Result<Option<Chosen>> {
         let end = a.n_past + i + 1;
         let start = a.shape.window.map_or(0, |w| end.saturating_sub(w));
         let budget = self.cfg.budget.tokens(end - start);
@@ -317,10 +340,23 @@ impl SparseKvStore {
             let pos = self.live(start..end);
             self.stats.lock().expect("stats lock").dense(pos.len());
             let tally = tallied.then_some(pos.len());
-            return self.attend_positions::<E>(layer, g, &pos, q, a.scale, out, tally);
+            self.attend_positions::<E>(layer, g, &pos, q, a.scale, out, tally)?;
+            return Ok(None);
         }
         let qlab = self.group_label_query(layer, g, q);
         let (truth, k) = self.select(layer, g, &qlab, start, end, budget);
+        let (lo, hi) = self.windows(start, end);
+        let middle = |sel: &[usize]| -> Vec<u32> {
+            sel.iter()
+                .filter(|&&p| (lo..hi).contains(&p))
+                .map(|&p| p as u32)
+                .collect()
+        };
+        let mut chosen = Chosen {
+            end,
+            truth: middle(&truth),
+            guess: None,
+        };
         let pos = match (&self.cfg.predict, &self.ahead[layer]) {
             (Predict::LayerAhead, Some(pred)) => {
                 let r = self.cfg.label_channels;
@@ -333,6 +369,7 @@ impl SparseKvStore {
                     .lock()
                     .expect("stats lock")
                     .add_recall(layer, hits - fixed, k);
+                chosen.guess = Some(middle(&guess));
                 guess
             }
             _ => truth,
@@ -354,7 +391,31 @@ impl SparseKvStore {
         } else {
             None
         };
-        self.attend_positions::<E>(layer, g, &pos, q, a.scale, out, tally)
+        self.attend_positions::<E>(layer, g, &pos, q, a.scale, out, tally)?;
+        Ok(Some(chosen))
+    }
+
+    /// Step-to-step reuse of one call's selections: per KV head, the top-k rows of each query
+    /// against those of the query one position earlier (the previous call's last query for the
+    /// first), counted where both selected sparsely. `chosen` is in task order (query-major).
+    fn count_reuse(&self, layer: usize, chosen: Vec<Option<Chosen>>) {
+        let kv = self.shape.n_kv_heads;
+        let mut last = self.last_chosen.lock().expect("reuse lock");
+        let mut st = self.stats.lock().expect("stats lock");
+        for (t, c) in chosen.into_iter().enumerate() {
+            let prev = &mut last[layer * kv + t % kv];
+            if let (Some(p), Some(c)) = (prev.as_ref(), c.as_ref()) {
+                if p.end + 1 == c.end && !p.truth.is_empty() && !c.truth.is_empty() {
+                    st.add_reuse(layer, overlap(&c.truth, &p.truth), c.truth.len());
+                    if let (Some(pg), Some(cg)) = (&p.guess, &c.guess) {
+                        if !pg.is_empty() && !cg.is_empty() {
+                            st.add_ahead_reuse(layer, overlap(cg, pg), cg.len());
+                        }
+                    }
+                }
+            }
+            *prev = c;
+        }
     }
 
     fn attend_typed<E: Elem + bytemuck::Pod>(
@@ -372,22 +433,26 @@ impl SparseKvStore {
         let tasks: Vec<(usize, usize)> = (0..a.n_q)
             .flat_map(|i| (0..s.n_kv_heads).map(move |g| (i, g)))
             .collect();
-        let task = |&(i, g): &(usize, usize)| -> Result<Vec<f32>> {
+        let task = |&(i, g): &(usize, usize)| -> Result<(Vec<f32>, Option<Chosen>)> {
             let qrow = &q[i * q_cols + a.q_col0..][..qw];
             let mut o = vec![0.0f32; group * d];
-            self.attend_one::<E>(layer, a, i, g, qrow, sparse, &mut o)?;
-            Ok(o)
+            let c = self.attend_one::<E>(layer, a, i, g, qrow, sparse, &mut o)?;
+            Ok((o, c))
         };
         // A decode step's few (query, KV head) tasks are cheaper than waking a thread pool.
-        let results: Vec<Result<Vec<f32>>> = if tasks.len() >= 16 {
+        type TaskOut = Result<(Vec<f32>, Option<Chosen>)>;
+        let results: Vec<TaskOut> = if tasks.len() >= 16 {
             tasks.par_iter().map(task).collect()
         } else {
             tasks.iter().map(task).collect()
         };
+        let mut chosen = Vec::with_capacity(tasks.len());
         for (&(i, g), r) in tasks.iter().zip(results) {
-            let o = r?;
+            let (o, c) = r?;
             out[i * qw + g * group * d..][..group * d].copy_from_slice(&o);
+            chosen.push(c);
         }
+        self.count_reuse(layer, chosen);
         Ok(())
     }
 }
@@ -402,6 +467,12 @@ impl SparseKvStore {
         }
         self.slot_of.truncate(from);
         self.unimp.truncate(from);
+        // A kept selection of a forgotten position must not pair with the next query.
+        for c in self.last_chosen.get_mut().expect("reuse lock").iter_mut() {
+            if c.as_ref().is_some_and(|c| c.end > from) {
+                *c = None;
+            }
+        }
     }
 
     /// Evicts committed tokens until `n` more slots fit under the budget's slot cap: at least a
@@ -468,7 +539,7 @@ impl SparseKvStore {
 }
 
 /// Common elements of two increasing lists.
-fn overlap(a: &[usize], b: &[usize]) -> usize {
+fn overlap<T: Ord>(a: &[T], b: &[T]) -> usize {
     let (mut i, mut j, mut n) = (0, 0, 0);
     while i < a.len() && j < b.len() {
         match a[i].cmp(&b[j]) {
@@ -631,6 +702,7 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
             evictions: st.evictions,
             evicted_tokens: st.evicted_tokens,
             bytes_freed: st.bytes_freed,
+            selection_reuse: st.step_reuse(),
         }
     }
 

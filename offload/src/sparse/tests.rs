@@ -48,9 +48,18 @@ fn step(
     n: usize,
     seed: u64,
 ) -> Vec<Vec<Vec<f32>>> {
+    step_data(be, stores, n, &fill(n * qkv_cols(), seed))
+}
+
+/// As [`step`], with the tokens' `[q | k | v]` rows given.
+fn step_data(
+    be: &CpuBackend,
+    stores: &mut [&mut dyn KvStore<CpuBackend>],
+    n: usize,
+    data: &[f32],
+) -> Vec<Vec<Vec<f32>>> {
     let mut src = be.tensor(n, qkv_cols()).unwrap();
-    let data = fill(n * qkv_cols(), seed);
-    be.write_tensor(&mut src, 0, &data).unwrap();
+    be.write_tensor(&mut src, 0, data).unwrap();
     let (qw, kvw) = (SHAPE.q_width(), SHAPE.kv_width());
     let mut outs = Vec::new();
     for s in stores.iter_mut() {
@@ -234,4 +243,167 @@ fn bad_settings_are_refused() {
     assert!(broken
         .top(8, LAYERS, SHAPE.n_kv_heads, SHAPE.head_dim)
         .is_err());
+}
+
+/// Step-to-step reuse on keys whose top-k is known: with sink 2, recent 2 and a budget of 8
+/// rows (top-4), a query along channel 0 (`X`) chooses {3, 4, 5, 6}, one along channels 0 + 1
+/// (`Y`) chooses {3, 4, 10, 11}, one along channel 2 (`Z`) chooses {14, 15, 16, 17}.
+mod reuse {
+    use super::*;
+
+    #[derive(Clone, Copy)]
+    enum Q {
+        X,
+        Y,
+        Z,
+    }
+
+    /// `[q | k | v]` of the token at `pos` queried by `q`.
+    fn token(pos: usize, q: Q) -> Vec<f32> {
+        let (qw, kvw, d) = (SHAPE.q_width(), SHAPE.kv_width(), SHAPE.head_dim);
+        let mut row = vec![0.0f32; qkv_cols()];
+        for h in 0..SHAPE.n_heads {
+            let qh = &mut row[h * d..(h + 1) * d];
+            match q {
+                Q::X => qh[0] = 1.0,
+                Q::Y => (qh[0], qh[1]) = (1.0, 1.0),
+                Q::Z => qh[2] = 1.0,
+            }
+        }
+        let (ch, val) = match pos {
+            3 | 4 => (0, 10.0),
+            5 | 6 => (0, 5.0),
+            10 | 11 => (1, 8.0),
+            14..=17 => (2, 10.0),
+            _ => (0, 0.0),
+        };
+        for g in 0..SHAPE.n_kv_heads {
+            row[qw + g * d + ch] = val;
+        }
+        row[qw + kvw..].iter_mut().for_each(|v| *v = 0.5);
+        row
+    }
+
+    /// A store filled with 24 tokens queried by `X` (every position attending as decode
+    /// would), stats reset, then `calls` (each a list of queries, one token each) run; returns
+    /// the stats of those calls.
+    fn run(calls: &[&[Q]], predict: bool) -> SparseStats {
+        let be = CpuBackend::new(2).unwrap();
+        let cfg = SparseConfig {
+            budget: TokenBudget::Tokens(8),
+            sink: 2,
+            recent: 2,
+            sparse_prefill: true,
+            predict: if predict {
+                Predict::LayerAhead
+            } else {
+                Predict::SameLayer
+            },
+            ..SparseConfig::default()
+        };
+        let mut s = sparse_store(cfg, DType::F32);
+        let mut pos = 0;
+        let mut call = |s: &mut SparseKvStore, qs: &[Q]| {
+            let data: Vec<f32> = qs
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &q)| token(pos + i, q))
+                .collect();
+            if predict {
+                // Layer 1's guess is the query it will see: the guess selects as the truth.
+                let ch = KvStore::<CpuBackend>::ahead_channels(s).unwrap().to_vec();
+                let (d, group) = (SHAPE.head_dim, SHAPE.group());
+                let mut q_hat = Vec::new();
+                for t in 0..qs.len() {
+                    for h in 0..SHAPE.n_heads {
+                        let q = &data[t * qkv_cols() + h * d..][..d];
+                        q_hat.extend(ch[1][h / group].iter().map(|&c| q[c]));
+                    }
+                }
+                KvStore::<CpuBackend>::predict(s, 1, &q_hat, qs.len()).unwrap();
+            }
+            step_data(&be, &mut [s], qs.len(), &data);
+            pos += qs.len();
+        };
+        call(&mut s, &[Q::X; 24]);
+        s.reset_stats();
+        for qs in calls {
+            call(&mut s, qs);
+        }
+        s.stats()
+    }
+
+    /// Pairs of consecutive positions per layer in `calls` (all after 24 sparse positions).
+    fn pairs(calls: &[&[Q]]) -> u64 {
+        let n: usize = calls.iter().map(|c| c.len()).sum();
+        (n * SHAPE.n_kv_heads) as u64
+    }
+
+    #[test]
+    fn identical_selection_is_fully_reused() {
+        // Single-token calls, then a call whose 10 queries run on the thread pool.
+        let calls: &[&[Q]] = &[&[Q::X], &[Q::X], &[Q::X; 10], &[Q::X]];
+        let st = run(calls, false);
+        for l in 0..LAYERS {
+            assert_eq!(st.reuse_total[l], 4 * pairs(calls), "layer {l}");
+            assert_eq!(st.reuse_hits[l], st.reuse_total[l], "layer {l}");
+        }
+        assert_eq!(st.step_reuse(), Some(1.0));
+        assert_eq!(st.ahead_step_reuse(), None);
+    }
+
+    #[test]
+    fn disjoint_selection_is_never_reused() {
+        // The 24 filling queries were X: the first Z already pairs with an X.
+        let calls: &[&[Q]] = &[
+            &[Q::Z],
+            &[Q::X, Q::Z, Q::X, Q::Z, Q::X, Q::Z, Q::X, Q::Z, Q::X],
+        ];
+        let st = run(calls, false);
+        assert_eq!(st.reuse_total, vec![4 * pairs(calls); LAYERS]);
+        assert_eq!(st.reuse_hits, vec![0; LAYERS]);
+        assert_eq!(st.step_reuse(), Some(0.0));
+    }
+
+    #[test]
+    fn half_changed_selection_is_half_reused() {
+        // X and Y share {3, 4}; X, X shares all 4: hits 2 + 2 + 4 + 2 + 2 + 2 of 6 x 4.
+        let calls: &[&[Q]] = &[&[Q::Y], &[Q::X, Q::X], &[Q::Y, Q::X, Q::Y]];
+        let st = run(calls, false);
+        assert_eq!(st.reuse_total, vec![24 * SHAPE.n_kv_heads as u64; LAYERS]);
+        assert_eq!(st.reuse_hits, vec![14 * SHAPE.n_kv_heads as u64; LAYERS]);
+        assert_eq!(st.reuse_per_layer(), vec![Some(14.0 / 24.0); LAYERS]);
+    }
+
+    #[test]
+    fn layer_ahead_guess_reuse_is_counted() {
+        // Layer 1's guess is its true query: guess and truth reuse agree there.
+        let calls: &[&[Q]] = &[&[Q::Y], &[Q::X, Q::X], &[Q::Y, Q::X, Q::Y]];
+        let st = run(calls, true);
+        assert_eq!(st.reuse_hits, vec![14 * SHAPE.n_kv_heads as u64; LAYERS]);
+        assert_eq!(st.ahead_reuse_per_layer()[1], Some(14.0 / 24.0));
+        assert_eq!(st.recall_per_layer()[1], Some(1.0));
+    }
+
+    #[test]
+    fn truncation_breaks_the_chain() {
+        let be = CpuBackend::new(1).unwrap();
+        let cfg = SparseConfig {
+            budget: TokenBudget::Tokens(8),
+            sink: 2,
+            recent: 2,
+            ..SparseConfig::default()
+        };
+        let mut s = sparse_store(cfg, DType::F32);
+        let data: Vec<f32> = (0..24).flat_map(|p| token(p, Q::X)).collect();
+        step_data(&be, &mut [&mut s], 24, &data);
+        step_data(&be, &mut [&mut s], 1, &token(24, Q::X));
+        KvStore::<CpuBackend>::truncate(&mut s, 24);
+        s.reset_stats();
+        // Position 24 again: the forgotten one's selection must not count as its predecessor.
+        step_data(&be, &mut [&mut s], 1, &token(24, Q::Z));
+        assert_eq!(s.stats().reuse_total, vec![0; LAYERS]);
+        step_data(&be, &mut [&mut s], 1, &token(25, Q::Z));
+        assert_eq!(s.stats().step_reuse(), Some(1.0));
+    }
 }
