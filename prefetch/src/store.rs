@@ -502,6 +502,7 @@ impl OffloadKvStore {
         q: &CudaTensor,
         q_row: usize,
         visible: usize,
+        gather: bool,
     ) -> Result<usize> {
         let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
         let k = self.top_k(visible).max(res.k).min(self.kc);
@@ -538,6 +539,9 @@ impl OffloadKvStore {
             &mut sel.topk,
         )?;
         be.ds_residency(&sel.sel, kc, n_kv, k, res, stats)?;
+        if !gather {
+            return Ok(k);
+        }
         let es = self.cfg.dtype.size();
         let rb = self.row_bytes();
         be.ds_gather_misses(
@@ -867,6 +871,7 @@ impl KvStore<CudaBackend> for OffloadKvStore {
                 q,
                 args.q_row0,
                 visible,
+                true,
             )?
         };
         let n_sel = visible.min(s) + visible.saturating_sub(s).min(rr) + k;
@@ -1004,33 +1009,42 @@ impl OffloadKvStore {
     /// than the caches hold, as a new decode step does). Needs layer-ahead prediction and one
     /// decode step before; the row caches change as a step would change them, and the next step
     /// selects on its own compute stream (the queued predictions are dropped).
-    pub fn time_prefetch_chain(&mut self, flip: bool) -> Result<f64> {
+    /// With `gather` false the misses are not fetched (the selection part of the chain alone).
+    pub fn time_prefetch_chain(&mut self, flip: bool, gather: bool) -> Result<f64> {
         if self.cfg.predict != Predict::LayerAhead {
-            return Err(bad("time_prefetch_chain needs layer-ahead prediction".into()));
+            return Err(bad(
+                "time_prefetch_chain needs layer-ahead prediction".into()
+            ));
         }
         self.prefetch.device_synchronize()?;
         let t = std::time::Instant::now();
         for l in 0..self.layers.len() {
-            self.launch_ahead_with(l, None, (l + usize::from(flip)) % 2)?;
+            self.launch_ahead_with(l, None, (l + usize::from(flip)) % 2, gather)?;
         }
         self.prefetch.synchronize()?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
         st.ready.iter_mut().for_each(|r| *r = None);
+        if !gather {
+            // The caches did not receive the rows the residency lists hold: forget them.
+            st.res.iter_mut().for_each(|r| r.k = 0);
+        }
         Ok(ms)
     }
 
     /// Queues layer `layer`'s selection and row fetch on the prefetch stream (after `after`).
     fn launch_ahead(&mut self, layer: usize, after: Option<StreamEvent>) -> Result<()> {
-        self.launch_ahead_with(layer, after, layer % 2)
+        self.launch_ahead_with(layer, after, layer % 2, true)
     }
 
-    /// [`Self::launch_ahead`] with the predicted query labels of buffer `q_buf`.
+    /// [`Self::launch_ahead`] with the predicted query labels of buffer `q_buf`; without the
+    /// gather of the misses when `gather` is false (for timings).
     fn launch_ahead_with(
         &mut self,
         layer: usize,
         after: Option<StreamEvent>,
         q_buf: usize,
+        gather: bool,
     ) -> Result<()> {
         let visible = self.len + 1;
         if self.top_k(visible) == 0 {
@@ -1058,6 +1072,7 @@ impl OffloadKvStore {
             &q_hat[q_buf],
             0,
             visible,
+            gather,
         )?;
         st.ready[layer] = Some((visible, pf.record()?));
         Ok(())

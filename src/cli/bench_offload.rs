@@ -331,17 +331,26 @@ fn offloaded(
         // Transfer-only: the prefetch chain of every layer alone (batch 1, layer-ahead).
         let chain = if batch == 1 && base.predict == Predict::LayerAhead {
             // Alternating query buffers: each run selects other rows than the caches hold.
+            // Then the same without the gather: the selection's share of the chain.
             let mut v = Vec::with_capacity(5);
+            let mut w = Vec::with_capacity(5);
             for i in 0..5 {
-                v.push(stores[0].time_prefetch_chain(i % 2 == 1)?);
+                v.push(stores[0].time_prefetch_chain(i % 2 == 1, true)?);
             }
-            Some(Stats::of(&v[1..]))
+            for i in 0..5 {
+                w.push(stores[0].time_prefetch_chain(i % 2 == 1, false)?);
+            }
+            Some((Stats::of(&v[1..]), Stats::of(&w[1..])))
         } else {
             None
         };
-        if let Some(c) = &chain {
-            eprintln!("  budget {budget}: prefetch chain alone (transfer-only) {:.2} ms [{:.2}, {:.2}]", c.median, c.min, c.max);
+        if let Some((c, w)) = &chain {
+            eprintln!("  budget {budget}: prefetch chain alone (transfer-only) {:.2} ms [{:.2}, {:.2}]; without the gather {:.2} ms [{:.2}, {:.2}]", c.median, c.min, c.max, w.median, w.min, w.max);
         }
+        let (chain, chain_select) = match chain {
+            Some((c, w)) => (Some(c), Some(w)),
+            None => (None, None),
+        };
         eprintln!(
             "  budget {budget}: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
             st.median,
@@ -367,6 +376,7 @@ fn offloaded(
             "hbm_floor_ms": hbm_floor,
             "pcie_floor_ms": pcie_floor,
             "transfer_only_ms": chain,
+            "chain_without_gather_ms": chain_select,
             "gpu_used_bytes": gpu_used,
             "gpu_store_bytes": store_gpu,
             "host_kv_bytes": store_host,

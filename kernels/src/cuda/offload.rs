@@ -65,7 +65,8 @@ impl CudaBackend {
                 .ctx
                 .new_stream_with_priority(greatest)
                 .map_err(|e| dev_err("creating a stream", e))?;
-            s.join(&self.stream).map_err(|e| dev_err("ordering a new stream", e))?;
+            s.join(&self.stream)
+                .map_err(|e| dev_err("ordering a new stream", e))?;
             s
         } else {
             self.stream
