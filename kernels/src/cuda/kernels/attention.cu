@@ -158,24 +158,6 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_bf16(ATT
 #define GQA_MAX_GROUP 8
 #define GQA_MAX_D 128
 
-// Eight (16-bit T) or four (f32) values of one 16-byte word as floats.
-template <typename T> __device__ __forceinline__ void unpack_u4(uint4 w, float* o) {
-    if constexpr (sizeof(T) == 4) {
-        o[0] = __uint_as_float(w.x); o[1] = __uint_as_float(w.y);
-        o[2] = __uint_as_float(w.z); o[3] = __uint_as_float(w.w);
-    } else {
-        u32 a[4] = {w.x, w.y, w.z, w.w};
-        #pragma unroll
-        for (int t = 0; t < 4; t++) {
-            T lo, hi;
-            lo.x = (u16)(a[t] & 0xffffu);
-            hi.x = (u16)(a[t] >> 16);
-            o[2 * t] = to_f32(lo);
-            o[2 * t + 1] = to_f32(hi);
-        }
-    }
-}
-
 // N consecutive values (N = 1, 2 or 4; aligned to N elements) as floats, in one load.
 template <int N, typename T> __device__ __forceinline__ void load_n(const T* p, float* o) {
     if constexpr (sizeof(T) == 4) {

@@ -161,6 +161,33 @@ __device__ void cast_rows(const float* x, T* out, int cols, long long total) {
 extern "C" __global__ void cast_f16(const float* x, f16_t* o, int c, long long t) { cast_rows(x, o, c, t); }
 extern "C" __global__ void cast_bf16(const float* x, bf16_t* o, int c, long long t) { cast_rows(x, o, c, t); }
 
+// Eight (16-bit T) or four (f32) values of one 16-byte word as floats.
+template <typename T> __device__ __forceinline__ void unpack_u4(uint4 w, float* o) {
+    if constexpr (sizeof(T) == 4) {
+        o[0] = __uint_as_float(w.x); o[1] = __uint_as_float(w.y);
+        o[2] = __uint_as_float(w.z); o[3] = __uint_as_float(w.w);
+    } else {
+        u32 a[4] = {w.x, w.y, w.z, w.w};
+        #pragma unroll
+        for (int t = 0; t < 4; t++) {
+            T lo, hi;
+            lo.x = (u16)(a[t] & 0xffffu);
+            hi.x = (u16)(a[t] >> 16);
+            o[2 * t] = to_f32(lo);
+            o[2 * t + 1] = to_f32(hi);
+        }
+    }
+}
+
+// x[0..8] . the 8 16-bit weights of one 16-byte word, in the order of the CPU backend's sum.
+template <typename T>
+__device__ __forceinline__ float dot8(uint4 q, float4 a, float4 b) {
+    float wf[8];
+    unpack_u4<T>(q, wf);
+    return a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] +
+           b.z * wf[6] + b.w * wf[7];
+}
+
 // ---- gemv for a few rows: out[r, j] = sum_k x[r, k] * W[j, k], W 16-bit, x f32 --------------
 // One warp per output column j (a row of W); lanes stride over k, 8 weights (16 bytes) at a time
 // when k is a multiple of 8. x rows (at most GEMV_ROWS) are read through the cache. f32
@@ -179,23 +206,11 @@ __device__ void gemv(const float* x, const T* w, float* out, int n, int k, int n
         int nv = k >> 3;
         for (int v = lane; v < nv; v += 32) {
             uint4 q = wv[v];
-            u32 words[4] = {q.x, q.y, q.z, q.w};
-            float wf[8];
-            #pragma unroll
-            for (int t = 0; t < 4; t++) {
-                T lo, hi;
-                lo.x = (u16)(words[t] & 0xffffu);
-                hi.x = (u16)(words[t] >> 16);
-                wf[2 * t] = to_f32(lo);
-                wf[2 * t + 1] = to_f32(hi);
-            }
             #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) {
                 if (r < n) {
                     const float4* xv = (const float4*)(x + (size_t)r * k + v * 8);
-                    float4 a = xv[0], b = xv[1];
-                    acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] +
-                              b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+                    acc[r] += dot8<T>(q, xv[0], xv[1]);
                 }
             }
         }
@@ -215,23 +230,6 @@ __device__ void gemv(const float* x, const T* w, float* out, int n, int k, int n
         }
     }
 }
-// x[0..8] . the 8 16-bit weights of one 16-byte word, in the order of the CPU backend's sum.
-template <typename T>
-__device__ __forceinline__ float dot8(uint4 q, float4 a, float4 b) {
-    u32 words[4] = {q.x, q.y, q.z, q.w};
-    float wf[8];
-    #pragma unroll
-    for (int t = 0; t < 4; t++) {
-        T lo, hi;
-        lo.x = (u16)(words[t] & 0xffffu);
-        hi.x = (u16)(words[t] >> 16);
-        wf[2 * t] = to_f32(lo);
-        wf[2 * t + 1] = to_f32(hi);
-    }
-    return a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] +
-           b.z * wf[6] + b.w * wf[7];
-}
-
 // One activation row (batch-1 decode), k a multiple of 8: each lane keeps L 16-byte weight loads
 // in flight (streaming, not kept in L1) before using them, so that enough bytes are outstanding
 // to cover HBM latency with one warp per output. Kernels: gemv1_* (L = 8), gemv1l4_* (L = 4).
