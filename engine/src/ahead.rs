@@ -11,11 +11,17 @@ use farsight_kernels::{Backend, Rope};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 
-/// The `W_q` label rows of every layer but the first (which has no layer before it).
+/// Leading layers that select on their own query (synchronously) even with layer-ahead
+/// prediction: layer 0 has no layer before it, and layer 1's prediction from the raw embeddings
+/// is poor (on SmolLM2-135M: recall 0.17, and 0.10-0.19 of its rows reused from step to step,
+/// against 0.9 and 0.7 for the other layers; BENCHMARKS.md).
+pub const SAME_LAYER_LEADING: usize = 2;
+
+/// The `W_q` label rows of every layer past the first [`SAME_LAYER_LEADING`].
 pub struct LayerAhead<B: Backend> {
     /// `channels[layer][kv_head]`: the label channels the rows were cut for.
     pub channels: Vec<Vec<Vec<usize>>>,
-    /// `rows[layer]`: `n_heads * 2r` rows of `W_q` (`None` for layer 0).
+    /// `rows[layer]`: `n_heads * 2r` rows of `W_q` (`None` for the leading layers).
     rows: Vec<Option<B::Matrix>>,
     /// The matching entries of the query bias (Qwen2), same order.
     bias: Vec<Option<Vec<f32>>>,
@@ -41,9 +47,10 @@ impl<B: Backend> LayerAhead<B> {
                 "layer-ahead channels do not fit the model".into(),
             ));
         }
-        let mut rows = vec![None];
-        let mut bias = vec![None];
-        for (l, layer_channels) in channels.iter().enumerate().skip(1) {
+        let lead = SAME_LAYER_LEADING.min(cfg.num_layers);
+        let mut rows: Vec<Option<B::Matrix>> = (0..lead).map(|_| None).collect();
+        let mut bias = vec![None; lead];
+        for (l, layer_channels) in channels.iter().enumerate().skip(lead) {
             let mut idx = Vec::with_capacity(cfg.num_heads * 2 * r);
             for h in 0..cfg.num_heads {
                 let ch = &layer_channels[h / group];
@@ -77,7 +84,7 @@ impl<B: Backend> LayerAhead<B> {
         n_heads * 2 * self.r
     }
 
-    /// Layer `layer`'s label rows (`None` for layer 0).
+    /// Layer `layer`'s label rows (`None` for the leading layers, which select on their own query).
     pub fn rows(&self, layer: usize) -> Option<&B::Matrix> {
         self.rows.get(layer).and_then(|m| m.as_ref())
     }
