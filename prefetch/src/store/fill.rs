@@ -1,0 +1,161 @@
+//! Filling an [`OffloadKvStore`] outside the decode path: the fixed window rows (sinks and the
+//! recent ring) from the slabs, random contexts for benchmarks, and the prefetch chain timed
+//! alone (the transfer-only step of `farsight bench offload`).
+
+use farsight_kernels::cuda::{CudaBackend, KvRows};
+use farsight_kernels::Result;
+use farsight_offload::sparse::Predict;
+
+use super::{bad, OffloadKvStore};
+use crate::config::RowHome;
+
+impl OffloadKvStore {
+    /// Copies tokens `toks` (sinks and recent tokens, each < the store's length) of every
+    /// layer from the slab into their fixed window slots (a sink at its own index, a recent
+    /// token at `sink + (t - sink) % recent` in the ring), on `be`'s stream.
+    pub(super) fn load_fixed_rows(&self, be: &CudaBackend, toks: &[usize]) -> Result<()> {
+        if toks.is_empty() {
+            return Ok(());
+        }
+        let (n_kv, d, s, rr) = (
+            self.shape.n_kv_heads,
+            self.shape.head_dim,
+            self.cfg.sink,
+            self.cfg.recent,
+        );
+        let row = 2 * d * self.cfg.dtype.size();
+        let wr = self.window_rows();
+        let mut res = be.ds_residency_state(n_kv, toks.len())?;
+        let per_head = |f: &dyn Fn(usize) -> i32| -> Vec<i32> {
+            (0..n_kv).flat_map(|_| toks.iter().map(|&t| f(t))).collect()
+        };
+        res.miss_tok = be.dev_upload(&per_head(&|t| t as i32))?;
+        res.miss_slot = be.dev_upload(&per_head(&|t| {
+            if t < s {
+                t as i32
+            } else {
+                (s + (t - s) % rr) as i32
+            }
+        }))?;
+        res.n_miss = be.dev_upload(&vec![toks.len() as i32; n_kv])?;
+        res.k = toks.len();
+        for lay in &self.layers {
+            be.ds_gather_misses(
+                self.cfg.home == RowHome::Host,
+                lay.slab_ptr,
+                n_kv * row,
+                row,
+                &res,
+                n_kv,
+                row,
+                lay.window_ptr,
+                wr,
+                0,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Fills the first `n` tokens of every layer with random rows (`scale`, `seed`) and their
+    /// labels, and marks them committed: a context for decode benchmarks without a prefill.
+    pub fn fill_random(&mut self, be: &CudaBackend, n: usize, scale: f32, seed: u64) -> Result<()> {
+        if n > self.cfg.capacity {
+            return Err(bad(format!(
+                "{n} tokens exceed the store's capacity {}",
+                self.cfg.capacity
+            )));
+        }
+        let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
+        let cap = self.cfg.capacity.max(1);
+        let (s, rr) = (self.cfg.sink, self.cfg.recent);
+        let es = self.cfg.dtype.size();
+        // Rows are made on the device in chunks (random values, then their labels), then copied
+        // to the slab: one pass over PCIe at copy speed.
+        let row_tok = n_kv * 2 * d * es;
+        let chunk = n.clamp(1, 32_768);
+        let tmp = be.dev_zeros::<u8>(chunk * row_tok)?;
+        let tmp_ptr = be.dev_ptr(&tmp);
+        for (l, lay) in self.layers.iter_mut().enumerate() {
+            for t0 in (0..n).step_by(chunk) {
+                let t1 = (t0 + chunk).min(n);
+                let seed_c = seed ^ ((l as u64 + 1) << 32) ^ (t0 as u64).wrapping_mul(0x9E37_79B9);
+                be.random_fill_ptr(
+                    tmp_ptr,
+                    (t1 - t0) * n_kv * 2 * d,
+                    self.cfg.dtype,
+                    scale,
+                    seed_c,
+                )?;
+                // The label kernel addresses token t at k + t * tok_stride: shift the base so
+                // that token t0 is the chunk's first row. Its "head_dim" is the stride between
+                // heads (2D here), the label channels index into K.
+                let base = tmp_ptr.wrapping_sub((t0 * row_tok) as u64);
+                let k = KvRows {
+                    k: base,
+                    v: base,
+                    tok_stride: n_kv * 2 * d,
+                    head_stride: 2 * d,
+                    dtype: self.cfg.dtype,
+                };
+                be.ds_labels_from_cache(
+                    &k,
+                    n_kv,
+                    2 * d,
+                    &lay.chan,
+                    r,
+                    t0,
+                    t1,
+                    &mut lay.labels,
+                    cap,
+                )?;
+                be.copy_ptr(
+                    lay.slab_ptr + (t0 * row_tok) as u64,
+                    tmp_ptr,
+                    (t1 - t0) * row_tok,
+                )?;
+            }
+        }
+        // Sinks and the ring from the slab.
+        let toks: Vec<usize> = (0..n.min(s))
+            .chain(n.saturating_sub(rr).max(s)..n)
+            .collect();
+        self.load_fixed_rows(be, &toks)?;
+        be.synchronize()?;
+        let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
+        for res in st.res.iter_mut() {
+            res.k = 0;
+        }
+        self.len = n;
+        Ok(())
+    }
+
+    /// The prefetch chain of every layer (label scores, top-k, residency, gather of the misses)
+    /// run alone on the prefetch stream, as one decode step would queue it: its wall time in ms,
+    /// a "transfer-only" step for overlap figures. The queries are the last two predicted query
+    /// labels (layer parity `flip`-swapped, so that calls alternating `flip` select other rows
+    /// than the caches hold, as a new decode step does). Needs layer-ahead prediction and one
+    /// decode step before; the row caches change as a step would change them, and the next step
+    /// selects on its own compute stream (the queued predictions are dropped).
+    /// With `gather` false the misses are not fetched (the selection part of the chain alone).
+    pub fn time_prefetch_chain(&mut self, flip: bool, gather: bool) -> Result<f64> {
+        if self.cfg.predict != Predict::LayerAhead {
+            return Err(bad(
+                "time_prefetch_chain needs layer-ahead prediction".into()
+            ));
+        }
+        self.prefetch.device_synchronize()?;
+        let t = std::time::Instant::now();
+        for l in 0..self.layers.len() {
+            self.launch_ahead_with(l, None, (l + usize::from(flip)) % 2, gather)?;
+        }
+        self.prefetch.synchronize()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
+        st.ready.iter_mut().for_each(|r| *r = None);
+        if !gather {
+            // The caches did not receive the rows the residency lists hold: forget them.
+            st.res.iter_mut().for_each(|r| r.k = 0);
+        }
+        Ok(ms)
+    }
+}
