@@ -11,26 +11,61 @@ use crate::backend::{CausalAttn, DType, Result};
 /// Largest head dimension the attention kernel handles (`ATTN_MAX_T * 32` in attention.cu).
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
 
-/// Limits of the GQA key-per-lane attention kernel (`GQA_MAX_GROUP`, `GQA_MAX_D`): groups of up
-/// to 8 query heads per KV head, head dims 64 and 128 (the kernels are instantiated per head dim).
+/// Limit of the GQA key-per-lane attention kernel (`GQA_MAX_GROUP`): groups of up to 8 query
+/// heads per KV head; head dims 64 and 128 (the kernels are instantiated per head dim).
 pub const GQA_MAX_GROUP: usize = 8;
-pub const GQA_MAX_HEAD_DIM: usize = 128;
 
 /// Whether the GQA kernels (dense and sparse) are instantiated for this head dimension.
 pub(super) fn gqa_head_dim(head_dim: usize) -> bool {
     head_dim == 64 || head_dim == 128
 }
 
-/// `<prefix>_<dtype>_d<head dim>_g<4|8>`: the instantiation of a GQA kernel (attention.cu's
-/// `GQA_KERNEL`, sparse.cu's `SPARSE_KERNEL`) for a checked head dim and group <= 8.
-pub(super) fn gqa_kernel_name(prefix: &str, dtype: DType, head_dim: usize, group: usize) -> String {
+/// The instantiation of a GQA kernel (attention.cu's `GQA_KERNEL`, sparse.cu's
+/// `SPARSE_KERNEL`) for a checked head dim (64 or 128) and group <= 8: `<prefix>_<dtype>_d<D>_g<4|8>`.
+/// `sparse` picks `sparse_attn_*` (16-bit only) over `attention_gqa_*`. A table, not `format!`:
+/// it runs once per layer and token.
+pub(super) fn gqa_kernel_name(
+    sparse: bool,
+    dtype: DType,
+    head_dim: usize,
+    group: usize,
+) -> &'static str {
+    const DENSE: [[[&str; 2]; 2]; 3] = [
+        [
+            ["attention_gqa_f32_d64_g4", "attention_gqa_f32_d64_g8"],
+            ["attention_gqa_f32_d128_g4", "attention_gqa_f32_d128_g8"],
+        ],
+        [
+            ["attention_gqa_f16_d64_g4", "attention_gqa_f16_d64_g8"],
+            ["attention_gqa_f16_d128_g4", "attention_gqa_f16_d128_g8"],
+        ],
+        [
+            ["attention_gqa_bf16_d64_g4", "attention_gqa_bf16_d64_g8"],
+            ["attention_gqa_bf16_d128_g4", "attention_gqa_bf16_d128_g8"],
+        ],
+    ];
+    const SPARSE: [[[&str; 2]; 2]; 3] = [
+        [["", ""], ["", ""]],
+        [
+            ["sparse_attn_f16_d64_g4", "sparse_attn_f16_d64_g8"],
+            ["sparse_attn_f16_d128_g4", "sparse_attn_f16_d128_g8"],
+        ],
+        [
+            ["sparse_attn_bf16_d64_g4", "sparse_attn_bf16_d64_g8"],
+            ["sparse_attn_bf16_d128_g4", "sparse_attn_bf16_d128_g8"],
+        ],
+    ];
     let dt = match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
     };
-    let g = if group <= 4 { 4 } else { 8 };
-    format!("{prefix}_{dt}_d{head_dim}_g{g}")
+    let (d, g) = (usize::from(head_dim == 128), usize::from(group > 4));
+    if sparse {
+        SPARSE[dt][d][g]
+    } else {
+        DENSE[dt][d][g]
+    }
 }
 
 /// Queries per call from which the tensor-core flash kernel runs (16-bit KV, head dim 64 or 128).
@@ -210,12 +245,11 @@ impl CudaBackend {
         }
         let gqa = kernel == AttnKernel::Gqa;
         let name = match (gqa, k.dtype) {
-            (false, DType::F32) => "attention_f32".to_string(),
-            (false, DType::F16) => "attention_f16".to_string(),
-            (false, DType::BF16) => "attention_bf16".to_string(),
-            (true, dt) => gqa_kernel_name("attention_gqa", dt, s.head_dim, s.group()),
+            (false, DType::F32) => "attention_f32",
+            (false, DType::F16) => "attention_f16",
+            (false, DType::BF16) => "attention_bf16",
+            (true, dt) => gqa_kernel_name(false, dt, s.head_dim, s.group()),
         };
-        let name = name.as_str();
         let heads_per_block = if gqa { s.n_kv_heads } else { s.n_heads };
         let max_keys = s.window.map_or(total, |w| w.min(total));
         let (n_split, chunk) = self.attention_split(a.n_q, heads_per_block, max_keys);
@@ -275,5 +309,35 @@ impl CudaBackend {
             unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every GQA instantiation the dispatch can name is compiled and loaded (listed in `KERNELS`).
+    #[test]
+    fn gqa_kernel_names_are_loaded() {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            for d in [64, 128] {
+                for g in 1..=GQA_MAX_GROUP {
+                    let dense = gqa_kernel_name(false, dt, d, g);
+                    assert!(super::super::KERNELS.contains(&dense), "{dense}");
+                    if dt != DType::F32 {
+                        let sparse = gqa_kernel_name(true, dt, d, g);
+                        assert!(super::super::KERNELS.contains(&sparse), "{sparse}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            gqa_kernel_name(true, DType::BF16, 128, 4),
+            "sparse_attn_bf16_d128_g4"
+        );
+        assert_eq!(
+            gqa_kernel_name(false, DType::F16, 64, 5),
+            "attention_gqa_f16_d64_g8"
+        );
     }
 }

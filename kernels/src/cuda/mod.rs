@@ -25,9 +25,7 @@ use cudarc::nvrtc::Ptx;
 use crate::backend::{Backend, CausalAttn, DType, HostMatrix, Result, Rope};
 use crate::error::KernelError;
 
-pub use attention::{
-    AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP, GQA_MAX_HEAD_DIM,
-};
+pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP};
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
 pub use matmul::GEMV_MAX_ROWS;
 pub use offload::{Residency, RowSlab, StreamEvent};

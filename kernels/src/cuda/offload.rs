@@ -49,12 +49,8 @@ pub struct Residency {
 
 impl CudaBackend {
     /// A backend on a new stream of the same context: pointers, kernels and events are shared,
-    /// work on the two streams runs concurrently unless ordered by [`StreamEvent`]s.
-    pub fn sibling(&self) -> Result<CudaBackend> {
-        self.sibling_with_priority(false)
-    }
-
-    /// [`Self::sibling`]; with `high`, its stream has the device's greatest priority: the block
+    /// work on the two streams runs concurrently unless ordered by [`StreamEvent`]s. With `high`,
+    /// its stream has the device's greatest priority: the block
     /// scheduler starts its kernels' blocks before pending blocks of normal-priority streams (for
     /// short, latency-critical work such as the prefetch chain that the compute stream waits on).
     pub fn sibling_with_priority(&self, high: bool) -> Result<CudaBackend> {

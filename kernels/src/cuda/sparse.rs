@@ -497,8 +497,7 @@ impl CudaBackend {
                 "sparse attention over f32 rows: not implemented".into(),
             ));
         }
-        let name = super::attention::gqa_kernel_name("sparse_attn", kv.dtype, head_dim, group);
-        let name = name.as_str();
+        let name = super::attention::gqa_kernel_name(true, kv.dtype, head_dim, group);
         let want = (4 * self.sm_count).div_ceil(n_kv);
         let n_split = want.min(n_sel.div_ceil(256)).clamp(1, 65_535);
         let chunk = n_sel.div_ceil(n_split);

@@ -156,7 +156,6 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_bf16(ATT
 // kernels are named `attention_gqa_<dtype>_d<D>_g<G>`. `sparse_attn_*` (sparse.cu) runs the same
 // block over rows picked by an index.
 #define GQA_MAX_GROUP 8
-#define GQA_MAX_D 128
 
 // N consecutive values (N = 1, 2 or 4; aligned to N elements) as floats, in one load.
 template <int N, typename T> __device__ __forceinline__ void load_n(const T* p, float* o) {
