@@ -6,7 +6,7 @@
 mod common;
 
 use common::vals;
-use farsight_kernels::cuda::{CudaBackend, DevBuf, KvRows};
+use farsight_kernels::cuda::{CudaBackend, DevBuf, HostPages, KvRows, PinnedKind};
 use farsight_kernels::{Backend, DType};
 
 fn backend() -> Option<CudaBackend> {
@@ -244,7 +244,12 @@ fn attn_ref(q: &[f32], k: &[f32], v: &[f32], sel: &[Vec<i32>], scale: f64) -> Ve
 fn sparse_attention_and_gather_match_cpu() {
     let Some(be) = backend() else { return };
     let n = 40_000;
-    for dtype in [DType::BF16, DType::F16] {
+    // Both host-page kinds: huge pages registered with the driver, and cuMemHostAlloc.
+    for (dtype, pages) in [
+        (DType::BF16, HostPages::Huge),
+        (DType::F16, HostPages::Cuda),
+        (DType::BF16, HostPages::Cuda),
+    ] {
         let mut k = be.cache(n, N_KV * D, dtype).unwrap();
         let mut v = be.cache(n, N_KV * D, dtype).unwrap();
         be.fill_cache_random(&mut k, 1.0, 21).unwrap();
@@ -264,7 +269,12 @@ fn sparse_attention_and_gather_match_cpu() {
         // Host tier layout: [token][kv head][K | V], from the same values (bit copies).
         let es = dtype.size();
         let row = 2 * D * es;
-        let mut host = be.pinned(n * N_KV * row).unwrap();
+        let mut host = be.pinned_with(n * N_KV * row, pages).unwrap();
+        println!("host rows: {} ({} bytes)", host.kind().name(), host.len());
+        assert_eq!(host.len(), n * N_KV * row);
+        if pages == HostPages::Cuda {
+            assert_eq!(host.kind(), PinnedKind::Cuda);
+        }
         let kb = to_bytes(&kh, dtype);
         let vb = to_bytes(&vh, dtype);
         {

@@ -359,6 +359,14 @@ impl OffloadKvStore {
         })
     }
 
+    /// What backs the host slabs (`None` with the rows on the device).
+    pub fn host_pages(&self) -> Option<farsight_kernels::cuda::PinnedKind> {
+        self.layers.iter().find_map(|l| match &l.slab {
+            Slab::Host(p) => Some(p.kind()),
+            Slab::Device(_) => None,
+        })
+    }
+
     /// Bytes on the GPU (labels, windows and row caches, residency, scratch, staging) and in
     /// pinned host memory (the slabs).
     pub fn footprint(&self) -> (usize, usize) {

@@ -294,8 +294,9 @@ fn offloaded(
         .iter()
         .map(|s| s.footprint())
         .fold((0, 0), |(g, h), (a, b)| (g + a, h + b));
+    let host_pages = stores[0].host_pages().map_or("-", |k| k.name());
     eprintln!(
-        "context {ctx} batch {batch}: {:.1} GiB of pinned host KV filled in {:.1} s; GPU {:.2} GiB used of {:.1} (stores {:.2} GiB)",
+        "context {ctx} batch {batch}: {:.1} GiB of pinned host KV ({host_pages}) filled in {:.1} s; GPU {:.2} GiB used of {:.1} (stores {:.2} GiB)",
         store_host as f64 / GIB,
         t0.elapsed().as_secs_f64(),
         gpu_used as f64 / GIB,
@@ -366,6 +367,7 @@ fn offloaded(
             "batch": batch,
             "budget": budget.to_string(),
             "rows_per_kv_head": rows_per_head,
+            "host_pages": host_pages,
             "step_ms": st,
             "steps_ms": r.ms,
             "tok_s": batch as f64 * 1e3 / st.median,

@@ -201,7 +201,8 @@ impl CudaBackend {
         let n_split = if forced > 0 {
             max_keys.div_ceil(forced)
         } else {
-            let want = (4 * self.sm_count).div_ceil((n_q * n_blocks_heads).max(1));
+            let want =
+                (self.attn_blocks_per_sm * self.sm_count).div_ceil((n_q * n_blocks_heads).max(1));
             want.min(max_keys.div_ceil(256)).max(1)
         }
         .min(65_535);

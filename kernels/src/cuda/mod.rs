@@ -12,6 +12,7 @@ mod compile;
 mod matmul;
 mod offload;
 mod ops;
+mod pinned;
 mod sparse;
 
 use std::collections::HashMap;
@@ -29,7 +30,8 @@ pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GR
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
 pub use matmul::GEMV_MAX_ROWS;
 pub use offload::{Residency, RowSlab, StreamEvent};
-pub use sparse::{DevBuf, KvRows, PinnedBuf, TopkScratch, DS_MAX_R};
+pub use pinned::{HostPages, PinnedBuf, PinnedKind};
+pub use sparse::{DevBuf, KvRows, TopkScratch, DS_MAX_R};
 
 const KERNELS: &[&str] = &[
     "embedding_f32",
@@ -125,6 +127,8 @@ pub struct CudaBackend {
     /// Use the tensor-core flash kernel for prefill chunks where the shape allows.
     attn_flash: AtomicBool,
     sm_count: usize,
+    /// Blocks per SM the decode attention's split aims at.
+    attn_blocks_per_sm: usize,
     name: String,
     arch: String,
     ptx_from_cache: bool,
@@ -263,6 +267,12 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or((sm_count / 8).max(1)),
             attn_chunk: AtomicUsize::new(0),
+            // FARSIGHT_ATTN_BLOCKS: decode attention blocks per SM the split aims at (default 4).
+            attn_blocks_per_sm: std::env::var("FARSIGHT_ATTN_BLOCKS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&b: &usize| b > 0)
+                .unwrap_or(4),
             attn_gqa: AtomicBool::new(true),
             attn_flash: AtomicBool::new(true),
             sm_count,

@@ -87,6 +87,7 @@ impl CudaBackend {
             attn_gqa: AtomicBool::new(self.attn_gqa.load(std::sync::atomic::Ordering::Relaxed)),
             attn_flash: AtomicBool::new(self.attn_flash.load(std::sync::atomic::Ordering::Relaxed)),
             sm_count: self.sm_count,
+            attn_blocks_per_sm: self.attn_blocks_per_sm,
             name: format!("{} (prefetch stream)", self.name),
             arch: self.arch.clone(),
             ptx_from_cache: self.ptx_from_cache,

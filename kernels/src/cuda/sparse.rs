@@ -6,10 +6,9 @@
 //! host memory (UVA zero-copy).
 //!
 //! KV rows are addressed by raw 64-bit pointers ([`KvRows`]), so the same kernels read a device
-//! [`CudaCache`] or a [`PinnedBuf`] (allocated PORTABLE | DEVICEMAP, never write-combined: the CPU
-//! reads it too).
+//! [`CudaCache`] or a [`super::PinnedBuf`] (pinned.rs).
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{dev_err, int, shape_err, CudaBackend, CudaCache, CudaTensor};
 use crate::backend::{DType, Result};
@@ -27,34 +26,6 @@ pub const DS_MAX_R: usize = 64;
 pub struct DevBuf<T> {
     pub len: usize,
     pub(super) data: CudaSlice<T>,
-}
-
-/// Page-locked host memory mapped for the device (PORTABLE | DEVICEMAP): with UVA its address is
-/// usable by kernels as is.
-pub struct PinnedBuf {
-    data: PinnedHostSlice<u8>,
-}
-
-impl PinnedBuf {
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-    /// The bytes, for the host to fill or read (waits for queued device work on the buffer).
-    pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
-        self.data
-            .as_mut_slice()
-            .map_err(|e| dev_err("pinned buffer", e))
-    }
-    /// The address kernels read it at (UVA: the host address).
-    pub fn ptr(&self) -> Result<u64> {
-        Ok(self
-            .data
-            .as_ptr()
-            .map_err(|e| dev_err("pinned buffer", e))? as u64)
-    }
 }
 
 /// Where a kernel finds KV rows: row `t` of KV head `g` has its K at `k + (t * tok_stride + g *
@@ -132,19 +103,6 @@ impl CudaBackend {
             return Ok(());
         }
         self.random_fill(&mut c.data, n, c.dtype, scale, seed)
-    }
-
-    /// `bytes` of pinned host memory, PORTABLE | DEVICEMAP (not write-combined).
-    pub fn pinned(&self, bytes: usize) -> Result<PinnedBuf> {
-        use cudarc::driver::sys::{CU_MEMHOSTALLOC_DEVICEMAP, CU_MEMHOSTALLOC_PORTABLE};
-        let data = unsafe {
-            self.ctx.alloc_pinned_with_flags::<u8>(
-                bytes.max(1),
-                CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP,
-            )
-        }
-        .map_err(|e| self.alloc_err(e, "pinned host buffer", bytes))?;
-        Ok(PinnedBuf { data })
     }
 
     /// Writes f16 labels `labels[g][t][c] = K[t][g * head_dim + chan[g][c]]` for tokens

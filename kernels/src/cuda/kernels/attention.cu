@@ -183,10 +183,57 @@ template <int N, typename T> __device__ __forceinline__ void load_n(const T* p, 
     }
 }
 
+// 16-byte asynchronous copy global -> shared (sm_80+; a plain load and store before that).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+    *(uint4*)smem = *(const uint4*)gmem;
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Shared memory of gqa_block: per warp a tile of 32 K rows (16-bit K; rows padded by 16 bytes so
+// a lane reading its own row hits distinct banks), reused for the warps' merge after the loop.
+template <typename T, int D, int G> struct GqaSmem {
+    static constexpr int RS = D * (int)sizeof(T) + 16;  // padded row bytes
+    static constexpr int TILE = sizeof(T) == 2 ? ATTN_WARPS * 32 * RS : 0;
+    static constexpr int MERGE = ATTN_WARPS * G * D * 4;
+    static constexpr int BYTES = TILE > MERGE ? TILE : MERGE;
+};
+
+// The warp's 32 K rows (row of key jj in lane jj's `row`) into its tile: W = D * 2 / 16 lanes per
+// row, so each instruction moves 32 / W whole rows (coalesced), W copies per lane in flight.
+template <typename T, int D>
+__device__ __forceinline__ void gqa_k_tile(unsigned char* tile, const T* kh, long row, long stride,
+                                           int lane) {
+    constexpr int W = D * (int)sizeof(T) / 16;  // 16-byte words per row
+    constexpr int RPI = 32 / W;                 // rows per instruction
+    constexpr int RS = D * (int)sizeof(T) + 16;
+    int word = lane % W;
+    #pragma unroll
+    for (int i = 0; i < W; i++) {
+        int key = i * RPI + lane / W;
+        long r = __shfl_sync(0xffffffffu, row, key);
+        cp_async16(tile + key * RS + word * 16, (const uint4*)(kh + r * stride) + word);
+    }
+}
+
 // The block's work: the `group` queries at qp (group x D floats) over rows kb..ke of one KV
 // head (row j at kh/vh + (ix ? ix[j] : j) * stride elements). With n_split == 1 writes query r's
 // normalised output to out[r * D ..]; else its partial (acc[D], max, sum) to
 // part[(r * n_split + split) * (D + 2) ..] for attention_combine.
+//
+// 16-bit K goes through shared memory: the warp copies the next 32 rows into its tile with
+// cp.async (whole rows per instruction) while it works on V of the current ones, then each lane
+// reads its own row from the tile. (Each lane reading its row straight from global memory made
+// consecutive 16-byte loads of a lane depend on L1 keeping the other half of each 32-byte sector,
+// which it stops doing beyond about 16 warps per SM.) f32 K is read per lane from global memory.
 template <typename T, int D, int G>
 __device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T* vh,
                                           const int* ix, long stride, int kb, int ke, int group,
@@ -195,11 +242,14 @@ __device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T*
     constexpr int NT = D / 32;            // V dims per lane
     constexpr int VPU = 16 / sizeof(T);   // values per 16-byte word
     constexpr int U = 64 / VPU;           // words per 64 dims
+    constexpr bool STAGED = sizeof(T) == 2;
+    using SM = GqaSmem<T, D, G>;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     __shared__ __align__(16) float qs[G * D];
+    __shared__ __align__(16) unsigned char sm_raw[SM::BYTES];
+    unsigned char* tile = sm_raw + (STAGED ? warp * 32 * SM::RS : 0);
     for (int x = threadIdx.x; x < group * D; x += blockDim.x) qs[x] = qp[x];
-    __syncthreads();
 
     float m[G], l[G], acc[G][NT];
     #pragma unroll
@@ -209,16 +259,31 @@ __device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T*
         #pragma unroll
         for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
     }
-    for (int j0 = kb + warp * 32; j0 < ke; j0 += ATTN_WARPS * 32) {
+    // Row of key j0 + lane (lanes past the end take the warp's first row: valid memory, weight 0).
+    auto row_of = [&](int j0) -> long {
         int j = j0 + lane;
-        bool valid = j < ke;
-        // Lanes past the end read the warp's first row (valid memory) and get weight 0.
-        int jr = valid ? j : j0;
-        long row = ix ? (long)ix[jr] : (long)jr;
+        int jr = j < ke ? j : j0;
+        return ix ? (long)ix[jr] : (long)jr;
+    };
+    int j0 = kb + warp * 32;
+    long row = j0 < ke ? row_of(j0) : 0;
+    if constexpr (STAGED) {
+        if (j0 < ke) gqa_k_tile<T, D>(tile, kh, row, stride, lane);
+    }
+    __syncthreads();  // qs
+    for (; j0 < ke; j0 += ATTN_WARPS * 32) {
+        bool valid = j0 + lane < ke;
         float s[G];
         #pragma unroll
         for (int r = 0; r < G; r++) s[r] = 0.0f;
-        const uint4* kr = (const uint4*)(kh + row * stride);
+        const uint4* kr;
+        if constexpr (STAGED) {
+            cp_async_wait_all();
+            __syncwarp();
+            kr = (const uint4*)(tile + lane * SM::RS);
+        } else {
+            kr = (const uint4*)(kh + row * stride);
+        }
         #pragma unroll
         for (int c = 0; c < D / 64; c++) {
             uint4 raw[U];
@@ -240,6 +305,13 @@ __device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T*
                     }
                 }
             }
+        }
+        // The next 32 rows' K into the tile while this step's V is read.
+        int jn = j0 + ATTN_WARPS * 32;
+        long row_next = jn < ke ? row_of(jn) : 0;
+        if constexpr (STAGED) {
+            __syncwarp();  // every lane has read its row of the tile
+            if (jn < ke) gqa_k_tile<T, D>(tile, kh, row_next, stride, lane);
         }
         float p[G];
         #pragma unroll
@@ -280,11 +352,13 @@ __device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T*
                 }
             }
         }
+        row = row_next;
     }
 
-    // Merge the warps through shared memory.
+    // Merge the warps through shared memory (the tiles' space: wait until every warp is done).
     __shared__ float sm_m[ATTN_WARPS][G], sm_l[ATTN_WARPS][G];
-    __shared__ float sm_acc[ATTN_WARPS][G][D];
+    float(*sm_acc)[G][D] = (float(*)[G][D])sm_raw;
+    __syncthreads();
     #pragma unroll
     for (int r = 0; r < G; r++) {
         if (r < group) {
