@@ -108,29 +108,56 @@ __device__ void attention(const float* q, int q_cols, int q_row0, int q_col0, co
     }
 }
 
-// Merges the n_split partials of each (query row, head): grid (n_q, n_heads), threads over D.
+// Merges the n_split partials of each (query row, head): grid (n_q, n_heads), blockDim.x >= D
+// threads (a multiple of 32). The splits' weights exp(m_s - max) are computed once per split, in
+// parallel, and kept in shared memory a chunk at a time; each thread then sums its dim over the
+// splits with independent loads (the partials are L2-resident).
+#define COMBINE_CHUNK 256
 extern "C" __global__ void attention_combine(const float* part, float* out, int out_cols,
                                              int out_row0, int n_heads, int head_dim,
                                              int n_split) {
-    int i = blockIdx.x, h = blockIdx.y;
-    const float* pp = part + (size_t)(i * n_heads + h) * n_split * (head_dim + 2);
+    int i = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
+    int lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
     int stride = head_dim + 2;
+    const float* pp = part + (size_t)(i * n_heads + h) * n_split * stride;
+    __shared__ float red[32];
+    __shared__ float f[COMBINE_CHUNK];
+    // Largest max over the splits with keys (l > 0; an empty split has m = -inf).
     float mm = NEG_INF;
-    for (int s = 0; s < n_split; s++)
+    for (int s = tid; s < n_split; s += nt)
         if (pp[s * stride + head_dim + 1] > 0.0f) mm = fmaxf(mm, pp[s * stride + head_dim]);
-    float* op = out + (size_t)(out_row0 + i) * out_cols + (size_t)h * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float num = 0.0f, den = 0.0f;
-        for (int s = 0; s < n_split; s++) {
-            float l = pp[s * stride + head_dim + 1];
-            if (l > 0.0f) {
-                float f = expf(pp[s * stride + head_dim] - mm);
-                num += pp[s * stride + d] * f;
-                den += l * f;
-            }
+    mm = warp_max(mm);
+    if (lane == 0) red[warp] = mm;
+    __syncthreads();
+    mm = NEG_INF;
+    for (int w = 0; w < nw; w++) mm = fmaxf(mm, red[w]);
+    float num = 0.0f, den = 0.0f;
+    for (int s0 = 0; s0 < n_split; s0 += COMBINE_CHUNK) {
+        int n = min(COMBINE_CHUNK, n_split - s0);
+        __syncthreads();  // the previous chunk's weights are used up (and red[] is read)
+        for (int t = tid; t < n; t += nt) {
+            const float* ps = pp + (size_t)(s0 + t) * stride;
+            float l = ps[head_dim + 1];
+            float w = l > 0.0f ? expf(ps[head_dim] - mm) : 0.0f;
+            f[t] = w;
+            den += l * w;
         }
-        op[d] = num / den;
+        __syncthreads();
+        if (tid < head_dim) {
+            const float* pd = pp + (size_t)s0 * stride + tid;
+            #pragma unroll 8
+            for (int t = 0; t < n; t++) num += pd[(size_t)t * stride] * f[t];
+        }
     }
+    // den: each thread summed its own splits; add them up.
+    den = warp_sum(den);
+    __syncthreads();
+    if (lane == 0) red[warp] = den;
+    __syncthreads();
+    den = 0.0f;
+    for (int w = 0; w < nw; w++) den += red[w];
+    if (tid < head_dim)
+        out[(size_t)(out_row0 + i) * out_cols + (size_t)h * head_dim + tid] = num / den;
 }
 
 #define ATTN_ARGS(T)                                                                        \
