@@ -130,8 +130,11 @@ fn labels_scores_and_topk_match_cpu() {
         // Top-k of these scores against a full CPU sort.
         if m >= 16 {
             let mut scratch = be.ds_topk_scratch(N_KV, m).unwrap();
-            for kk in [1, 7, m / 16, m / 64, m - 1, m] {
-                if kk == 0 {
+            for (cluster, kk) in [false, true]
+                .into_iter()
+                .flat_map(|c| [1, 7, m / 16, m / 64, m - 1, m].map(|k| (c, k)))
+            {
+                if kk == 0 || be.set_topk_cluster(cluster) != cluster {
                     continue;
                 }
                 let stride = kk + 5;
@@ -147,7 +150,7 @@ fn labels_scores_and_topk_match_cpu() {
                     assert_eq!(
                         &o[g * stride + 2..g * stride + 2 + kk],
                         &want[..],
-                        "top-{kk} of {m}, head {g}"
+                        "top-{kk} of {m}, head {g} (cluster kernel: {cluster})"
                     );
                 }
             }
@@ -185,7 +188,14 @@ fn topk_ties_and_large_n_exact() {
             .collect();
         let sc = be.dev_upload(&s).unwrap();
         let mut scratch = be.ds_topk_scratch(heads, n).unwrap();
-        for kk in [1, 33, n / 16, n / 64, n / 2 + 1, n] {
+        let kernels = [false, true];
+        for (cluster, kk) in kernels
+            .into_iter()
+            .flat_map(|c| [1, 33, n / 16, n / 64, n / 2 + 1, n].map(|k| (c, k)))
+        {
+            if be.set_topk_cluster(cluster) != cluster {
+                continue;
+            }
             let mut out: DevBuf<i32> = be.dev_zeros(heads * kk).unwrap();
             be.ds_topk(&sc, heads, n, kk, 0, &mut out, kk, 0, &mut scratch)
                 .unwrap();
@@ -195,7 +205,7 @@ fn topk_ties_and_large_n_exact() {
                 assert_eq!(
                     &o[h * kk..(h + 1) * kk],
                     &want[..],
-                    "n {n} levels {levels} k {kk} head {h}"
+                    "n {n} levels {levels} k {kk} head {h} (cluster kernel: {cluster})"
                 );
             }
         }

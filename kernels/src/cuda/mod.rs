@@ -83,6 +83,7 @@ const KERNELS: &[&str] = &[
     "ds_topk_init",
     "ds_topk_hist",
     "ds_topk_write",
+    "ds_topk_cluster",
     "ds_fixed_rows",
     "sparse_attn_f16_d64_g4",
     "sparse_attn_f16_d64_g8",
@@ -124,6 +125,10 @@ pub struct CudaBackend {
     attn_chunk: AtomicUsize,
     /// Use the GQA key-per-lane attention kernel where the shape allows.
     attn_gqa: AtomicBool,
+    /// Top-k in one launch with thread-block clusters (sm_90 and later).
+    topk_cluster: AtomicBool,
+    /// Whether the device runs the cluster top-k (sm_90).
+    cluster_ok: bool,
     /// Use the tensor-core flash kernel for prefill chunks where the shape allows.
     attn_flash: AtomicBool,
     sm_count: usize,
@@ -234,6 +239,8 @@ impl CudaBackend {
             }
         };
         let mut funcs = HashMap::new();
+        // The one-launch top-k's thread-block clusters (8 blocks, the portable size) need sm_90.
+        let cluster_ok = major >= 9;
         for &k in KERNELS {
             let f = module
                 .load_function(k)
@@ -274,6 +281,11 @@ impl CudaBackend {
                 .filter(|&b: &usize| b > 0)
                 .unwrap_or(4),
             attn_gqa: AtomicBool::new(true),
+            // FARSIGHT_TOPK=radix keeps the multi-launch top-k (for comparisons).
+            cluster_ok,
+            topk_cluster: AtomicBool::new(
+                cluster_ok && std::env::var("FARSIGHT_TOPK").map_or(true, |v| v != "radix"),
+            ),
             attn_flash: AtomicBool::new(true),
             sm_count,
             name: format!("cuda:{ordinal} ({dev_name}, {arch})"),

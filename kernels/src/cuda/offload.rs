@@ -85,6 +85,10 @@ impl CudaBackend {
                 self.attn_chunk.load(std::sync::atomic::Ordering::Relaxed),
             ),
             attn_gqa: AtomicBool::new(self.attn_gqa.load(std::sync::atomic::Ordering::Relaxed)),
+            cluster_ok: self.cluster_ok,
+            topk_cluster: AtomicBool::new(
+                self.topk_cluster.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             attn_flash: AtomicBool::new(self.attn_flash.load(std::sync::atomic::Ordering::Relaxed)),
             sm_count: self.sm_count,
             attn_blocks_per_sm: self.attn_blocks_per_sm,

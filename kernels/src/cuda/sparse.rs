@@ -15,6 +15,9 @@ use crate::backend::{DType, Result};
 
 /// Bins of the first two radix passes of the top-k (`TK_BINS` in sparse.cu).
 const TK_BINS: usize = 2048;
+/// Blocks per cluster and threads per block of the one-launch top-k (`TKC`, `TKC_THREADS`).
+const TKC: usize = 8;
+const TKC_THREADS: usize = 1024;
 /// Threads per block of the top-k compaction kernel (`TK_THREADS`).
 const TK_THREADS: usize = 512;
 /// State words per head of the top-k (`TK_STATE`).
@@ -257,6 +260,15 @@ impl CudaBackend {
         (n.div_ceil(chunk).max(1), chunk)
     }
 
+    /// Chooses the one-launch cluster top-k (`on`, the default on sm_90 and later) or the
+    /// multi-launch radix top-k; returns the choice in effect (the cluster kernel needs sm_90).
+    pub fn set_topk_cluster(&self, on: bool) -> bool {
+        let on = on && self.cluster_ok;
+        self.topk_cluster
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
     /// The `k` largest of each of the `heads` rows of `scores` (`n` per row; score descending,
     /// ties to the lower index), as indices + `base` in increasing order, written to
     /// `out[h * out_stride + out_off ..][..k]`. Exact (radix select on the f32 total order).
@@ -280,6 +292,22 @@ impl CudaBackend {
             return Err(shape_err(format!(
                 "ds_topk: k {k} of {n}, buffers too small"
             )));
+        }
+        if self.topk_cluster.load(std::sync::atomic::Ordering::Relaxed) {
+            // One cluster of TKC blocks per head (kernels/sparse.cu), no scratch.
+            let (nn, kk) = (n as i64, k as u32);
+            let (os, oo, bs) = (out_stride as i64, out_off as i64, int(base, "base")?);
+            let name = "ds_topk_cluster";
+            let mut b = self.stream.launch_builder(self.f(name));
+            b.arg(&scores.data).arg(&nn).arg(&kk);
+            b.arg(&mut out.data).arg(&os).arg(&oo).arg(&bs);
+            let cfg = LaunchConfig {
+                grid_dim: (TKC as u32, int(heads, "heads")? as u32, 1),
+                block_dim: (TKC_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+            return Ok(());
         }
         let (blocks, chunk) = Self::topk_blocks(n);
         if scratch.state.len() < TK_STATE * heads

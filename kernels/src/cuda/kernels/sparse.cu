@@ -272,6 +272,167 @@ extern "C" __global__ void ds_topk_write(const float* scores, long n, long chunk
     }
 }
 
+// ---- top-k in one launch: one thread-block cluster per head (sm_90) --------------------------
+// The same selection as ds_topk_init/hist/write (3 radix passes of 11, 11, 10 bits over the
+// order-preserving keys, then an ordered compaction), but the TKC (8) blocks of a cluster share their
+// histograms and counts through distributed shared memory and meet at cluster barriers instead
+// of kernel boundaries and global atomics. Grid (TKC, heads), TKC_THREADS threads; block r of a
+// cluster takes scores [r * per, (r + 1) * per) of its head.
+#define TKC 8
+#define TKC_THREADS 1024
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned cl_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cl_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The u32 at `p` (this block's shared memory) in block `rank` of the cluster.
+__device__ __forceinline__ unsigned cl_load(const unsigned* p, unsigned rank) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(p), d, v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(d) : "memory");
+    return v;
+}
+#endif
+
+__device__ __forceinline__ unsigned warp_sum_u(unsigned v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Exclusive and inclusive scan over the block (TKC_THREADS threads) of one value per thread.
+__device__ __forceinline__ void tkc_scan(unsigned v, unsigned* warp_tot, unsigned& excl,
+                                         unsigned& incl, unsigned& total) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    unsigned x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    __syncthreads();  // warp_tot free
+    if (lane == 31) warp_tot[w] = x;
+    __syncthreads();
+    unsigned before = 0, all = 0;
+    for (int i = 0; i < TKC_THREADS / 32; i++) {
+        unsigned t = warp_tot[i];
+        before += i < w ? t : 0;
+        all += t;
+    }
+    incl = before + x;
+    excl = incl - v;
+    total = all;
+}
+
+extern "C" __global__ void
+#if __CUDA_ARCH__ >= 900
+__cluster_dims__(TKC, 1, 1)
+#endif
+__launch_bounds__(TKC_THREADS) ds_topk_cluster(const float* scores, long n, unsigned k, int* out,
+                                               long out_stride, long out_off, int base) {
+#if __CUDA_ARCH__ >= 900
+    __shared__ unsigned hist[2][TK_BINS];
+    __shared__ unsigned tot[TK_BINS];
+    __shared__ unsigned warp_tot[TKC_THREADS / 32];
+    __shared__ unsigned sh_prefix, sh_need, sh_gt, sh_eq;
+    int head = blockIdx.y, t = threadIdx.x;
+    unsigned rank = cl_rank();
+    const float* s = scores + (long)head * n;
+    long per = (n + TKC - 1) / TKC;
+    long b0 = min(n, (long)rank * per), b1 = min(n, b0 + per);
+    unsigned prefix = 0, need = k;
+    for (int pass = 0; pass < 3; pass++) {
+        int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+        unsigned hi_mask = pass == 0 ? 0u : (pass == 1 ? 0xffe00000u : 0xfffffc00u);
+        unsigned digit_mask = pass == 2 ? 0x3ffu : 0x7ffu;
+        int bins = pass == 2 ? 1024 : 2048;
+        unsigned* h = hist[pass & 1];
+        for (int b = t; b < TK_BINS; b += TKC_THREADS) h[b] = 0;
+        __syncthreads();
+        for (long i = b0 + t; i < b1; i += TKC_THREADS) {
+            unsigned key = tk_key(s[i]);
+            if ((key & hi_mask) == prefix) atomicAdd(&h[(key >> shift) & digit_mask], 1u);
+        }
+        cl_sync();  // every block's histogram of this pass is complete
+        for (int b = t; b < bins; b += TKC_THREADS) {
+            unsigned c = 0;
+            #pragma unroll
+            for (int r = 0; r < TKC; r++) c += cl_load(&h[b], r);
+            tot[b] = c;
+        }
+        __syncthreads();
+        // Thread t owns bins [bins - (t+1)*pb, bins - t*pb), thread 0 the highest; the thread
+        // whose range holds the need-th largest key picks the digit (every block does the same).
+        int pb = bins / TKC_THREADS;
+        int lo = bins - (t + 1) * pb;
+        unsigned cnt = 0;
+        for (int b = lo; b < lo + pb; b++) cnt += tot[b];
+        unsigned excl, incl, all;
+        tkc_scan(cnt, warp_tot, excl, incl, all);
+        if (excl < need && incl >= need) {
+            unsigned above = excl;
+            for (int b = lo + pb - 1; b >= lo; b--) {
+                unsigned c = tot[b];
+                if (above + c >= need) {
+                    sh_prefix = prefix | ((unsigned)b << shift);
+                    sh_need = need - above;
+                    break;
+                }
+                above += c;
+            }
+        }
+        __syncthreads();
+        prefix = sh_prefix;
+        need = sh_need;
+    }
+    // Compaction: warp w takes `pw` consecutive scores of the block's range, 32 at a time
+    // (coalesced; ballots give each lane its rank); positions from the counts of keys above /
+    // equal to the threshold before it (earlier warps, then the blocks of lower rank, read from
+    // their shared memory).
+    unsigned thr = prefix;
+    int lane = t & 31, w = t >> 5;
+    unsigned lt_mask = (1u << lane) - 1;
+    long pw = ((b1 - b0 + TKC_THREADS / 32 - 1) / (TKC_THREADS / 32) + 31) & ~31L;
+    long i0 = min(b1, b0 + w * pw), i1 = min(b1, i0 + pw);
+    unsigned tg = 0, te = 0;
+    for (long i = i0 + lane; i < i1; i += 32) {
+        unsigned key = tk_key(s[i]);
+        tg += key > thr;
+        te += key == thr;
+    }
+    tg = warp_sum_u(tg);
+    te = warp_sum_u(te);
+    unsigned eg, ig, ag, ee, ie, ae;
+    tkc_scan(lane == 0 ? tg : 0, warp_tot, eg, ig, ag);
+    tkc_scan(lane == 0 ? te : 0, warp_tot, ee, ie, ae);
+    eg = __shfl_sync(0xffffffffu, eg, 0);
+    ee = __shfl_sync(0xffffffffu, ee, 0);
+    if (t == 0) { sh_gt = ag; sh_eq = ae; }
+    cl_sync();  // every block's totals are published
+    unsigned pg = eg, pe = ee;
+    for (unsigned r = 0; r < rank; r++) {
+        pg += cl_load(&sh_gt, r);
+        pe += cl_load(&sh_eq, r);
+    }
+    int* o = out + (long)head * out_stride + out_off;
+    for (long c = i0; c < i1; c += 32) {
+        long i = c + lane;
+        unsigned key = i < i1 ? tk_key(s[i]) : 0u;
+        bool gt = i < i1 && key > thr, eq = i < i1 && key == thr;
+        unsigned bg = __ballot_sync(0xffffffffu, gt), be = __ballot_sync(0xffffffffu, eq);
+        unsigned g = pg + __popc(bg & lt_mask), e = pe + __popc(be & lt_mask);
+        if (gt) o[g + min(e, need)] = base + (int)i;
+        else if (eq && e < need) o[g + e] = base + (int)i;
+        pg += __popc(bg);
+        pe += __popc(be);
+    }
+    cl_sync();  // no block leaves while another may still read its shared memory
+#endif
+}
+
 // Fixed rows of a selection: out[h*stride + j] = j for j < n_sink, and
 // out[h*stride + n_sink + k + j] = recent0 + j for j < n_recent. Grid (.., heads).
 extern "C" __global__ void ds_fixed_rows(int* out, long stride, int n_sink, int k,
