@@ -275,6 +275,8 @@ __device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T*
 
     __shared__ __align__(16) float qs[G * D];
     __shared__ __align__(16) unsigned char sm_raw[SM::BYTES];
+    __shared__ __align__(16) float ps[ATTN_WARPS][32][G];  // softmax weights of the warp's keys
+    __shared__ long rs[ATTN_WARPS][32];                     // their rows
     unsigned char* tile = sm_raw + (STAGED ? warp * 32 * SM::RS : 0);
     for (int x = threadIdx.x; x < group * D; x += blockDim.x) qs[x] = qp[x];
 
@@ -355,6 +357,14 @@ __device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T*
                 m[r] = m_new;
             }
         }
+        // Every lane's weights and row to shared memory; the V loop reads them back as
+        // broadcasts (one 16-byte load per key and 4 heads, instead of a shuffle per head).
+        __syncwarp();  // the previous step's reads of ps / rs are done
+        #pragma unroll
+        for (int r = 0; r < G; r += 4)
+            *(float4*)&ps[warp][lane][r] = make_float4(p[r], p[r + 1], p[r + 2], p[r + 3]);
+        rs[warp][lane] = row;
+        __syncwarp();
         int nk = min(32, ke - j0);
         const T* vb = vh + lane * NT;
         #pragma unroll
@@ -362,18 +372,17 @@ __device__ __forceinline__ void gqa_block(const float* qp, const T* kh, const T*
             if (jj0 < nk) {
                 float vf[8][NT];
                 #pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    long rj = __shfl_sync(0xffffffffu, row, jj0 + u);
-                    load_n<NT>(vb + rj * stride, vf[u]);
-                }
+                for (int u = 0; u < 8; u++) load_n<NT>(vb + rs[warp][jj0 + u] * stride, vf[u]);
                 #pragma unroll
                 for (int u = 0; u < 8; u++) {
                     #pragma unroll
-                    for (int r = 0; r < G; r++) {
-                        if (r < group) {
-                            float pj = __shfl_sync(0xffffffffu, p[r], jj0 + u);
+                    for (int r = 0; r < G; r += 4) {
+                        float4 pj = *(const float4*)&ps[warp][jj0 + u][r];
+                        float pv[4] = {pj.x, pj.y, pj.z, pj.w};
+                        #pragma unroll
+                        for (int e = 0; e < 4; e++) {
                             #pragma unroll
-                            for (int t = 0; t < NT; t++) acc[r][t] += pj * vf[u][t];
+                            for (int t = 0; t < NT; t++) acc[r + e][t] += pv[e] * vf[u][t];
                         }
                     }
                 }
