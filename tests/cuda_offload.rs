@@ -164,7 +164,11 @@ fn decode(
             kv: &mut *kv,
             logits: Logits::Last,
         }];
-        let l = m.forward(&mut ws, &mut segs).unwrap().swap_remove(0);
+        let l = m
+            .forward(&mut ws, &mut segs)
+            .unwrap()
+            .swap_remove(0)
+            .into_logits();
         tok = argmax(&l);
         out.push(l);
     }

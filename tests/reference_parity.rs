@@ -58,7 +58,11 @@ fn greedy(model: &Model<CpuBackend>, ids: &[u32], n: usize, kv: DType) -> Vec<u3
             kv: &mut cache,
             logits: Logits::Last,
         }];
-        logits = model.forward(&mut ws, &mut segs).unwrap().swap_remove(0);
+        logits = model
+            .forward(&mut ws, &mut segs)
+            .unwrap()
+            .swap_remove(0)
+            .into_logits();
     }
     out
 }

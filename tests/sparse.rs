@@ -63,7 +63,13 @@ fn logits(
             kv: &mut *kv,
             logits: Logits::All,
         }];
-        all.extend(model.forward(&mut ws, &mut segs).unwrap().swap_remove(0));
+        all.extend(
+            model
+                .forward(&mut ws, &mut segs)
+                .unwrap()
+                .swap_remove(0)
+                .into_logits(),
+        );
     }
     all
 }

@@ -85,8 +85,9 @@ fn logits_in_chunks<B: Backend>(model: &Model<B>, ids: &[u32], chunk: usize) -> 
             .forward(&mut ws, &mut segs)
             .unwrap_or_else(|e| panic!("forward of {} tokens (chunk {chunk}): {e}", part.len()));
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].len(), part.len() * model.cfg.vocab_size);
-        out.append(&mut got[0]);
+        let got = got.swap_remove(0).into_logits();
+        assert_eq!(got.len(), part.len() * model.cfg.vocab_size);
+        out.extend(got);
     }
     out
 }
@@ -100,7 +101,11 @@ fn greedy<B: Backend>(model: &Model<B>, ids: &[u32], n: usize) -> Vec<u32> {
         kv: &mut cache,
         logits: Logits::Last,
     }];
-    let mut logits = model.forward(&mut ws, &mut segs).unwrap().swap_remove(0);
+    let mut logits = model
+        .forward(&mut ws, &mut segs)
+        .unwrap()
+        .swap_remove(0)
+        .into_logits();
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let t = argmax(&logits);
@@ -113,7 +118,8 @@ fn greedy<B: Backend>(model: &Model<B>, ids: &[u32], n: usize) -> Vec<u32> {
         logits = model
             .forward(&mut ws, &mut segs)
             .unwrap_or_else(|e| panic!("decode step {} of greedy: {e}", out.len()))
-            .swap_remove(0);
+            .swap_remove(0)
+            .into_logits();
     }
     out
 }

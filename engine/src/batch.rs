@@ -285,15 +285,17 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
                 prompt,
                 next,
                 prefilled,
+                seq,
                 ..
             } = r;
+            // A row that ends a prompt or decodes gets its token picked by the backend.
             let (tokens, logits) = match next {
-                Some(t) => (std::slice::from_ref(&*t), Logits::Last),
+                Some(t) => (std::slice::from_ref(&*t), Logits::Sample(seq.next_spec())),
                 None if budget > 0 => {
                     let end = prompt.len().min(*prefilled + budget);
                     budget -= end - *prefilled;
                     let want = if end == prompt.len() {
-                        Logits::Last
+                        Logits::Sample(seq.next_spec())
                     } else {
                         Logits::None
                     };
@@ -308,24 +310,23 @@ impl<'m, 's, B: Backend> Scheduler<'m, 's, B> {
                 logits,
             });
         }
-        let logits = self.model.forward(&mut self.ws, &mut segs)?;
+        let outputs = self.model.forward(&mut self.ws, &mut segs)?;
         drop(segs);
         self.stats.steps += 1;
         self.stats.batched_steps += u64::from(rows.len() > 1);
         self.stats.max_batch = self.stats.max_batch.max(rows.len());
 
-        // Sample and stream; note who ends.
+        // Stream the sampled tokens; note who ends.
         let mut ended: Vec<(usize, FinishReason)> = Vec::new();
-        for ((i, n), row) in rows.into_iter().zip(logits) {
+        for ((i, n), out) in rows.into_iter().zip(outputs) {
             let r = &mut self.running[i];
             if r.next.is_none() {
                 r.prefilled += n;
                 self.stats.prompt_tokens += n as u64;
             }
-            if row.is_empty() {
+            let Some(t) = out.token() else {
                 continue; // a prompt chunk that is not the last
-            }
-            let t = r.seq.sample(&row);
+            };
             if r.first_token.is_none() {
                 r.first_token = Some(Instant::now());
             }

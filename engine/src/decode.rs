@@ -3,6 +3,8 @@
 //! text that may start a stop string, and deciding when the sequence ends (EOS, stop string,
 //! token limit, full context).
 
+use farsight_kernels::SampleSpec;
+
 use crate::error::Result;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
@@ -132,9 +134,10 @@ impl Continuation {
         }
     }
 
-    /// Picks the next token from one row of logits.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        self.sampler.sample(logits)
+    /// The spec of the next token's pick (with its draw from this sequence's generator), for
+    /// [`crate::model::Logits::Sample`]: the backend picks where the logits are.
+    pub fn next_spec(&mut self) -> SampleSpec {
+        self.sampler.next_spec()
     }
 
     /// Tokens generated so far.

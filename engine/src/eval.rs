@@ -83,7 +83,10 @@ pub fn perplexity_with<B: Backend>(
             kv: &mut *kv,
             logits: Logits::All,
         }];
-        let logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
+        let logits = model
+            .forward(&mut ws, &mut segs)?
+            .swap_remove(0)
+            .into_logits();
         for i in 0..part.len() {
             let pos = start + i;
             if pos + 1 < tokens.len() {
@@ -156,13 +159,13 @@ pub fn agreement<B: Backend>(
             kv: &mut *reference,
             logits: Logits::All,
         }];
-        let la = model.forward(&mut ws, &mut a)?.swap_remove(0);
+        let la = model.forward(&mut ws, &mut a)?.swap_remove(0).into_logits();
         let mut b = [Segment {
             tokens: part,
             kv: &mut *candidate,
             logits: Logits::All,
         }];
-        let lb = model.forward(&mut ws, &mut b)?.swap_remove(0);
+        let lb = model.forward(&mut ws, &mut b)?.swap_remove(0).into_logits();
         for i in 0..part.len() {
             let (ra, rb) = (
                 &la[i * vocab..(i + 1) * vocab],

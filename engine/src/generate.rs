@@ -9,7 +9,7 @@ use farsight_offload::{DenseKvCache, KvStore};
 
 use crate::error::{EngineError, Result};
 use crate::kv::{new_store, Attention};
-use crate::model::{Logits, Model, Segment, Workspace};
+use crate::model::{Logits, Model, Output, Segment, Workspace};
 use crate::sampler::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 
@@ -103,14 +103,27 @@ pub fn prefill<B: Backend>(
     chunk: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<f32>> {
+    prefill_for(model, ws, kv, prompt, chunk, Logits::Last, progress).map(Output::into_logits)
+}
+
+/// As [`prefill`], the last chunk asking for `last` (e.g. a token sampled on the backend).
+pub fn prefill_for<B: Backend>(
+    model: &Model<B>,
+    ws: &mut Workspace<B>,
+    kv: &mut dyn KvStore<B>,
+    prompt: &[u32],
+    chunk: usize,
+    last: Logits,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Output> {
     let chunk = chunk.max(1);
-    let mut last = Vec::new();
+    let mut out = Output::Nothing;
     let mut done = 0;
     progress(0, prompt.len());
     for part in prompt.chunks(chunk) {
         done += part.len();
         let want = if done == prompt.len() {
-            Logits::Last
+            last
         } else {
             Logits::None
         };
@@ -119,10 +132,10 @@ pub fn prefill<B: Backend>(
             kv: &mut *kv,
             logits: want,
         }];
-        last = model.forward(ws, &mut segs)?.swap_remove(0);
+        out = model.forward(ws, &mut segs)?.swap_remove(0);
         progress(done, prompt.len());
     }
-    Ok(last)
+    Ok(out)
 }
 
 /// The checks of a generation request, made before any store is allocated.
@@ -185,9 +198,12 @@ pub fn generate_in<B: Backend + 'static>(
         context,
     );
 
+    // Tokens are picked by the backend (on the GPU only the id comes back), each with a draw
+    // from the sequence's generator: the same tokens for a seed as sampling on the host.
     let t0 = Instant::now();
-    let logits = prefill(model, &mut ws, kv, prompt, opts.prefill_chunk, progress)?;
-    let mut next = seq.sample(&logits);
+    let first = Logits::Sample(seq.next_spec());
+    let chunk = opts.prefill_chunk;
+    let mut next = prefill_for(model, &mut ws, kv, prompt, chunk, first, progress)?.into_token()?;
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
@@ -199,11 +215,13 @@ pub fn generate_in<B: Backend + 'static>(
         let mut segs = [Segment {
             tokens: std::slice::from_ref(&next),
             kv,
-            logits: Logits::Last,
+            logits: Logits::Sample(seq.next_spec()),
         }];
-        let logits = model.forward(&mut ws, &mut segs)?.swap_remove(0);
+        next = model
+            .forward(&mut ws, &mut segs)?
+            .swap_remove(0)
+            .into_token()?;
         steps += 1;
-        next = seq.sample(&logits);
     };
     let done = seq.finish(tok, reason, on_text)?;
     Ok(Generation {

@@ -22,5 +22,5 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use error::{EngineError, Result};
 pub use model::synthetic;
-pub use model::{Logits, Model, Segment, Workspace};
+pub use model::{Logits, Model, Output, Segment, Workspace};
 pub use tokenizer::TextTokenizer;

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, HostMatrix, Rope};
+use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, HostMatrix, Rope, SampleSpec};
 use farsight_offload::KvStore;
 
 use crate::ahead::LayerAhead;
@@ -50,15 +50,65 @@ pub struct Model<B: Backend> {
     ahead: Option<LayerAhead<B>>,
 }
 
-/// Which logits a segment wants back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a segment wants back.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Logits {
-    /// None (a prefill chunk that is not the last).
+    /// Nothing (a prefill chunk that is not the last).
     None,
-    /// The last token's (prefill end, decode).
+    /// The last token's logits.
     Last,
-    /// Every token's (teacher-forced evaluation).
+    /// Every token's logits (teacher-forced evaluation).
     All,
+    /// A token picked from the last token's logits by the backend, where the logits are
+    /// ([`Backend::sample_rows`]: on the GPU only the id comes back): prefill end, decode.
+    Sample(SampleSpec),
+}
+
+impl Logits {
+    /// Output rows of a segment of `tokens` new tokens.
+    fn rows(self, tokens: usize) -> usize {
+        match self {
+            Logits::None => 0,
+            Logits::Last | Logits::Sample(_) => usize::from(tokens > 0),
+            Logits::All => tokens,
+        }
+    }
+}
+
+/// What [`Model::forward`] returns for one segment.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Nothing was asked for ([`Logits::None`]), or the segment had no tokens.
+    Nothing,
+    /// `vocab` values per row ([`Logits::Last`]: one row, [`Logits::All`]: one per token).
+    Logits(Vec<f32>),
+    /// The token picked from the last row ([`Logits::Sample`]).
+    Token(u32),
+}
+
+impl Output {
+    /// The logits; empty unless logits were asked for.
+    pub fn into_logits(self) -> Vec<f32> {
+        match self {
+            Output::Logits(v) => v,
+            Output::Nothing | Output::Token(_) => Vec::new(),
+        }
+    }
+
+    /// The sampled token, if one was asked for.
+    pub fn token(&self) -> Option<u32> {
+        match self {
+            Output::Token(t) => Some(*t),
+            Output::Nothing | Output::Logits(_) => None,
+        }
+    }
+
+    /// The sampled token; an error when the segment asked for something else or had no tokens.
+    pub fn into_token(self) -> Result<u32> {
+        self.token().ok_or_else(|| {
+            EngineError::Invalid("forward: no token was sampled for this segment".into())
+        })
+    }
 }
 
 /// A run of new tokens of one sequence.
@@ -350,25 +400,18 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs the segments' new tokens through the model, appending their K/V rows to each
-    /// segment's store. Returns, per segment, the requested logits (`vocab` values per row).
+    /// segment's store. Returns, per segment, what it asked for (see [`Logits`]).
     pub fn forward(
         &self,
         ws: &mut Workspace<B>,
         segs: &mut [Segment<'_, B>],
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<Output>> {
         let be = &self.backend;
         let c = &self.cfg;
         let n: usize = segs.iter().map(|s| s.tokens.len()).sum();
-        let n_logits: usize = segs
-            .iter()
-            .map(|s| match s.logits {
-                Logits::None => 0,
-                Logits::Last => usize::from(!s.tokens.is_empty()),
-                Logits::All => s.tokens.len(),
-            })
-            .sum();
+        let n_logits: usize = segs.iter().map(|s| s.logits.rows(s.tokens.len())).sum();
         if n == 0 {
-            return Ok(segs.iter().map(|_| Vec::new()).collect());
+            return Ok(segs.iter().map(|_| Output::Nothing).collect());
         }
         if n > ws.rows || n_logits > ws.logit_rows {
             *ws = self.workspace(n.max(ws.rows), n_logits.max(ws.logit_rows))?;
@@ -449,36 +492,52 @@ impl<B: Backend> Model<B> {
             s.kv.commit(s.tokens.len());
         }
 
-        // Final norm and output projection on the rows whose logits are wanted.
+        // Final norm and output projection on the rows whose output is wanted: the rows to
+        // sample first (`sample_rows` takes the leading rows), then those whose logits go back.
+        let mut specs = Vec::new();
         let mut wanted = Vec::with_capacity(n_logits);
         for (s, &r0) in segs.iter().zip(&row0) {
-            match s.logits {
-                Logits::None => {}
-                Logits::Last if !s.tokens.is_empty() => wanted.push(r0 + s.tokens.len() - 1),
-                Logits::Last => {}
-                Logits::All => wanted.extend(r0..r0 + s.tokens.len()),
+            if let (Logits::Sample(spec), Some(last)) = (s.logits, s.tokens.len().checked_sub(1)) {
+                specs.push(spec);
+                wanted.push(r0 + last);
             }
         }
-        let mut out: Vec<Vec<f32>> = Vec::with_capacity(segs.len());
+        for (s, &r0) in segs.iter().zip(&row0) {
+            match s.logits {
+                Logits::Last => wanted.extend((r0..r0 + s.tokens.len()).last()),
+                Logits::All => wanted.extend(r0..r0 + s.tokens.len()),
+                Logits::None | Logits::Sample(_) => {}
+            }
+        }
         if wanted.is_empty() {
-            return Ok(segs.iter().map(|_| Vec::new()).collect());
+            return Ok(segs.iter().map(|_| Output::Nothing).collect());
         }
         be.gather_rows(&ws.h, &wanted, &mut ws.sel, 0)?;
         let m = wanted.len();
         be.rms_norm(&ws.sel, &self.norm, c.rms_norm_eps, &mut ws.xn, m)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         be.matmul(&ws.xn, head, None, &mut ws.logits, m)?;
-        let all = be.read_rows(&ws.logits, 0, m)?;
+        let mut tokens = be.sample_rows(&ws.logits, &specs)?.into_iter();
+        let logits = if m > specs.len() {
+            be.read_rows(&ws.logits, specs.len(), m - specs.len())?
+        } else {
+            Vec::new()
+        };
         let v = c.vocab_size;
         let mut at = 0;
+        let mut out = Vec::with_capacity(segs.len());
         for s in segs.iter() {
-            let k = match s.logits {
-                Logits::None => 0,
-                Logits::Last => usize::from(!s.tokens.is_empty()),
-                Logits::All => s.tokens.len(),
-            };
-            out.push(all[at * v..(at + k) * v].to_vec());
-            at += k;
+            let k = s.logits.rows(s.tokens.len());
+            out.push(match s.logits {
+                _ if k == 0 => Output::Nothing,
+                Logits::Sample(_) => Output::Token(tokens.next().ok_or_else(|| {
+                    EngineError::Invalid("the backend sampled fewer rows than asked".into())
+                })?),
+                _ => {
+                    at += k;
+                    Output::Logits(logits[(at - k) * v..at * v].to_vec())
+                }
+            });
         }
         Ok(out)
     }

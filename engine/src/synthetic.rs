@@ -177,8 +177,9 @@ pub fn fill_kv_random<B: Backend>(
 mod tests {
     use super::*;
     use crate::generate::new_cache;
-    use crate::model::{Logits, Segment};
+    use crate::model::{Logits, Output, Segment};
     use farsight_kernels::cpu::CpuBackend;
+    use farsight_kernels::SampleSpec;
 
     #[test]
     fn shapes_parse() {
@@ -217,7 +218,11 @@ mod tests {
                 kv: &mut kv,
                 logits: Logits::Last,
             }];
-            let l = m.forward(&mut ws, &mut segs).unwrap().swap_remove(0);
+            let l = m
+                .forward(&mut ws, &mut segs)
+                .unwrap()
+                .swap_remove(0)
+                .into_logits();
             assert_eq!(l.len(), 512);
             assert!(l.iter().all(|x| x.is_finite()));
             assert!(l.iter().any(|&x| x != l[0]));
@@ -225,5 +230,87 @@ mod tests {
         };
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
+    }
+
+    /// A `Logits::Sample` segment batched with logits segments gives the token that sampling
+    /// its logits (from the same batch asking for them) on the host gives; the other segments'
+    /// outputs do not change.
+    #[test]
+    fn sampled_segments_match_host_sampling() {
+        let mut cfg = shape_config("smollm2-135m").unwrap();
+        cfg.num_layers = 2;
+        cfg.vocab_size = 512;
+        let m = Model::synthetic(cfg, CpuBackend::new(2).unwrap(), DType::F32, 3).unwrap();
+        let (a, b, c) = ([5u32, 9, 2], [17u32, 4], [8u32, 1, 30, 6]);
+        // Segments b (last logits), a (`want_a`), an empty one, c (all logits), in one call.
+        let batch = |want_a: Logits| {
+            let mut kv: Vec<_> = (0..4).map(|_| new_cache(&m, DType::F32).unwrap()).collect();
+            let mut ws = m.workspace(16, 8).unwrap();
+            let [ka, kb, kc, kd] = &mut kv[..] else {
+                unreachable!()
+            };
+            let mut segs = [
+                Segment {
+                    tokens: &b,
+                    kv: kb,
+                    logits: Logits::Last,
+                },
+                Segment {
+                    tokens: &a,
+                    kv: ka,
+                    logits: want_a,
+                },
+                Segment {
+                    tokens: &[],
+                    kv: kd,
+                    logits: want_a,
+                },
+                Segment {
+                    tokens: &c,
+                    kv: kc,
+                    logits: Logits::All,
+                },
+            ];
+            m.forward(&mut ws, &mut segs).unwrap()
+        };
+        let reference = batch(Logits::Last);
+        assert_eq!(reference[0].clone().into_logits().len(), 512);
+        assert_eq!(reference[3].clone().into_logits().len(), 4 * 512);
+        let la = reference[1].clone().into_logits();
+        let mut picks = Vec::new();
+        for (temperature, top_k, top_p, u) in [
+            (0.0, 0, 1.0, 0.0),
+            // High temperatures: these logits span ~170.
+            (30.0, 50, 0.9, 0.37),
+            (60.0, 0, 1.0, 0.91),
+            (60.0, 0, 0.99, 0.05),
+        ] {
+            let spec = SampleSpec {
+                temperature,
+                top_k,
+                top_p,
+                u,
+            };
+            let out = batch(Logits::Sample(spec));
+            let want = farsight_kernels::sample_row(&la, &spec, &mut Vec::new());
+            assert_eq!(out[1], Output::Token(want), "{spec:?}");
+            assert_eq!(out[2], Output::Nothing);
+            assert_eq!((&out[0], &out[3]), (&reference[0], &reference[3]));
+            picks.push(want);
+        }
+        assert!(picks.iter().any(|&t| t != picks[0]), "{picks:?}");
+        // A spec with no meaning is an error, not a panic.
+        let mut kv = new_cache(&m, DType::F32).unwrap();
+        let mut ws = m.workspace(8, 8).unwrap();
+        let bad = SampleSpec {
+            top_p: 2.0,
+            ..SampleSpec::GREEDY
+        };
+        let mut segs = [Segment {
+            tokens: &a,
+            kv: &mut kv,
+            logits: Logits::Sample(bad),
+        }];
+        assert!(m.forward(&mut ws, &mut segs).is_err());
     }
 }

@@ -14,6 +14,7 @@
 //! one row) are addressed without copies.
 
 use crate::error::KernelError;
+use crate::sample::{sample_row, SampleSpec};
 
 /// Result of a backend op.
 pub type Result<T> = std::result::Result<T, KernelError>;
@@ -271,12 +272,30 @@ pub trait Backend: Send + Sync {
         v: &Self::Cache,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+
+    /// Picks one token per row: row `r` of `logits` with `specs[r]` (the first `specs.len()`
+    /// rows), exactly as [`crate::sample::sample_row`] does. The default reads the rows to the
+    /// host and calls it; a GPU backend samples where the logits are and copies back the ids.
+    fn sample_rows(&self, logits: &Self::Tensor, specs: &[SampleSpec]) -> Result<Vec<u32>> {
+        let (rows, cols) = self.tensor_shape(logits);
+        checks::sample_rows(rows, cols, specs)?;
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let data = self.read_rows(logits, 0, specs.len())?;
+        let mut scratch = Vec::new();
+        Ok(data
+            .chunks_exact(cols)
+            .zip(specs)
+            .map(|(row, s)| sample_row(row, s, &mut scratch))
+            .collect())
+    }
 }
 
 /// Shape checks shared by every backend: each op validates its operands' dimensions here before
 /// touching memory, so a caller's mistake is the same error on every device.
 pub mod checks {
-    use super::{CausalAttn, DType, Result, Rope};
+    use super::{CausalAttn, DType, Result, Rope, SampleSpec};
     use crate::error::KernelError;
 
     fn err(msg: String) -> KernelError {
@@ -289,6 +308,24 @@ pub mod checks {
             return Err(err(format!(
                 "{what}: {need} rows requested, tensor has {rows}"
             )));
+        }
+        Ok(())
+    }
+
+    /// Sampling `specs.len()` rows of a `(rows, cols)` logits tensor: enough rows, a vocabulary
+    /// of 1 to 2^31 - 1 (ids are u32, kernels index with i32), valid specs.
+    pub fn sample_rows(rows_: usize, cols: usize, specs: &[SampleSpec]) -> Result<()> {
+        rows(rows_, specs.len(), "sample_rows")?;
+        if !specs.is_empty() && (cols == 0 || cols > i32::MAX as usize) {
+            return Err(err(format!(
+                "sample_rows over a vocabulary of {cols} (must be 1 to 2^31 - 1)"
+            )));
+        }
+        for (r, s) in specs.iter().enumerate() {
+            s.validate().map_err(|e| match e {
+                KernelError::Invalid(m) => KernelError::Invalid(format!("row {r}: {m}")),
+                other => other,
+            })?;
         }
         Ok(())
     }

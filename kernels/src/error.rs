@@ -6,6 +6,9 @@ pub enum KernelError {
     /// Operands whose shapes do not fit together (a bug in the caller, reported not panicked).
     #[error("shape mismatch: {0}")]
     Shape(String),
+    /// An argument outside its domain (a sampling temperature, top-p or draw).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
     /// The backend could not allocate a buffer.
     #[error("out of memory on {device}: {what}")]
     OutOfMemory { device: String, what: String },

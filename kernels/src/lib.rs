@@ -6,6 +6,8 @@ pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod sample;
 
 pub use backend::{AttnShape, Backend, CausalAttn, DType, HostMatrix, Result, Rope};
 pub use error::KernelError;
+pub use sample::{sample_row, SampleSpec};

@@ -9,7 +9,7 @@ mod common;
 
 use common::vals;
 use farsight_kernels::cuda::CudaBackend;
-use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, HostMatrix};
+use farsight_kernels::{sample_row, AttnShape, Backend, CausalAttn, DType, HostMatrix, SampleSpec};
 
 /// Median over 5 batches of the per-call seconds of `f`, after 3 warm-up calls.
 fn time(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
@@ -77,6 +77,47 @@ fn timings() {
             println!(
                 "timing op=matmul bf16 {out}x{inp} n={n}: {:.1} us, {gbs:.0} GB/s of weights, {tflops:.1} TFLOP/s",
                 s * 1e6
+            );
+        }
+    }
+    // Sampling Llama-3 logits rows (vocab 128256) on the device, against the host path it
+    // replaces (copy the rows, `sample_row` on the CPU).
+    let vocab = 128256;
+    for batch in [1usize, 4] {
+        let data: Vec<f32> = vals(batch * vocab, 21).iter().map(|x| x * 8.0).collect();
+        let mut t = be.tensor(batch, vocab).unwrap();
+        be.write_tensor(&mut t, 0, &data).unwrap();
+        let top_p = SampleSpec {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            u: 0.6,
+        };
+        let top_k = SampleSpec {
+            top_k: 40,
+            top_p: 1.0,
+            ..top_p
+        };
+        for (what, spec) in [
+            ("greedy", SampleSpec::GREEDY),
+            ("T=1 top-p 0.9", top_p),
+            ("T=1 top-k 40", top_k),
+        ] {
+            let specs = vec![spec; batch];
+            let dev = time(&be, 20, || {
+                be.sample_rows(&t, &specs).unwrap();
+            });
+            let mut scratch = Vec::new();
+            let host = time(&be, 3, || {
+                let rows = be.read_rows(&t, 0, batch).unwrap();
+                for r in rows.chunks(vocab) {
+                    sample_row(r, &spec, &mut scratch);
+                }
+            });
+            println!(
+                "timing op=sample_rows vocab={vocab} batch={batch} {what}: {:.1} us on the device (call to ids on the host), {:.1} us copy + CPU",
+                dev * 1e6,
+                host * 1e6
             );
         }
     }

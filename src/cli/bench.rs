@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
-use farsight_engine::generate::prefill;
+use farsight_engine::generate::prefill_for;
 use farsight_engine::model::{Logits, Segment};
-use farsight_engine::sampler::argmax;
 use farsight_engine::Model;
-use farsight_kernels::Backend;
+use farsight_kernels::{Backend, SampleSpec};
 
 use super::common::{read_text, with_model, CliError, ModelArgs};
 use super::plot::{BenchMetric, BenchPlot, BenchPoint};
@@ -160,7 +159,8 @@ fn timed_run<B: Backend + 'static>(
         farsight_engine::synthetic::fill_kv_random(model, kv, prompt.len(), new_tokens, 7)?;
         prompt[prompt.len() - 1]
     } else {
-        argmax(&prefill(model, &mut ws, kv, prompt, chunk, &mut |_, _| {})?)
+        let greedy = Logits::Sample(SampleSpec::GREEDY);
+        prefill_for(model, &mut ws, kv, prompt, chunk, greedy, &mut |_, _| {})?.into_token()?
     };
     let tp = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
@@ -168,10 +168,12 @@ fn timed_run<B: Backend + 'static>(
         let mut segs = [Segment {
             tokens: std::slice::from_ref(&next),
             kv: &mut *kv,
-            logits: Logits::Last,
+            logits: Logits::Sample(SampleSpec::GREEDY),
         }];
-        let l = model.forward(&mut ws, &mut segs)?.swap_remove(0);
-        next = argmax(&l);
+        next = model
+            .forward(&mut ws, &mut segs)?
+            .swap_remove(0)
+            .into_token()?;
     }
     let td = t1.elapsed().as_secs_f64();
     Ok((tp, td, kv.memory()))

@@ -18,11 +18,10 @@ use std::time::Instant;
 use clap::Args;
 use farsight_engine::generate::new_cache;
 use farsight_engine::model::{Logits, Segment};
-use farsight_engine::sampler::argmax;
 use farsight_engine::synthetic::{fill_kv_random, shape_config};
 use farsight_engine::Model;
 use farsight_kernels::cuda::CudaBackend;
-use farsight_kernels::{Backend, DType};
+use farsight_kernels::{Backend, DType, SampleSpec};
 use farsight_offload::sparse::{Predict, TokenBudget};
 use farsight_offload::KvStore;
 use farsight_prefetch::{OffloadConfig, OffloadKvStore, OffloadStats, RowHome};
@@ -261,13 +260,13 @@ fn steps(
             .map(|(kv, tok)| Segment {
                 tokens: std::slice::from_ref(tok),
                 kv: &mut **kv,
-                logits: Logits::Last,
+                logits: Logits::Sample(SampleSpec::GREEDY),
             })
             .collect();
-        let logits = m.forward(&mut ws, &mut segs)?;
+        let outs = m.forward(&mut ws, &mut segs)?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
-        for (tok, l) in toks.iter_mut().zip(&logits) {
-            *tok = argmax(l) % m.cfg.vocab_size as u32;
+        for (tok, out) in toks.iter_mut().zip(outs) {
+            *tok = out.into_token()?;
         }
     }
     Ok(ms)

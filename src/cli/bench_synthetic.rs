@@ -13,12 +13,11 @@ use std::time::Instant;
 
 use farsight_engine::generate::{new_cache, prefill};
 use farsight_engine::model::{Logits, Segment};
-use farsight_engine::sampler::argmax;
 use farsight_engine::synthetic::{fill_kv_random, shape_config};
 use farsight_engine::Model;
 use farsight_kernels::cpu::CpuBackend;
 use farsight_kernels::cuda::CudaBackend;
-use farsight_kernels::{Backend, DType};
+use farsight_kernels::{Backend, DType, SampleSpec};
 use farsight_offload::KvStore;
 
 use super::bench::{bench_point, write_plot, CpuBenchArgs, Stats};
@@ -208,11 +207,11 @@ fn measure<B: Backend>(m: &Model<B>, a: &CpuBenchArgs) -> Result<(Rows, Rows), C
             let mut segs = [Segment {
                 tokens: std::slice::from_ref(&tok),
                 kv: &mut kv,
-                logits: Logits::Last,
+                logits: Logits::Sample(SampleSpec::GREEDY),
             }];
-            let l = m.forward(&mut ws, &mut segs)?.swap_remove(0);
+            // The argmax is picked on the device: one id comes back, not a logits row.
+            tok = m.forward(&mut ws, &mut segs)?.swap_remove(0).into_token()?;
             let dt = t.elapsed().as_secs_f64() * 1e3;
-            tok = argmax(&l) % c.vocab_size as u32;
             if step >= a.warmup {
                 ms.push(dt);
             }

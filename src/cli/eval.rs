@@ -289,7 +289,7 @@ fn teacher_forced_then_greedy<B: farsight_kernels::Backend>(
             kv: &mut kv,
             logits: Logits::All,
         }];
-        all.extend(m.forward(&mut ws, &mut segs)?.swap_remove(0));
+        all.extend(m.forward(&mut ws, &mut segs)?.swap_remove(0).into_logits());
     }
     let vocab = m.cfg.vocab_size;
     let mut next = farsight_engine::sampler::argmax(&all[all.len() - vocab..]);
@@ -302,10 +302,9 @@ fn teacher_forced_then_greedy<B: farsight_kernels::Backend>(
         let mut segs = [Segment {
             tokens: std::slice::from_ref(&next),
             kv: &mut kv,
-            logits: Logits::Last,
+            logits: Logits::Sample(farsight_kernels::SampleSpec::GREEDY),
         }];
-        let l = m.forward(&mut ws, &mut segs)?.swap_remove(0);
-        next = farsight_engine::sampler::argmax(&l);
+        next = m.forward(&mut ws, &mut segs)?.swap_remove(0).into_token()?;
     }
     Ok((all, out))
 }

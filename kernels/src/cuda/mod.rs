@@ -13,6 +13,7 @@ mod matmul;
 mod offload;
 mod ops;
 mod pinned;
+mod sample;
 mod sparse;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::backend::{Backend, CausalAttn, DType, HostMatrix, Result, Rope};
 use crate::error::KernelError;
+use crate::sample::SampleSpec;
 
 pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP};
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
@@ -101,6 +103,7 @@ const KERNELS: &[&str] = &[
     "ds_unpack_rows",
     "ds_ahead_labels",
     "ds_overlap",
+    "sample_rows",
 ];
 
 /// The CUDA backend on one device.
@@ -494,6 +497,10 @@ impl Backend for CudaBackend {
         out: &mut CudaTensor,
     ) -> Result<()> {
         self.attention_impl(a, q, k, v, out)
+    }
+
+    fn sample_rows(&self, logits: &CudaTensor, specs: &[SampleSpec]) -> Result<Vec<u32>> {
+        self.sample_rows_impl(logits, specs)
     }
 }
 
