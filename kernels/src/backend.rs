@@ -313,12 +313,12 @@ pub mod checks {
     }
 
     /// Sampling `specs.len()` rows of a `(rows, cols)` logits tensor: enough rows, a vocabulary
-    /// of 1 to 2^31 - 1 (ids are u32, kernels index with i32), valid specs.
+    /// of 1 to 2^30 (kernels index with i32, a little past the end), valid specs.
     pub fn sample_rows(rows_: usize, cols: usize, specs: &[SampleSpec]) -> Result<()> {
         rows(rows_, specs.len(), "sample_rows")?;
-        if !specs.is_empty() && (cols == 0 || cols > i32::MAX as usize) {
+        if !specs.is_empty() && (cols == 0 || cols > 1 << 30) {
             return Err(err(format!(
-                "sample_rows over a vocabulary of {cols} (must be 1 to 2^31 - 1)"
+                "sample_rows over a vocabulary of {cols} (must be 1 to 2^30)"
             )));
         }
         for (r, s) in specs.iter().enumerate() {

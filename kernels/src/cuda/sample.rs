@@ -44,7 +44,7 @@ impl CudaBackend {
             .collect();
         let spec_buf = self.upload(bytemuck::cast_slice::<DevSpec, u8>(&dev), "sample specs")?;
         let mut ids = self.alloc::<u32>(specs.len(), "sampled ids")?;
-        let n = logits.cols as i32; // checked: 1 ..= i32::MAX
+        let n = logits.cols as i32; // checked: 1 ..= 2^30
         let name = "sample_rows";
         let mut b = self.stream.launch_builder(self.f(name));
         b.arg(&logits.data).arg(&n).arg(&spec_buf).arg(&mut ids);

@@ -155,3 +155,43 @@ fn invalid_specs_are_rejected() {
     }
     assert!(SampleSpec::GREEDY.validate().is_ok());
 }
+
+#[test]
+fn default_sample_rows_pairs_rows_with_specs() {
+    use crate::cpu::CpuBackend;
+    use crate::Backend;
+    let be = CpuBackend::new(1).unwrap();
+    let (rows, vocab) = (5usize, 300usize);
+    let data: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 7919) % 257) as f32 * 0.05)
+        .collect();
+    let mut t = be.tensor(rows, vocab).unwrap();
+    be.write_tensor(&mut t, 0, &data).unwrap();
+    let specs: Vec<SampleSpec> = (0..4)
+        .map(|r| spec(0.5 * r as f32, 10 * r, 0.9, 0.2 * r as f64 + 0.1))
+        .collect();
+    let got = be.sample_rows(&t, &specs).unwrap();
+    let want: Vec<u32> = specs
+        .iter()
+        .enumerate()
+        .map(|(r, s)| pick(&data[r * vocab..(r + 1) * vocab], *s))
+        .collect();
+    assert_eq!(got, want);
+    assert!(be.sample_rows(&t, &[]).unwrap().is_empty());
+    // More specs than rows, a bad spec (named by row), an empty vocabulary: errors.
+    let six = vec![SampleSpec::GREEDY; 6];
+    assert!(matches!(
+        be.sample_rows(&t, &six),
+        Err(KernelError::Shape(_))
+    ));
+    let bad = [SampleSpec::GREEDY, spec(1.0, 0, 1.0, 1.5)];
+    match be.sample_rows(&t, &bad) {
+        Err(KernelError::Invalid(m)) => assert!(m.starts_with("row 1: "), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let empty = be.tensor(2, 0).unwrap();
+    assert!(matches!(
+        be.sample_rows(&empty, &[SampleSpec::GREEDY]),
+        Err(KernelError::Shape(_))
+    ));
+}
