@@ -849,6 +849,12 @@ fn sample_rows_match_cpu() {
     let (mut cases, mut near, mut near_diff) = (0usize, 0usize, 0usize);
     let mut scratch = Vec::new();
     let rnd = vals(64, 99);
+    // FARSIGHT_TEST_SAMPLE_STRIDE=N checks every N-th spec only (for compute-sanitizer runs).
+    let stride = std::env::var("FARSIGHT_TEST_SAMPLE_STRIDE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
     for (vi, vocab) in [49152usize, 128256].into_iter().enumerate() {
         let mut specs_of = vec![SampleSpec::GREEDY];
         for t in [0.7f32, 1.0, 1.5] {
@@ -869,7 +875,7 @@ fn sample_rows_match_cpu() {
             for kind in kinds {
                 let data = sample_logits(batch, vocab, kind, 40 + (vi * 3 + kind) as u64);
                 let (_, t) = both(cu, batch, vocab, &data);
-                for (ci, base) in specs_of.iter().enumerate() {
+                for (ci, base) in specs_of.iter().enumerate().step_by(stride) {
                     let specs: Vec<SampleSpec> = (0..batch)
                         .map(|r| {
                             // Replace the two 0.5 draws by random ones, different per row.
