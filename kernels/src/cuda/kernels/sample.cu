@@ -31,14 +31,6 @@ struct SampleSpecDev {
 #define SAMPLE_ONE (1ull << 40)
 #define SAMPLE_FULL 0xffffffffu
 
-// IEEE total order as unsigned order (Rust's f32::total_cmp), and back.
-__device__ __forceinline__ u32 sample_ord(float v) {
-    u32 b = __float_as_uint(v);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-__device__ __forceinline__ float sample_unord(u32 o) {
-    return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
-}
 __device__ __forceinline__ u64 sample_key(u32 ord, int i) { return ((u64)ord << 32) | (u64)(~(u32)i); }
 
 __device__ __forceinline__ u64 sample_mass(float y, float ymax) {
@@ -130,8 +122,8 @@ __device__ u64 sample_max_key(SampleShared& s, const float* x, int n, float t, b
     sample_for_each(x, n, [&](int i, float v) {
         if (i >= n) return;
         u32 o;
-        if (greedy) o = (v != v) ? 0u : sample_ord(v == 0.0f ? 0.0f : v);
-        else o = sample_ord(__fdiv_rn(v, t));
+        if (greedy) o = (v != v) ? 0u : f32_ord(v == 0.0f ? 0.0f : v);
+        else o = f32_ord(__fdiv_rn(v, t));
         u64 k = sample_key(o, i);
         best = k > best ? k : best;
     });
@@ -143,7 +135,7 @@ __device__ u64 sample_min_kept(SampleShared& s, const SampleRow& r) {
     u64 low = ~0ull;
     sample_for_each(r.x, r.n, [&](int i, float v) {
         if (i >= r.n) return;
-        u64 k = sample_key(sample_ord(__fdiv_rn(v, r.t)), i);
+        u64 k = sample_key(f32_ord(__fdiv_rn(v, r.t)), i);
         if (sample_kept(k, r.b) && k < low) low = k;
     });
     return sample_block_ext(s, low, false);
@@ -164,7 +156,7 @@ __device__ void sample_hist(SampleShared& s, const SampleRow& r, int len, u64 pr
         u64 m = 0;
         if (i < r.n) {
             float y = __fdiv_rn(v, r.t);
-            u64 key = sample_key(sample_ord(y), i);
+            u64 key = sample_key(f32_ord(y), i);
             if (sample_kept(key, r.b) && (len == 0 || (key >> (64 - len)) == prefix)) {
                 hit = true;
                 d = (u32)(key >> shift) & 0xffu;
@@ -295,7 +287,7 @@ __device__ u64 sample_find(SampleShared& s, const SampleRow& r, int len, u64 pre
     __syncthreads();
     sample_for_each(r.x, r.n, [&](int i, float v) {
         if (i >= r.n) return;
-        u64 k = sample_key(sample_ord(__fdiv_rn(v, r.t)), i);
+        u64 k = sample_key(f32_ord(__fdiv_rn(v, r.t)), i);
         if ((k >> (64 - len)) == prefix && sample_kept(k, r.b)) s.key = k;
     });
     __syncthreads();
@@ -321,7 +313,7 @@ sample_rows(const float* logits, int n, const SampleSpecDev* specs, u32* out) {
         r.x = x;
         r.n = n;
         r.t = sp.temperature;
-        r.ymax = sample_unord((u32)(kmax >> 32));
+        r.ymax = f32_unord((u32)(kmax >> 32));
         r.b.n = 0;
         if (sp.top_k > 0 && sp.top_k < (u32)n) sample_topk(s, r, sp.top_k);
         int len;

@@ -80,11 +80,6 @@ extern "C" __global__ void ds_label_scores(const float* q, const int* chan, int 
 #define TK_THREADS 512
 #define TK_STATE 4
 
-__device__ __forceinline__ unsigned tk_key(float f) {
-    unsigned b = __float_as_uint(f);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
 // Initialises the state for k per head (prefix 0, need k, counters 0) and clears the look-back
 // status words of the compaction.
 extern "C" __global__ void ds_topk_init(unsigned* state, unsigned k, int heads,
@@ -152,7 +147,7 @@ extern "C" __global__ void ds_topk_hist(const float* scores, long n, unsigned* s
     const float* s = scores + (long)head * n;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long)gridDim.x * blockDim.x) {
-        unsigned key = tk_key(s[i]);
+        unsigned key = f32_ord(s[i]);
         if ((key & hi_mask) == prefix) atomicAdd(&h[(key >> shift) & digit_mask], 1u);
     }
     __syncthreads();
@@ -206,7 +201,7 @@ extern "C" __global__ void ds_topk_write(const float* scores, long n, long chunk
     // Thread-local counts of gt and eq, then block exclusive scans of both.
     unsigned tg = 0, te = 0;
     for (long i = i0; i < i1; i++) {
-        unsigned key = tk_key(s[i]);
+        unsigned key = f32_ord(s[i]);
         tg += key > thr;
         te += key == thr;
     }
@@ -261,7 +256,7 @@ extern "C" __global__ void ds_topk_write(const float* scores, long n, long chunk
     // pe = eq keys before this thread's first; position = gt before + min(eq before, need_eq).
     int* o = out + (long)head * out_stride + out_off;
     for (long i = i0; i < i1; i++) {
-        unsigned key = tk_key(s[i]);
+        unsigned key = f32_ord(s[i]);
         if (key > thr) {
             o[pg + min(pe, need_eq)] = base + (int)i;
             pg++;
@@ -353,7 +348,7 @@ __launch_bounds__(TKC_THREADS) ds_topk_cluster(const float* scores, long n, unsi
         for (int b = t; b < TK_BINS; b += TKC_THREADS) h[b] = 0;
         __syncthreads();
         for (long i = b0 + t; i < b1; i += TKC_THREADS) {
-            unsigned key = tk_key(s[i]);
+            unsigned key = f32_ord(s[i]);
             if ((key & hi_mask) == prefix) atomicAdd(&h[(key >> shift) & digit_mask], 1u);
         }
         cl_sync();  // every block's histogram of this pass is complete
@@ -399,7 +394,7 @@ __launch_bounds__(TKC_THREADS) ds_topk_cluster(const float* scores, long n, unsi
     long i0 = min(b1, b0 + w * pw), i1 = min(b1, i0 + pw);
     unsigned tg = 0, te = 0;
     for (long i = i0 + lane; i < i1; i += 32) {
-        unsigned key = tk_key(s[i]);
+        unsigned key = f32_ord(s[i]);
         tg += key > thr;
         te += key == thr;
     }
@@ -420,7 +415,7 @@ __launch_bounds__(TKC_THREADS) ds_topk_cluster(const float* scores, long n, unsi
     int* o = out + (long)head * out_stride + out_off;
     for (long c = i0; c < i1; c += 32) {
         long i = c + lane;
-        unsigned key = i < i1 ? tk_key(s[i]) : 0u;
+        unsigned key = i < i1 ? f32_ord(s[i]) : 0u;
         bool gt = i < i1 && key > thr, eq = i < i1 && key == thr;
         unsigned bg = __ballot_sync(0xffffffffu, gt), be = __ballot_sync(0xffffffffu, eq);
         unsigned g = pg + __popc(bg & lt_mask), e = pe + __popc(be & lt_mask);
