@@ -280,6 +280,69 @@ fn offloaded_rows_equal_device_rows_layer_ahead() {
     );
 }
 
+/// A persistent query component (a query bias, as `bench offload --query-bias` adds) makes
+/// consecutive steps select overlapping rows: the row cache hits more, and the layer-ahead guess
+/// (the label rows' matmul on the device, bias included) still recalls the true selection;
+/// offloaded and device-resident rows still give identical logits.
+#[test]
+fn query_bias_raises_reuse_and_layer_ahead_keeps_it() {
+    let Some(be) = backend() else { return };
+    let mut m = small_model(be);
+    let mut ch = offload_cfg(
+        &m,
+        TokenBudget::Fraction(16),
+        16,
+        Predict::LayerAhead,
+        RowHome::Host,
+        1,
+    )
+    .channels;
+    // Slow RoPE frequencies: the bias's share of the query turns slowly from step to step.
+    let d = m.cfg.head_dim;
+    for l in ch.iter_mut() {
+        for h in l.iter_mut() {
+            *h = farsight_engine::synthetic::spread_channels(d, 8);
+        }
+    }
+    m.enable_layer_ahead(&ch).unwrap();
+    let run = |m: &Model<CudaBackend>, home: RowHome| {
+        let mut cfg = offload_cfg(
+            m,
+            TokenBudget::Fraction(16),
+            16,
+            Predict::LayerAhead,
+            home,
+            4096,
+        );
+        cfg.channels = ch.clone();
+        cfg.measure_recall = true;
+        let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
+        s.fill_random(&m.backend, 3000, 1.0, 99).unwrap();
+        let logits = decode(m, &mut s, 5, 12);
+        (logits, s.stats(&m.backend).unwrap())
+    };
+    let (_, plain) = run(&m, RowHome::Host);
+    m.add_query_bias(6.0, 3).unwrap();
+    let (host, hs) = run(&m, RowHome::Host);
+    let (dev, ds) = run(&m, RowHome::Device);
+    assert_eq!((hs.misses, hs.hits), (ds.misses, ds.hits));
+    assert!(host == dev, "offloaded logits differ from device-resident ones");
+    println!(
+        "query bias 0 -> 6: hit rate {:.3} -> {:.3}, recall {:.3} -> {:.3}",
+        plain.hit_rate(),
+        hs.hit_rate(),
+        plain.recall(),
+        hs.recall()
+    );
+    assert!(
+        hs.hit_rate() > plain.hit_rate() + 0.2,
+        "hit rate {:.3} with the bias vs {:.3}",
+        hs.hit_rate(),
+        plain.hit_rate()
+    );
+    assert!(hs.recall() > 0.8, "layer-ahead recall {:.3} with the bias", hs.recall());
+}
+
 /// A full budget selects every token, so decode must match dense attention (to the rounding
 /// of a different attention kernel). Prefill runs in chunks through the staging path.
 #[test]

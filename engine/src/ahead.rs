@@ -23,8 +23,9 @@ pub struct LayerAhead<B: Backend> {
     pub channels: Vec<Vec<Vec<usize>>>,
     /// `rows[layer]`: `n_heads * 2r` rows of `W_q` (`None` for the leading layers).
     rows: Vec<Option<B::Matrix>>,
-    /// The matching entries of the query bias (Qwen2), same order.
-    bias: Vec<Option<Vec<f32>>>,
+    /// The matching entries of the query bias (Qwen2), same order, where the weights live: the
+    /// label-row matmul adds them, so its output is the query's label values before RoPE.
+    bias: Vec<Option<B::Tensor>>,
     r: usize,
 }
 
@@ -49,7 +50,7 @@ impl<B: Backend> LayerAhead<B> {
         }
         let lead = SAME_LAYER_LEADING.min(cfg.num_layers);
         let mut rows: Vec<Option<B::Matrix>> = (0..lead).map(|_| None).collect();
-        let mut bias = vec![None; lead];
+        let mut bias: Vec<Option<B::Tensor>> = (0..lead).map(|_| None).collect();
         for (l, layer_channels) in channels.iter().enumerate().skip(lead) {
             let mut idx = Vec::with_capacity(cfg.num_heads * 2 * r);
             for h in 0..cfg.num_heads {
@@ -66,7 +67,10 @@ impl<B: Backend> LayerAhead<B> {
             bias.push(match qb {
                 Some(t) => {
                     let all = backend.read_rows(t, 0, 1)?;
-                    Some(idx.iter().map(|&i| all[i]).collect())
+                    let picked: Vec<f32> = idx.iter().map(|&i| all[i]).collect();
+                    let mut b = backend.tensor(1, picked.len())?;
+                    backend.write_tensor(&mut b, 0, &picked)?;
+                    Some(b)
                 }
                 None => None,
             });
@@ -89,13 +93,14 @@ impl<B: Backend> LayerAhead<B> {
         self.rows.get(layer).and_then(|m| m.as_ref())
     }
 
-    /// Layer `layer`'s query-bias entries in the rows' order (Qwen2), if any.
-    pub fn bias(&self, layer: usize) -> Option<&[f32]> {
-        self.bias.get(layer).and_then(|b| b.as_deref())
+    /// Layer `layer`'s query-bias entries in the rows' order (Qwen2), if any: the bias of the
+    /// label-row matmul.
+    pub fn bias(&self, layer: usize) -> Option<&B::Tensor> {
+        self.bias.get(layer).and_then(|b| b.as_ref())
     }
 
-    /// Turns one token's raw matmul output (`n_heads * 2r` values) for layer `layer` into
-    /// rotated label values (`n_heads * r`), appended to `out`.
+    /// Turns one token's raw matmul output (`n_heads * 2r` values, the bias included) for layer
+    /// `layer` into rotated label values (`n_heads * r`), appended to `out`.
     pub fn rotate(
         &self,
         cfg: &ModelConfig,
@@ -106,11 +111,10 @@ impl<B: Backend> LayerAhead<B> {
         out: &mut Vec<f32>,
     ) {
         let (d, r, group) = (cfg.head_dim, self.r, cfg.num_heads / cfg.num_kv_heads);
-        let bias = self.bias[layer].as_deref();
         for h in 0..cfg.num_heads {
             let base = h * 2 * r;
             for (j, &c) in self.channels[layer][h / group].iter().enumerate() {
-                let at = |i: usize| raw[base + i] + bias.map_or(0.0, |b| b[base + i]);
+                let at = |i: usize| raw[base + i];
                 let (x, partner) = (at(j), at(r + j));
                 let angle = pos as f32 * rope.inv_freq[c % (d / 2)];
                 let (sin, cos) = angle.sin_cos();

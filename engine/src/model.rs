@@ -306,7 +306,7 @@ impl<B: Backend> Model<B> {
             ws.ahead = Some(be.tensor(ws.rows.max(n), width)?);
         }
         let out = ws.ahead.as_mut().expect("allocated above");
-        be.matmul(&ws.xn, m, None, out, n)?;
+        be.matmul(&ws.xn, m, ahead.bias(next), out, n)?;
         let mut raw = None;
         for (s, &r0) in segs.iter_mut().zip(row0) {
             match s.kv.ahead_channels() {
@@ -319,9 +319,9 @@ impl<B: Backend> Model<B> {
                 Some(_) => {}
             }
             let len = s.tokens.len();
-            if ahead.bias(next).is_none()
-                && s.kv
-                    .predict_raw(be, next, out, r0, len, positions[r0], rope)?
+            if s
+                .kv
+                .predict_raw(be, next, out, r0, len, positions[r0], rope)?
             {
                 continue;
             }

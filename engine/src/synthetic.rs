@@ -142,6 +142,69 @@ impl<B: Backend> Model<B> {
     }
 }
 
+impl<B: Backend> Model<B> {
+    /// Gives every layer a fixed random query bias of standard deviation `std` (uniform, each
+    /// layer its own stream of `seed`; the keys' and values' biases stay zero): a query component
+    /// that persists from token to token, against the per-token part of standard deviation ~1
+    /// (unit-RMS normed input times rows of standard deviation `1/sqrt(fan_in)`). With `std = 0`
+    /// the queries of consecutive tokens are independent, the worst case for a row cache that
+    /// keeps last step's selection; real models sit far from it (their selections overlap 0.7-0.8
+    /// step to step, BENCHMARKS.md). Rebuilds the layer-ahead rows if they exist.
+    pub fn add_query_bias(&mut self, std: f32, seed: u64) -> Result<()> {
+        if !(std.is_finite() && std >= 0.0) {
+            return Err(EngineError::Invalid(format!(
+                "query bias {std}: a finite value >= 0"
+            )));
+        }
+        let (qw, kvw) = (self.cfg.q_width(), self.cfg.kv_width());
+        let be = &self.backend;
+        let mut q = be.tensor(1, qw)?;
+        let mut added = 0usize;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            be.fill_random(&mut q, std * 3f32.sqrt(), seed.wrapping_add(l as u64))?;
+            let mut all = match &layer.qkv_bias {
+                Some(b) => be.read_rows(b, 0, 1)?,
+                None => {
+                    added += qw + 2 * kvw;
+                    vec![0.0; qw + 2 * kvw]
+                }
+            };
+            for (a, b) in all.iter_mut().zip(be.read_rows(&q, 0, 1)?) {
+                *a += b;
+            }
+            let mut t = be.tensor(1, qw + 2 * kvw)?;
+            be.write_tensor(&mut t, 0, &all)?;
+            layer.qkv_bias = Some(t);
+        }
+        self.cfg.qkv_bias = true;
+        self.weight_bytes += added * self.weight_dtype.size();
+        if let Some(channels) = self.ahead.as_ref().map(|a| a.channels.clone()) {
+            self.ahead = None;
+            self.enable_layer_ahead(&channels)?;
+        }
+        Ok(())
+    }
+}
+
+/// `r` label channels of a `head_dim` head for a synthetic model, spread evenly over the RoPE
+/// frequencies (both channels of each chosen rotation pair, sorted). Calibrated channels of a
+/// real model spread the same way, leaning to the slower frequencies (SmolLM2-135M: 9%, 28%, 28%
+/// and 35% of its chosen channels in the fastest to the slowest quarter), where the first `r`
+/// channels would all be fast ones, which a query's rotation decorrelates from step to step.
+pub fn spread_channels(head_dim: usize, r: usize) -> Vec<usize> {
+    let half = (head_dim / 2).max(1);
+    let pairs = r.div_ceil(2).clamp(1, half);
+    let mut c: Vec<usize> = (0..pairs)
+        .flat_map(|j| {
+            let f = (2 * j + 1) * half / (2 * pairs);
+            [f, f + half]
+        })
+        .take(r.min(head_dim))
+        .collect();
+    c.sort_unstable();
+    c
+}
+
 /// Appends `tokens` rows of random K and V (uniform on [-1, 1), generated on the backend) to
 /// every layer of `kv`, as if a prompt of that length had been prefilled: for timing decode at
 /// long contexts without running the prefill. Reserves room for `spare` more tokens first, so
@@ -230,6 +293,109 @@ mod tests {
         };
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn spread_channels_cover_the_frequencies() {
+        let c = spread_channels(128, 16);
+        assert_eq!(c.len(), 16);
+        assert_eq!(&c[..8], &[4, 12, 20, 28, 36, 44, 52, 60]);
+        assert!(c[8..].iter().zip(&c[..8]).all(|(&b, &a)| b == a + 64));
+        for (d, r) in [(64, 7), (64, 64), (128, 1), (8, 3)] {
+            let c = spread_channels(d, r);
+            assert_eq!(c.len(), r, "{d} {r}");
+            assert!(c.windows(2).all(|w| w[0] < w[1]) && c[r - 1] < d, "{d} {r}: {c:?}");
+        }
+    }
+
+    /// The query bias lands on the queries only, with the asked spread, and changes the output.
+    #[test]
+    fn query_bias_is_on_the_queries_only() {
+        let mut cfg = shape_config("smollm2-135m").unwrap();
+        cfg.num_layers = 2;
+        cfg.vocab_size = 512;
+        let (qw, kvw) = (cfg.q_width(), cfg.kv_width());
+        let mut m = Model::synthetic(cfg, CpuBackend::new(2).unwrap(), DType::F32, 3).unwrap();
+        let logits = |m: &Model<CpuBackend>| {
+            let mut kv = new_cache(m, DType::F32).unwrap();
+            let mut ws = m.workspace(8, 1).unwrap();
+            let mut segs = [Segment {
+                tokens: &[3u32, 7, 11],
+                kv: &mut kv,
+                logits: Logits::Last,
+            }];
+            m.forward(&mut ws, &mut segs).unwrap().swap_remove(0).into_logits()
+        };
+        let before = logits(&m);
+        let bytes = m.weight_bytes();
+        assert!(m.add_query_bias(-1.0, 1).is_err());
+        assert!(m.add_query_bias(f32::NAN, 1).is_err());
+        m.add_query_bias(2.0, 7).unwrap();
+        assert!(m.cfg.qkv_bias);
+        assert_eq!(m.weight_bytes(), bytes + 2 * (qw + 2 * kvw) * 4);
+        let mut first = Vec::new();
+        for layer in &m.layers {
+            let b = m.backend.read_rows(layer.qkv_bias.as_ref().unwrap(), 0, 1).unwrap();
+            assert_eq!(b.len(), qw + 2 * kvw);
+            assert!(b[qw..].iter().all(|&x| x == 0.0));
+            let sd = (b[..qw].iter().map(|x| x * x).sum::<f32>() / qw as f32).sqrt();
+            assert!((sd - 2.0).abs() < 0.2, "std {sd}");
+            first.push(b[0]);
+        }
+        assert_ne!(first[0], first[1], "every layer its own bias");
+        assert_ne!(logits(&m), before);
+    }
+
+    /// The layer-ahead label rows carry the query bias: their matmul + rotation gives the
+    /// label channels of the layer's full biased query after RoPE.
+    #[test]
+    fn layer_ahead_rows_include_the_query_bias() {
+        let mut cfg = shape_config("smollm2-135m").unwrap();
+        cfg.num_layers = 3;
+        cfg.vocab_size = 64;
+        let (d, hd) = (cfg.head_dim, cfg.hidden_size);
+        let group = cfg.num_heads / cfg.num_kv_heads;
+        let mut m = Model::synthetic(cfg.clone(), CpuBackend::new(2).unwrap(), DType::F32, 4)
+            .unwrap();
+        let ch = vec![vec![spread_channels(d, 8); cfg.num_kv_heads]; cfg.num_layers];
+        m.enable_layer_ahead(&ch).unwrap();
+        // Added after the rows were cut: they are rebuilt with it.
+        m.add_query_bias(3.0, 5).unwrap();
+        let be = &m.backend;
+        let rope = rope_for(cfg.rope_theta, d, &cfg.rope_scaling, 0);
+        let mut x = be.tensor(1, hd).unwrap();
+        be.fill_random(&mut x, 1.0, 9).unwrap();
+        let ahead = m.ahead.as_ref().unwrap();
+        let layer = cfg.num_layers - 1;
+        let rows = ahead.rows(layer).expect("a layer past the leading ones");
+        let mut raw = be.tensor(1, ahead.width(cfg.num_heads)).unwrap();
+        be.matmul(&x, rows, ahead.bias(layer), &mut raw, 1).unwrap();
+        let mut got = Vec::new();
+        let pos = 1000;
+        ahead.rotate(&cfg, layer, &be.read_rows(&raw, 0, 1).unwrap(), pos, &rope, &mut got);
+        let l = &m.layers[layer];
+        let mut full = be.tensor(1, cfg.q_width() + 2 * cfg.kv_width()).unwrap();
+        be.matmul(&x, &l.qkv, l.qkv_bias.as_ref(), &mut full, 1).unwrap();
+        let q = be.read_rows(&full, 0, 1).unwrap();
+        let mut want = Vec::new();
+        for h in 0..cfg.num_heads {
+            for &c in &ch[layer][h / group] {
+                let (x, p) = (q[h * d + c], q[h * d + (c + d / 2) % d]);
+                let (sin, cos) = (pos as f32 * rope.inv_freq[c % (d / 2)]).sin_cos();
+                want.push(if c < d / 2 { x * cos - p * sin } else { x * cos + p * sin });
+            }
+        }
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "worst {worst}");
+        // The bias matters here: without it the values differ.
+        let mut bare = be.tensor(1, ahead.width(cfg.num_heads)).unwrap();
+        be.matmul(&x, rows, None, &mut bare, 1).unwrap();
+        assert_ne!(be.read_rows(&bare, 0, 1).unwrap(), be.read_rows(&raw, 0, 1).unwrap());
     }
 
     /// A `Logits::Sample` segment batched with logits segments gives the token that sampling

@@ -18,7 +18,7 @@ use std::time::Instant;
 use clap::Args;
 use farsight_engine::generate::new_cache;
 use farsight_engine::model::{Logits, Segment};
-use farsight_engine::synthetic::{fill_kv_random, shape_config};
+use farsight_engine::synthetic::{fill_kv_random, shape_config, spread_channels};
 use farsight_engine::Model;
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType, SampleSpec};
@@ -43,9 +43,15 @@ pub struct OffloadBenchArgs {
     /// Token budgets per KV head, sinks and recent window included (`1/16`, `1/64`, or a count).
     #[arg(long, default_value = "1/16,1/64", value_delimiter = ',')]
     pub token_budget: Vec<TokenBudget>,
-    /// Label channels per KV head (f16 labels on the GPU).
+    /// Label channels per KV head (f16 labels on the GPU), spread over the RoPE frequencies.
     #[arg(long, default_value_t = 16)]
     pub label_channels: usize,
+    /// Standard deviation of a fixed random query bias in every layer, against ~1 for the
+    /// per-token part of the query: how much of the query persists from step to step, and so how
+    /// much of last step's selection the next one reuses (the row cache's hit rate). 0: the
+    /// queries of consecutive steps are independent, the worst case.
+    #[arg(long, default_value_t = 0.0)]
+    pub query_bias: f32,
     #[arg(long, default_value_t = 4)]
     pub sink: usize,
     #[arg(long, default_value_t = 64)]
@@ -161,19 +167,26 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         CudaBackend::new(n).map_err(|e| CliError::Usage(format!("--device {}: {e}", a.device)))?;
     let t0 = Instant::now();
     let mut model = Model::synthetic(cfg.clone(), be, DType::BF16, 1)?;
-    // Synthetic label channels: the first r of every head (the values are random anyway).
-    let channels =
-        vec![vec![(0..a.label_channels).collect::<Vec<_>>(); cfg.num_kv_heads]; cfg.num_layers];
+    if a.query_bias != 0.0 {
+        model
+            .add_query_bias(a.query_bias, 77)
+            .map_err(|e| CliError::Usage(format!("--query-bias: {e}")))?;
+    }
+    let channels = vec![
+        vec![spread_channels(cfg.head_dim, a.label_channels); cfg.num_kv_heads];
+        cfg.num_layers
+    ];
     if a.predict == Predict::LayerAhead {
         model.enable_layer_ahead(&channels)?;
     }
     let weight_bytes = model.weight_bytes();
     let dev_name = model.backend.name();
     eprintln!(
-        "synthetic {}: {:.2} GB of bf16 weights on {dev_name} in {:.1} s",
+        "synthetic {}: {:.2} GB of bf16 weights on {dev_name} in {:.1} s, query bias {}",
         a.shape,
         weight_bytes as f64 / 1e9,
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        a.query_bias
     );
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut rows = Vec::new();
@@ -224,6 +237,7 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         "weight_bytes": weight_bytes,
         "kv_dtype": kv_dtype.name(),
         "label_channels": a.label_channels,
+        "query_bias": a.query_bias,
         "sink": a.sink,
         "recent": a.recent,
         "predict": a.predict.to_string(),
@@ -541,6 +555,7 @@ impl OffloadBenchArgs {
             batch: self.batch.clone(),
             token_budget: self.token_budget.clone(),
             label_channels: self.label_channels,
+            query_bias: self.query_bias,
             sink: self.sink,
             recent: self.recent,
             predict: self.predict,
