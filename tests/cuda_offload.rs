@@ -326,7 +326,10 @@ fn query_bias_raises_reuse_and_layer_ahead_keeps_it() {
     let (host, hs) = run(&m, RowHome::Host);
     let (dev, ds) = run(&m, RowHome::Device);
     assert_eq!((hs.misses, hs.hits), (ds.misses, ds.hits));
-    assert!(host == dev, "offloaded logits differ from device-resident ones");
+    assert!(
+        host == dev,
+        "offloaded logits differ from device-resident ones"
+    );
     println!(
         "query bias 0 -> 6: hit rate {:.3} -> {:.3}, recall {:.3} -> {:.3}",
         plain.hit_rate(),
@@ -340,7 +343,11 @@ fn query_bias_raises_reuse_and_layer_ahead_keeps_it() {
         hs.hit_rate(),
         plain.hit_rate()
     );
-    assert!(hs.recall() > 0.8, "layer-ahead recall {:.3} with the bias", hs.recall());
+    assert!(
+        hs.recall() > 0.8,
+        "layer-ahead recall {:.3} with the bias",
+        hs.recall()
+    );
 }
 
 /// A full budget selects every token, so decode must match dense attention (to the rounding

@@ -319,8 +319,7 @@ impl<B: Backend> Model<B> {
                 Some(_) => {}
             }
             let len = s.tokens.len();
-            if s
-                .kv
+            if s.kv
                 .predict_raw(be, next, out, r0, len, positions[r0], rope)?
             {
                 continue;

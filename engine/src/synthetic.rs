@@ -304,7 +304,10 @@ mod tests {
         for (d, r) in [(64, 7), (64, 64), (128, 1), (8, 3)] {
             let c = spread_channels(d, r);
             assert_eq!(c.len(), r, "{d} {r}");
-            assert!(c.windows(2).all(|w| w[0] < w[1]) && c[r - 1] < d, "{d} {r}: {c:?}");
+            assert!(
+                c.windows(2).all(|w| w[0] < w[1]) && c[r - 1] < d,
+                "{d} {r}: {c:?}"
+            );
         }
     }
 
@@ -324,7 +327,10 @@ mod tests {
                 kv: &mut kv,
                 logits: Logits::Last,
             }];
-            m.forward(&mut ws, &mut segs).unwrap().swap_remove(0).into_logits()
+            m.forward(&mut ws, &mut segs)
+                .unwrap()
+                .swap_remove(0)
+                .into_logits()
         };
         let before = logits(&m);
         let bytes = m.weight_bytes();
@@ -335,7 +341,10 @@ mod tests {
         assert_eq!(m.weight_bytes(), bytes + 2 * (qw + 2 * kvw) * 4);
         let mut first = Vec::new();
         for layer in &m.layers {
-            let b = m.backend.read_rows(layer.qkv_bias.as_ref().unwrap(), 0, 1).unwrap();
+            let b = m
+                .backend
+                .read_rows(layer.qkv_bias.as_ref().unwrap(), 0, 1)
+                .unwrap();
             assert_eq!(b.len(), qw + 2 * kvw);
             assert!(b[qw..].iter().all(|&x| x == 0.0));
             let sd = (b[..qw].iter().map(|x| x * x).sum::<f32>() / qw as f32).sqrt();
@@ -355,8 +364,8 @@ mod tests {
         cfg.vocab_size = 64;
         let (d, hd) = (cfg.head_dim, cfg.hidden_size);
         let group = cfg.num_heads / cfg.num_kv_heads;
-        let mut m = Model::synthetic(cfg.clone(), CpuBackend::new(2).unwrap(), DType::F32, 4)
-            .unwrap();
+        let mut m =
+            Model::synthetic(cfg.clone(), CpuBackend::new(2).unwrap(), DType::F32, 4).unwrap();
         let ch = vec![vec![spread_channels(d, 8); cfg.num_kv_heads]; cfg.num_layers];
         m.enable_layer_ahead(&ch).unwrap();
         // Added after the rows were cut: they are rebuilt with it.
@@ -372,17 +381,29 @@ mod tests {
         be.matmul(&x, rows, ahead.bias(layer), &mut raw, 1).unwrap();
         let mut got = Vec::new();
         let pos = 1000;
-        ahead.rotate(&cfg, layer, &be.read_rows(&raw, 0, 1).unwrap(), pos, &rope, &mut got);
+        ahead.rotate(
+            &cfg,
+            layer,
+            &be.read_rows(&raw, 0, 1).unwrap(),
+            pos,
+            &rope,
+            &mut got,
+        );
         let l = &m.layers[layer];
         let mut full = be.tensor(1, cfg.q_width() + 2 * cfg.kv_width()).unwrap();
-        be.matmul(&x, &l.qkv, l.qkv_bias.as_ref(), &mut full, 1).unwrap();
+        be.matmul(&x, &l.qkv, l.qkv_bias.as_ref(), &mut full, 1)
+            .unwrap();
         let q = be.read_rows(&full, 0, 1).unwrap();
         let mut want = Vec::new();
         for h in 0..cfg.num_heads {
             for &c in &ch[layer][h / group] {
                 let (x, p) = (q[h * d + c], q[h * d + (c + d / 2) % d]);
                 let (sin, cos) = (pos as f32 * rope.inv_freq[c % (d / 2)]).sin_cos();
-                want.push(if c < d / 2 { x * cos - p * sin } else { x * cos + p * sin });
+                want.push(if c < d / 2 {
+                    x * cos - p * sin
+                } else {
+                    x * cos + p * sin
+                });
             }
         }
         assert_eq!(got.len(), want.len());
@@ -395,7 +416,10 @@ mod tests {
         // The bias matters here: without it the values differ.
         let mut bare = be.tensor(1, ahead.width(cfg.num_heads)).unwrap();
         be.matmul(&x, rows, None, &mut bare, 1).unwrap();
-        assert_ne!(be.read_rows(&bare, 0, 1).unwrap(), be.read_rows(&raw, 0, 1).unwrap());
+        assert_ne!(
+            be.read_rows(&bare, 0, 1).unwrap(),
+            be.read_rows(&raw, 0, 1).unwrap()
+        );
     }
 
     /// A `Logits::Sample` segment batched with logits segments gives the token that sampling
