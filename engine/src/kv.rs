@@ -87,8 +87,8 @@ pub fn new_store<B: Backend + 'static>(
 }
 
 /// The offloaded Double Sparsity store (`farsight-prefetch`) for a model on the GPU: the full
-/// KV in pinned host memory, labels and a row cache on the GPU. Settings it does not implement
-/// are refused by name.
+/// KV in pinned host memory (or a file with `--kv-store disk:PATH`), labels and a row cache on
+/// the GPU. Settings it does not implement are refused by name.
 pub fn new_offload_store<B: Backend>(
     model: &Model<B>,
     cuda: &CudaBackend,
@@ -101,9 +101,6 @@ pub fn new_offload_store<B: Backend>(
             "{what} with --device cuda and --attention double-sparse (the offloaded store)"
         )))
     };
-    if !matches!(s.store, KvStoreSpec::Host) {
-        return refuse("--kv-store disk:PATH");
-    }
     if s.cfg.label_bits != LabelBits::B16 {
         return refuse("--label-bits 4");
     }
@@ -133,12 +130,12 @@ pub fn new_offload_store<B: Backend>(
         home: RowHome::Host,
         measure_recall: false,
     };
-    Ok(OffloadKvStore::new(
-        cuda,
-        cfg,
-        model.attn_shape(),
-        c.num_layers,
-    )?)
+    Ok(match &s.store {
+        KvStoreSpec::Host => OffloadKvStore::new(cuda, cfg, model.attn_shape(), c.num_layers)?,
+        KvStoreSpec::Disk(path) => {
+            OffloadKvStore::new_on_disk(cuda, cfg, model.attn_shape(), c.num_layers, path)?
+        }
+    })
 }
 
 /// A sparse store for one sequence of `model` (typed, for callers that read its statistics).

@@ -10,6 +10,9 @@ pub enum RowHome {
     Host,
     /// Device memory: the same store with nothing offloaded (the on-GPU sparse reference).
     Device,
+    /// A file (`--kv-store disk:PATH`; the store is made by `OffloadKvStore::new_on_disk`):
+    /// rows read into pinned staging, then gathered as from the host tier.
+    Disk,
 }
 
 /// Double Sparsity over rows kept off the GPU.

@@ -23,6 +23,7 @@
 //! Prefill (multi-token calls) attends densely: the layer's past rows are unpacked from the slab
 //! into a device staging buffer (on the prefetch stream for layer `l + 1` while layer `l` runs).
 
+use std::path::Path;
 use std::sync::Mutex;
 
 use farsight_kernels::cuda::{
@@ -35,12 +36,29 @@ use farsight_offload::{KvMemory, KvStore};
 
 use crate::config::{OffloadConfig, RowHome};
 
+mod disk;
 mod fill;
 
-/// A layer's full rows.
+use disk::DiskRows;
+
+/// A layer's full rows; for the disk tier, the pinned buffer the current call's new rows are
+/// written to before they go to the file.
 enum Slab {
     Host(PinnedBuf),
     Device(DevBuf<u8>),
+    Pending(PinnedBuf),
+}
+
+/// The disk tier's state (see `store/disk.rs`).
+struct DiskTier {
+    rows: DiskRows,
+    /// Tokens each layer's pending buffer has room for, and the first token it holds.
+    pending_cap: usize,
+    pending_t0: usize,
+    /// `[g][m] = m`: the gather's source index into a selection's staging.
+    ordinal: DevBuf<i32>,
+    /// A write-out that failed in `commit` (which cannot return it), for the next call.
+    failed: Option<KernelError>,
 }
 
 struct LayerRows {
@@ -57,6 +75,31 @@ struct Select {
     scores: DevBuf<f32>,
     sel: DevBuf<i32>,
     topk: TopkScratch,
+    /// Disk tier: the misses' rows read from the file (`[g][cache row][row]`, pinned).
+    stage: Option<PinnedBuf>,
+}
+
+impl Select {
+    /// Scratch on `b`'s stream for `n_kv` heads of `cap` scores and `kc` selected rows of
+    /// `stage_row` bytes staged (0: no staging).
+    fn new(
+        b: &CudaBackend,
+        n_kv: usize,
+        cap: usize,
+        kc: usize,
+        stage_row: usize,
+    ) -> Result<Select> {
+        Ok(Select {
+            scores: b.dev_zeros(n_kv * cap)?,
+            sel: b.dev_zeros(n_kv * kc)?,
+            topk: b.ds_topk_scratch(n_kv, cap)?,
+            stage: if stage_row > 0 {
+                Some(b.pinned(n_kv * kc * stage_row)?)
+            } else {
+                None
+            },
+        })
+    }
 }
 
 /// What the offloaded decode did, summed over the store's life.
@@ -105,6 +148,8 @@ struct State {
     recall_stats: DevBuf<u64>,
     /// Prefill staging (K, V caches) by layer parity, and the layer staged ahead.
     staging: Option<Vec<(CudaCache, CudaCache)>>,
+    /// Disk tier: a layer's past rows read from the file for prefill (slab layout, pinned).
+    past_rows: Option<PinnedBuf>,
     staged: Option<(usize, usize, StreamEvent)>,
     written: u64,
     staged_bytes: u64,
@@ -122,19 +167,54 @@ pub struct OffloadKvStore {
     kc: usize,
     len: usize,
     st: Mutex<State>,
+    disk: Option<DiskTier>,
 }
 
 fn bad(msg: String) -> KernelError {
     KernelError::Shape(msg)
 }
 
+/// `[g][m] = m` for `n_kv` heads of `k` entries.
+fn ordinals(n_kv: usize, k: usize) -> Vec<i32> {
+    (0..n_kv).flat_map(|_| 0..k.max(1) as i32).collect()
+}
+
 impl OffloadKvStore {
-    /// A store for one sequence of up to `cfg.capacity` tokens of a model of `layers` layers.
+    /// A store for one sequence of up to `cfg.capacity` tokens of a model of `layers` layers,
+    /// its rows in host or device memory (`cfg.home`).
     pub fn new(
         be: &CudaBackend,
         cfg: OffloadConfig,
         shape: AttnShape,
         layers: usize,
+    ) -> Result<OffloadKvStore> {
+        if cfg.home == RowHome::Disk {
+            return Err(bad(
+                "a disk-tier store needs its file: OffloadKvStore::new_on_disk".into(),
+            ));
+        }
+        Self::build(be, cfg, shape, layers, None)
+    }
+
+    /// A store whose full rows live in a file at `path` (or a new file in the directory
+    /// `path`; removed when the store is dropped), allocated for `cfg.capacity` tokens now.
+    pub fn new_on_disk(
+        be: &CudaBackend,
+        mut cfg: OffloadConfig,
+        shape: AttnShape,
+        layers: usize,
+        path: &Path,
+    ) -> Result<OffloadKvStore> {
+        cfg.home = RowHome::Disk;
+        Self::build(be, cfg, shape, layers, Some(path))
+    }
+
+    fn build(
+        be: &CudaBackend,
+        cfg: OffloadConfig,
+        shape: AttnShape,
+        layers: usize,
+        disk_path: Option<&Path>,
     ) -> Result<OffloadKvStore> {
         let (n_kv, d) = (shape.n_kv_heads, shape.head_dim);
         let r = cfg.r();
@@ -171,6 +251,18 @@ impl OffloadKvStore {
         let cache_rows = cfg.cache_rows();
         let w = cfg.sink + cfg.recent + cache_rows;
         let slab_bytes = cap * n_kv * 2 * d * es;
+        let row = 2 * d * es;
+        // The file first: a disk too small fails before any large allocation.
+        let disk = match disk_path {
+            Some(p) => Some(DiskTier {
+                rows: DiskRows::create(p, layers, n_kv, row, cap)?,
+                pending_cap: 1,
+                pending_t0: 0,
+                ordinal: be.dev_upload(&ordinals(n_kv, cache_rows))?,
+                failed: None,
+            }),
+            None => None,
+        };
         let mut rows = Vec::with_capacity(layers);
         for l in 0..layers {
             let (slab, slab_ptr) = match cfg.home {
@@ -183,6 +275,11 @@ impl OffloadKvStore {
                     let b = be.dev_zeros::<u8>(slab_bytes)?;
                     let ptr = be.dev_ptr(&b);
                     (Slab::Device(b), ptr)
+                }
+                RowHome::Disk => {
+                    let p = be.pinned(n_kv * row)?;
+                    let ptr = p.ptr()?;
+                    (Slab::Pending(p), ptr)
                 }
             };
             let chan: Vec<i32> = cfg.channels[l]
@@ -201,13 +298,8 @@ impl OffloadKvStore {
                 window_ptr,
             });
         }
-        let select = |b: &CudaBackend| -> Result<Select> {
-            Ok(Select {
-                scores: b.dev_zeros(n_kv * cap)?,
-                sel: b.dev_zeros(n_kv * cache_rows)?,
-                topk: b.ds_topk_scratch(n_kv, cap)?,
-            })
-        };
+        let stage_row = if disk.is_some() { row } else { 0 };
+        let select = |b: &CudaBackend| Select::new(b, n_kv, cap, cache_rows, stage_row);
         // The compute stream waits on the prefetch chain (scores, top-k, residency, gather) of
         // the next layer, so its stream gets the higher priority (`FARSIGHT_PREFETCH_PRIORITY=
         // normal` for comparisons).
@@ -228,6 +320,7 @@ impl OffloadKvStore {
             res_stats: be.dev_zeros(2)?,
             recall_stats: be.dev_zeros(2)?,
             staging: None,
+            past_rows: None,
             staged: None,
             written: 0,
             staged_bytes: 0,
@@ -241,6 +334,7 @@ impl OffloadKvStore {
             kc: cache_rows,
             len: 0,
             st: Mutex::new(st),
+            disk,
         })
     }
 
@@ -250,6 +344,11 @@ impl OffloadKvStore {
 
     fn row_bytes(&self) -> usize {
         2 * self.shape.head_dim * self.cfg.dtype.size()
+    }
+
+    /// Bytes of one token's rows in one layer (every KV head).
+    fn token_bytes(&self) -> usize {
+        self.shape.n_kv_heads * self.row_bytes()
     }
 
     fn window_rows(&self) -> usize {
@@ -302,16 +401,12 @@ impl OffloadKvStore {
             *r = None;
         }
         let cap = self.cfg.capacity.max(1);
-        st.compute = Select {
-            scores: be.dev_zeros(n_kv * cap)?,
-            sel: be.dev_zeros(n_kv * kc)?,
-            topk: be.ds_topk_scratch(n_kv, cap)?,
-        };
-        st.ahead = Select {
-            scores: self.prefetch.dev_zeros(n_kv * cap)?,
-            sel: self.prefetch.dev_zeros(n_kv * kc)?,
-            topk: self.prefetch.ds_topk_scratch(n_kv, cap)?,
-        };
+        let stage_row = if self.disk.is_some() { row } else { 0 };
+        st.compute = Select::new(be, n_kv, cap, kc, stage_row)?;
+        st.ahead = Select::new(&self.prefetch, n_kv, cap, kc, stage_row)?;
+        if let Some(disk) = &mut self.disk {
+            disk.ordinal = be.dev_upload(&ordinals(n_kv, kc))?;
+        }
         self.kc = kc;
         be.synchronize()?;
         self.prefetch.synchronize()
@@ -322,10 +417,16 @@ impl OffloadKvStore {
         self.cfg.measure_recall = on;
     }
 
+    /// Where layer `l`'s new rows are written (token `t` at `ptr + t * tok_stride` elements):
+    /// the slab, or for the disk tier the pending buffer, its first token at `pending_t0`.
     fn slab(&self, l: usize) -> RowSlab {
         let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
+        let shift = self
+            .disk
+            .as_ref()
+            .map_or(0, |t| t.pending_t0 * self.token_bytes());
         RowSlab {
-            ptr: self.layers[l].slab_ptr,
+            ptr: self.layers[l].slab_ptr.wrapping_sub(shift as u64),
             tok_stride: n_kv * 2 * d,
             head_stride: 2 * d,
             dtype: self.cfg.dtype,
@@ -363,12 +464,17 @@ impl OffloadKvStore {
     pub fn host_pages(&self) -> Option<farsight_kernels::cuda::PinnedKind> {
         self.layers.iter().find_map(|l| match &l.slab {
             Slab::Host(p) => Some(p.kind()),
-            Slab::Device(_) => None,
+            Slab::Device(_) | Slab::Pending(_) => None,
         })
     }
 
+    /// Bytes of the disk tier's file (0 for the other homes).
+    pub fn disk_bytes(&self) -> usize {
+        self.disk.as_ref().map_or(0, |t| t.rows.bytes())
+    }
+
     /// Bytes on the GPU (labels, windows and row caches, residency, scratch, staging) and in
-    /// pinned host memory (the slabs).
+    /// pinned host memory (the slabs; for the disk tier its pending and staging buffers).
     pub fn footprint(&self) -> (usize, usize) {
         let st = self.st.lock().unwrap_or_else(|p| p.into_inner());
         let mut gpu = 0;
@@ -376,10 +482,14 @@ impl OffloadKvStore {
         for l in &self.layers {
             gpu += l.labels.len * 2 + l.chan.len * 4 + l.window.len;
             match &l.slab {
-                Slab::Host(p) => host += p.len(),
+                Slab::Host(p) | Slab::Pending(p) => host += p.len(),
                 Slab::Device(b) => gpu += b.len,
             }
         }
+        for sel in [&st.compute, &st.ahead] {
+            host += sel.stage.as_ref().map_or(0, |p| p.len());
+        }
+        host += st.past_rows.as_ref().map_or(0, |p| p.len());
         gpu += st.res.iter().map(|r| 5 * r.tok.len * 4).sum::<usize>();
         gpu += 2 * (st.compute.scores.len * 4 + st.compute.sel.len * 4);
         if let Some(s) = &st.staging {
@@ -447,8 +557,35 @@ impl OffloadKvStore {
         }
         let es = self.cfg.dtype.size();
         let rb = self.row_bytes();
+        if let Some(disk) = &self.disk {
+            // The host reads the misses' rows from the file into this stream's staging (its
+            // last gather from there finished: `dev_read` waits for the stream).
+            let n_miss = be.dev_read(&res.n_miss)?;
+            let miss_tok = be.dev_read(&res.miss_tok)?;
+            let stage = sel
+                .stage
+                .as_mut()
+                .ok_or_else(|| bad("disk tier without staging".into()))?;
+            disk.rows
+                .load_misses(l, &miss_tok, &n_miss, res.cap, stage.as_mut_slice()?)?;
+            return be
+                .ds_gather_misses_at(
+                    true,
+                    stage.ptr()?,
+                    rb,
+                    res.cap * rb,
+                    res,
+                    &disk.ordinal,
+                    n_kv,
+                    rb,
+                    lay.window_ptr,
+                    self.window_rows(),
+                    s + self.cfg.recent,
+                )
+                .map(|_| k);
+        }
         be.ds_gather_misses(
-            self.cfg.home == RowHome::Host,
+            self.cfg.home != RowHome::Device,
             lay.slab_ptr,
             n_kv * 2 * d * es,
             2 * d * es,
@@ -492,6 +629,31 @@ impl OffloadKvStore {
             st.staging = Some(v);
         }
         let parity = l % 2;
+        if let Some(disk) = &self.disk {
+            // Past rows from the file (through pinned memory whose last reader, the previous
+            // layer's unpack, must be done first), this call's rows from the pending buffer.
+            let tb = self.token_bytes();
+            be.synchronize()?;
+            let need = (args.n_past * tb).max(1);
+            if st.past_rows.as_ref().map_or(true, |p| p.len() < need) {
+                st.past_rows = None;
+                st.past_rows = Some(be.pinned(need)?);
+            }
+            let past = st.past_rows.as_mut().expect("allocated above");
+            let toks: Vec<u32> = (0..args.n_past as u32).collect();
+            disk.rows
+                .load_tokens(l, &toks, &mut past.as_mut_slice()?[..args.n_past * tb])?;
+            let past_ptr = past.ptr()?;
+            let pending = self.layers[l]
+                .slab_ptr
+                .wrapping_sub((args.n_past * tb) as u64);
+            let (k, v) = &mut st.staging.as_mut().expect("allocated above")[parity];
+            be.ds_unpack_rows(past_ptr, n_kv, d, 0, args.n_past, k, v)?;
+            be.ds_unpack_rows(pending, n_kv, d, args.n_past, total, k, v)?;
+            st.staged_bytes += (total * tb) as u64;
+            let (k, v) = &st.staging.as_ref().expect("allocated above")[parity];
+            return be.attention(args, q, k, v, out);
+        }
         // The past rows: staged ahead on the prefetch stream, or now.
         let ahead = st.staged.take();
         let from = match ahead {
@@ -542,6 +704,23 @@ impl KvStore<CudaBackend> for OffloadKvStore {
                 self.len + n,
                 self.cfg.capacity
             )));
+        }
+        if let Some(disk) = &mut self.disk {
+            if let Some(e) = disk.failed.take() {
+                return Err(e);
+            }
+            if n > disk.pending_cap {
+                // The previous call's rows went out in its commit (after a synchronisation).
+                let bytes =
+                    n * self.shape.n_kv_heads * 2 * self.shape.head_dim * self.cfg.dtype.size();
+                for lay in self.layers.iter_mut() {
+                    let p = be.pinned(bytes)?;
+                    lay.slab_ptr = p.ptr()?;
+                    lay.slab = Slab::Pending(p);
+                }
+                disk.pending_cap = n;
+            }
+            disk.pending_t0 = self.len;
         }
         // Everything queued before this call (rows, labels, attention reads of the row caches)
         // happens before any prediction of this call.
@@ -611,6 +790,13 @@ impl KvStore<CudaBackend> for OffloadKvStore {
     }
 
     fn commit(&mut self, n: usize) {
+        if let Err(e) = self.write_out(n) {
+            // commit cannot fail by signature: the next call reports it.
+            tracing::warn!("offloaded store: writing new rows to disk failed: {e}");
+            if let Some(disk) = &mut self.disk {
+                disk.failed = Some(e);
+            }
+        }
         self.len += n;
     }
 
@@ -780,11 +966,16 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         let (_gpu, host) = self.footprint();
         let labels: usize = self.layers.iter().map(|l| l.labels.len * 2).sum();
         KvMemory {
-            tier: match self.cfg.home {
-                RowHome::Host => "pinned host".into(),
-                RowHome::Device => "device".into(),
+            tier: match (&self.disk, self.cfg.home) {
+                (Some(t), _) => t.rows.describe(),
+                (None, RowHome::Device) => "device".into(),
+                (None, _) => "pinned host".into(),
             },
-            row_bytes: host,
+            row_bytes: if self.disk.is_some() {
+                self.disk_bytes()
+            } else {
+                host
+            },
             label_bytes: labels,
             positions: self.len,
             live_tokens: self.len,
@@ -872,6 +1063,32 @@ impl KvStore<CudaBackend> for OffloadKvStore {
 }
 
 impl OffloadKvStore {
+    /// Disk tier: writes the `n` new rows of every layer from the pending buffers to the file,
+    /// once the device has written them.
+    fn write_out(&mut self, n: usize) -> Result<()> {
+        let Some(disk) = &mut self.disk else {
+            return Ok(());
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if n > disk.pending_cap {
+            return Err(bad(format!(
+                "commit of {n} tokens after a reserve of {}",
+                disk.pending_cap
+            )));
+        }
+        self.prefetch.device_synchronize()?;
+        let bytes = n * disk.rows.token_bytes();
+        for (l, lay) in self.layers.iter_mut().enumerate() {
+            if let Slab::Pending(p) = &mut lay.slab {
+                disk.rows
+                    .store_tokens(l, disk.pending_t0, &p.as_mut_slice()?[..bytes])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Queues layer `layer`'s selection and row fetch on the prefetch stream (after `after`).
     fn launch_ahead(&mut self, layer: usize, after: Option<StreamEvent>) -> Result<()> {
         self.launch_ahead_with(layer, after, layer % 2, true)

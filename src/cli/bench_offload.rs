@@ -23,7 +23,7 @@ use farsight_engine::Model;
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType, SampleSpec};
 use farsight_offload::sparse::{Predict, TokenBudget};
-use farsight_offload::KvStore;
+use farsight_offload::{KvStore, KvStoreSpec};
 use farsight_prefetch::{OffloadConfig, OffloadKvStore, OffloadStats, RowHome};
 
 use super::bench::{parse_count, Stats};
@@ -59,9 +59,10 @@ pub struct OffloadBenchArgs {
     /// Which query selects a layer's rows: layer-ahead (prefetch stream) or same-layer.
     #[arg(long, default_value = "layer-ahead")]
     pub predict: Predict,
-    /// Where the full KV lives (`host`: pinned memory; the disk tier is not wired to the GPU yet).
+    /// Where the full KV lives: `host` (pinned memory) or `disk:PATH` (a file at PATH, or a new
+    /// file in the directory PATH, removed afterwards; rows read through pinned staging).
     #[arg(long, default_value = "host")]
-    pub kv_store: String,
+    pub kv_store: KvStoreSpec,
     /// `cuda` or `cuda:N`.
     #[arg(long, default_value = "cuda")]
     pub device: String,
@@ -128,9 +129,6 @@ struct Run {
 }
 
 pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
-    if a.kv_store != "host" {
-        return Err(CliError::Usage(format!("--kv-store {}: bench offload supports `host` (pinned memory); the disk tier is not wired to the GPU yet", a.kv_store)));
-    }
     if a.steps == 0 || a.batch.iter().any(|&b| b == 0) || a.token_budget.is_empty() {
         return Err(CliError::Usage(
             "--steps and every --batch must be at least 1, and give a --token-budget".into(),
@@ -298,7 +296,7 @@ fn offloaded(
     let t0 = Instant::now();
     let mut stores = Vec::with_capacity(batch);
     for i in 0..batch {
-        let mut s = OffloadKvStore::new(be, base.clone(), m.attn_shape(), m.cfg.num_layers)?;
+        let mut s = new_store(m, &a.kv_store, base.clone())?;
         s.fill_random(be, ctx - 1, 1.0, 1000 + i as u64)?;
         stores.push(s);
     }
@@ -308,9 +306,21 @@ fn offloaded(
         .map(|s| s.footprint())
         .fold((0, 0), |(g, h), (a, b)| (g + a, h + b));
     let host_pages = stores[0].host_pages().map_or("-", |k| k.name());
+    let disk_bytes: usize = stores.iter().map(|s| s.disk_bytes()).sum();
+    let kv_home = match &a.kv_store {
+        KvStoreSpec::Host => format!(
+            "{:.1} GiB of pinned host KV ({host_pages})",
+            store_host as f64 / GIB
+        ),
+        KvStoreSpec::Disk(_) => format!(
+            "{:.1} GiB of KV on disk ({}; {:.2} GiB of pinned buffers)",
+            disk_bytes as f64 / GIB,
+            stores[0].memory().tier,
+            store_host as f64 / GIB
+        ),
+    };
     eprintln!(
-        "context {ctx} batch {batch}: {:.1} GiB of pinned host KV ({host_pages}) filled in {:.1} s; GPU {:.2} GiB used of {:.1} (stores {:.2} GiB)",
-        store_host as f64 / GIB,
+        "context {ctx} batch {batch}: {kv_home} filled in {:.1} s; GPU {:.2} GiB used of {:.1} (stores {:.2} GiB)",
         t0.elapsed().as_secs_f64(),
         gpu_used as f64 / GIB,
         gpu_total as f64 / GIB,
@@ -395,9 +405,24 @@ fn offloaded(
             "gpu_used_bytes": gpu_used,
             "gpu_store_bytes": store_gpu,
             "host_kv_bytes": store_host,
+            "disk_kv_bytes": disk_bytes,
+            "kv_store": a.kv_store.to_string(),
         }));
     }
     Ok(out)
+}
+
+/// An offloaded store with its rows where `--kv-store` says.
+fn new_store(
+    m: &Model<CudaBackend>,
+    spec: &KvStoreSpec,
+    cfg: OffloadConfig,
+) -> Result<OffloadKvStore, CliError> {
+    let (be, shape, layers) = (&m.backend, m.attn_shape(), m.cfg.num_layers);
+    Ok(match spec {
+        KvStoreSpec::Host => OffloadKvStore::new(be, cfg, shape, layers)?,
+        KvStoreSpec::Disk(p) => OffloadKvStore::new_on_disk(be, cfg, shape, layers, p)?,
+    })
 }
 
 fn base_topk(c: &OffloadConfig, budget: TokenBudget, ctx: usize) -> usize {
@@ -656,7 +681,7 @@ fn prefill_host(
         home: RowHome::Host,
         measure_recall: false,
     };
-    let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers)?;
+    let mut s = new_store(m, &a.kv_store, cfg)?;
     let v = m.cfg.vocab_size as u64;
     let prompt: Vec<u32> = (0..n as u64)
         .map(|i| ((i * 2_654_435_761) % v) as u32)

@@ -296,6 +296,42 @@ impl CudaBackend {
         dst_head_rows: usize,
         slot0: usize,
     ) -> Result<()> {
+        self.ds_gather_misses_at(
+            from_host,
+            src,
+            tok_stride,
+            head_stride,
+            res,
+            &res.miss_tok,
+            heads,
+            row_bytes,
+            dst,
+            dst_head_rows,
+            slot0,
+        )
+    }
+
+    /// [`Self::ds_gather_misses`] with the source index of miss `m` of head `g` taken from
+    /// `src_idx[g * res.cap + m]` instead of the miss's token (the disk tier stages the misses'
+    /// rows in order, so it passes `m` itself).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ds_gather_misses_at(
+        &self,
+        from_host: bool,
+        src: u64,
+        tok_stride: usize,
+        head_stride: usize,
+        res: &Residency,
+        src_idx: &DevBuf<i32>,
+        heads: usize,
+        row_bytes: usize,
+        dst: u64,
+        dst_head_rows: usize,
+        slot0: usize,
+    ) -> Result<()> {
+        if src_idx.len < heads * res.cap {
+            return Err(shape_err("ds_gather_misses: index list too short".into()));
+        }
         if row_bytes % 16 != 0
             || tok_stride % 16 != 0
             || head_stride % 16 != 0
@@ -326,7 +362,7 @@ impl CudaBackend {
         b.arg(&src)
             .arg(&ts)
             .arg(&hs)
-            .arg(&res.miss_tok.data)
+            .arg(&src_idx.data)
             .arg(&res.miss_slot.data);
         b.arg(&res.n_miss.data)
             .arg(&rs)

@@ -26,11 +26,12 @@ impl OffloadKvStore {
         let row = 2 * d * self.cfg.dtype.size();
         let wr = self.window_rows();
         let mut res = be.ds_residency_state(n_kv, toks.len())?;
-        let per_head = |f: &dyn Fn(usize) -> i32| -> Vec<i32> {
-            (0..n_kv).flat_map(|_| toks.iter().map(|&t| f(t))).collect()
+        let per_head = |f: &dyn Fn(usize, usize) -> i32| -> Vec<i32> {
+            (0..n_kv)
+                .flat_map(|_| toks.iter().enumerate().map(|(i, &t)| f(i, t)))
+                .collect()
         };
-        res.miss_tok = be.dev_upload(&per_head(&|t| t as i32))?;
-        res.miss_slot = be.dev_upload(&per_head(&|t| {
+        res.miss_slot = be.dev_upload(&per_head(&|_, t| {
             if t < s {
                 t as i32
             } else {
@@ -39,11 +40,40 @@ impl OffloadKvStore {
         }))?;
         res.n_miss = be.dev_upload(&vec![toks.len() as i32; n_kv])?;
         res.k = toks.len();
-        for lay in &self.layers {
+        let Some(disk) = &self.disk else {
+            res.miss_tok = be.dev_upload(&per_head(&|_, t| t as i32))?;
+            for lay in &self.layers {
+                be.ds_gather_misses(
+                    self.cfg.home == RowHome::Host,
+                    lay.slab_ptr,
+                    n_kv * row,
+                    row,
+                    &res,
+                    n_kv,
+                    row,
+                    lay.window_ptr,
+                    wr,
+                    0,
+                )?;
+            }
+            return Ok(());
+        };
+        // Disk tier: every layer's rows of `toks` read from the file into pinned memory (in
+        // the slab layout, token i at row i), then gathered from there.
+        res.miss_tok = be.dev_upload(&per_head(&|i, _| i as i32))?;
+        let tb = n_kv * row;
+        let per_layer = toks.len() * tb;
+        let mut buf = be.pinned(per_layer * self.layers.len())?;
+        let t32: Vec<u32> = toks.iter().map(|&t| t as u32).collect();
+        for (l, part) in buf.as_mut_slice()?.chunks_exact_mut(per_layer).enumerate() {
+            disk.rows.load_tokens(l, &t32, part)?;
+        }
+        let ptr = buf.ptr()?;
+        for (l, lay) in self.layers.iter().enumerate() {
             be.ds_gather_misses(
-                self.cfg.home == RowHome::Host,
-                lay.slab_ptr,
-                n_kv * row,
+                true,
+                ptr + (l * per_layer) as u64,
+                tb,
                 row,
                 &res,
                 n_kv,
@@ -53,7 +83,8 @@ impl OffloadKvStore {
                 0,
             )?;
         }
-        Ok(())
+        // The kernels read `buf`: done before it is freed.
+        be.synchronize()
     }
 
     /// Fills the first `n` tokens of every layer with random rows (`scale`, `seed`) and their
@@ -75,6 +106,11 @@ impl OffloadKvStore {
         let chunk = n.clamp(1, 32_768);
         let tmp = be.dev_zeros::<u8>(chunk * row_tok)?;
         let tmp_ptr = be.dev_ptr(&tmp);
+        // Disk tier: through a pinned bounce buffer to the file.
+        let mut bounce = match self.disk {
+            Some(_) => Some(be.pinned(chunk * row_tok)?),
+            None => None,
+        };
         for (l, lay) in self.layers.iter_mut().enumerate() {
             for t0 in (0..n).step_by(chunk) {
                 let t1 = (t0 + chunk).min(n);
@@ -108,11 +144,15 @@ impl OffloadKvStore {
                     &mut lay.labels,
                     cap,
                 )?;
-                be.copy_ptr(
-                    lay.slab_ptr + (t0 * row_tok) as u64,
-                    tmp_ptr,
-                    (t1 - t0) * row_tok,
-                )?;
+                let bytes = (t1 - t0) * row_tok;
+                match (&mut self.disk, &mut bounce) {
+                    (Some(disk), Some(b)) => {
+                        be.copy_ptr(b.ptr()?, tmp_ptr, bytes)?;
+                        be.synchronize()?;
+                        disk.rows.store_tokens(l, t0, &b.as_mut_slice()?[..bytes])?;
+                    }
+                    _ => be.copy_ptr(lay.slab_ptr + (t0 * row_tok) as u64, tmp_ptr, bytes)?,
+                }
             }
         }
         // Sinks and the ring from the slab.
