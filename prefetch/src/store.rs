@@ -635,7 +635,7 @@ impl OffloadKvStore {
             let tb = self.token_bytes();
             be.synchronize()?;
             let need = (args.n_past * tb).max(1);
-            if st.past_rows.as_ref().map_or(true, |p| p.len() < need) {
+            if st.past_rows.as_ref().is_none_or(|p| p.len() < need) {
                 st.past_rows = None;
                 st.past_rows = Some(be.pinned(need)?);
             }

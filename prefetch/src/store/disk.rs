@@ -66,7 +66,7 @@ impl DiskRows {
     /// Writes tokens `t0 ..` of layer `layer` from `src` (`[token][KV head][row]`, whole tokens).
     pub fn store_tokens(&mut self, layer: usize, t0: usize, src: &[u8]) -> Result<()> {
         let tb = self.token_bytes();
-        if src.len() % tb != 0 {
+        if !src.len().is_multiple_of(tb) {
             return Err(KernelError::Shape(format!(
                 "disk rows: {} bytes is not whole tokens of {tb}",
                 src.len()
