@@ -12,7 +12,7 @@ use farsight_engine::synthetic::shape_config;
 use farsight_engine::Model;
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::DType;
-use farsight_offload::sparse::{Predict, TokenBudget};
+use farsight_offload::sparse::{LabelBits, Predict, TokenBudget};
 use farsight_offload::KvStore;
 use farsight_prefetch::{OffloadConfig, OffloadKvStore, RowHome};
 
@@ -140,6 +140,7 @@ fn offload_cfg(
             vec![(0..8).map(|i| i * 7 % c.head_dim).collect(); c.num_kv_heads];
             c.num_layers
         ],
+        label_bits: LabelBits::B16,
         predict,
         dtype: DType::BF16,
         capacity,

@@ -4,7 +4,8 @@
 //! Per layer the store keeps:
 //! - the full rows in a slab of pinned host memory (`[token][KV head][K | V]`, 16-bit; or device
 //!   memory for the on-GPU reference, [`RowHome::Device`]);
-//! - on the GPU, the f16 label cache (`[KV head][token][r]`) and a window buffer per KV head of
+//! - on the GPU, the label cache (f16 `[KV head][token][r]` or 4-bit, [`crate::GpuLabels`]) and
+//!   a window buffer per KV head of
 //!   `sink + recent + cache_rows` rows: the sinks, a ring of the recent tokens, and the row cache
 //!   that holds the current top-k selection.
 //!
@@ -34,6 +35,7 @@ use farsight_offload::sparse::Predict;
 use farsight_offload::{KvMemory, KvStore};
 
 use crate::config::{OffloadConfig, RowHome};
+use crate::labels::GpuLabels;
 
 mod fill;
 
@@ -46,7 +48,7 @@ enum Slab {
 struct LayerRows {
     slab: Slab,
     slab_ptr: u64,
-    labels: DevBuf<u16>,
+    labels: GpuLabels,
     chan: DevBuf<i32>,
     window: DevBuf<u8>,
     window_ptr: u64,
@@ -195,7 +197,7 @@ impl OffloadKvStore {
             rows.push(LayerRows {
                 slab,
                 slab_ptr,
-                labels: be.dev_zeros(n_kv * cap * r)?,
+                labels: GpuLabels::new(be, cfg.label_bits, n_kv, cap, r)?,
                 chan: be.dev_upload(&chan)?,
                 window,
                 window_ptr,
@@ -374,7 +376,7 @@ impl OffloadKvStore {
         let mut gpu = 0;
         let mut host = 0;
         for l in &self.layers {
-            gpu += l.labels.len * 2 + l.chan.len * 4 + l.window.len;
+            gpu += l.labels.bytes() + l.chan.len * 4 + l.window.len;
             match &l.slab {
                 Slab::Host(p) => host += p.len(),
                 Slab::Device(b) => gpu += b.len,
@@ -407,24 +409,20 @@ impl OffloadKvStore {
         visible: usize,
         gather: bool,
     ) -> Result<usize> {
-        let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
+        let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let k = self.top_k(visible).max(res.k).min(self.kc);
         if k == 0 {
             return Ok(0);
         }
         let (s, middle) = (self.cfg.sink, visible - self.cfg.sink - self.cfg.recent);
         let lay = &self.layers[l];
-        let cap = self.cfg.capacity.max(1);
-        be.ds_label_scores_at(
+        lay.labels.scores(
+            be,
             q,
             q_row,
             &lay.chan,
-            n_kv,
             self.shape.group(),
             d,
-            r,
-            &lay.labels,
-            cap,
             s,
             s + middle,
             &mut sel.scores,
@@ -571,9 +569,8 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         v_col0: usize,
         n: usize,
     ) -> Result<()> {
-        let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
+        let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let t0 = self.len;
-        let cap = self.cfg.capacity.max(1);
         let slab = self.slab(layer);
         let window = self.window(layer);
         let lay = &mut self.layers[layer];
@@ -589,7 +586,7 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             t0,
             0,
             0,
-            Some((&lay.chan, r, &mut lay.labels, cap)),
+            Some((&lay.chan, lay.labels.out())),
         )?;
         be.ds_put_rows(
             src,
@@ -686,20 +683,16 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             if self.cfg.measure_recall && k > 0 {
                 // The true selection, for the recall counters only.
                 let kc = self.kc;
-                let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
+                let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
                 let middle = visible - s - rr;
                 let lay = &self.layers[layer];
-                let cap = self.cfg.capacity.max(1);
-                be.ds_label_scores_at(
+                lay.labels.scores(
+                    be,
                     q,
                     args.q_row0,
                     &lay.chan,
-                    n_kv,
                     self.shape.group(),
                     d,
-                    r,
-                    &lay.labels,
-                    cap,
                     s,
                     s + middle,
                     &mut st.compute.scores,
@@ -778,7 +771,7 @@ impl KvStore<CudaBackend> for OffloadKvStore {
 
     fn memory(&self) -> KvMemory {
         let (_gpu, host) = self.footprint();
-        let labels: usize = self.layers.iter().map(|l| l.labels.len * 2).sum();
+        let labels: usize = self.layers.iter().map(|l| l.labels.bytes()).sum();
         KvMemory {
             tier: match self.cfg.home {
                 RowHome::Host => "pinned host".into(),

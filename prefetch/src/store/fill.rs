@@ -65,8 +65,7 @@ impl OffloadKvStore {
                 self.cfg.capacity
             )));
         }
-        let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
-        let cap = self.cfg.capacity.max(1);
+        let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let (s, rr) = (self.cfg.sink, self.cfg.recent);
         let es = self.cfg.dtype.size();
         // Rows are made on the device in chunks (random values, then their labels), then copied
@@ -97,17 +96,8 @@ impl OffloadKvStore {
                     head_stride: 2 * d,
                     dtype: self.cfg.dtype,
                 };
-                be.ds_labels_from_cache(
-                    &k,
-                    n_kv,
-                    2 * d,
-                    &lay.chan,
-                    r,
-                    t0,
-                    t1,
-                    &mut lay.labels,
-                    cap,
-                )?;
+                lay.labels
+                    .write_from_cache(be, &k, 2 * d, &lay.chan, t0, t1)?;
                 be.copy_ptr(
                     lay.slab_ptr + (t0 * row_tok) as u64,
                     tmp_ptr,
