@@ -31,7 +31,7 @@ use farsight_kernels::cuda::{
     TopkScratch,
 };
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, KernelError, Result, Rope};
-use farsight_offload::sparse::Predict;
+use farsight_offload::sparse::{LabelBits, Predict};
 use farsight_offload::{KvMemory, KvStore};
 
 use crate::config::{OffloadConfig, RowHome};
@@ -153,6 +153,11 @@ impl OffloadKvStore {
             return Err(bad(format!(
                 "{r} label channels: 1 to {} supported",
                 farsight_kernels::cuda::DS_MAX_R
+            )));
+        }
+        if cfg.label_bits == LabelBits::B4 && d < 16 {
+            return Err(bad(format!(
+                "4-bit labels on the GPU need a head dim of at least 16, not {d}"
             )));
         }
         if cfg.recent == 0 {
