@@ -5,9 +5,8 @@
 //! - the full rows in a slab of pinned host memory (`[token][KV head][K | V]`, 16-bit; or device
 //!   memory for the on-GPU reference, [`RowHome::Device`]);
 //! - on the GPU, the label cache (f16 `[KV head][token][r]` or 4-bit, [`crate::GpuLabels`]) and
-//!   a window buffer per KV head of
-//!   `sink + recent + cache_rows` rows: the sinks, a ring of the recent tokens, and the row cache
-//!   that holds the current top-k selection.
+//!   a window buffer per KV head of `sink + recent + cache_rows` rows: the sinks, a ring of the
+//!   recent tokens, and the row cache that holds the current top-k selection.
 //!
 //! New rows (every forward call, every layer) are written by one kernel straight into the host
 //! slab (zero-copy stores over PCIe), the ring and the label cache. A decode query selects the
