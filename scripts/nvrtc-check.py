@@ -19,7 +19,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The order of kernels/src/cuda/compile.rs::source().
-SOURCES = ["ops.cu", "attention.cu", "flash.cu", "random.cu", "sparse.cu", "offload.cu", "sample.cu"]
+SOURCES = ["ops.cu", "attention.cu", "flash.cu", "random.cu", "sparse.cu", "labels.cu", "offload.cu", "sample.cu"]
 
 
 def find(patterns):

@@ -3,7 +3,7 @@
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType};
 use farsight_offload::sparse::evict::EVICT_EXTENT_SLOTS;
-use farsight_offload::sparse::{row_layout, ChannelRanking, LabelBits};
+use farsight_offload::sparse::{row_layout, ChannelRanking};
 use farsight_offload::{DenseKvCache, KvStore, KvStoreSpec, SparseConfig, SparseKvStore};
 use farsight_prefetch::{OffloadConfig, OffloadKvStore, RowHome};
 
@@ -101,9 +101,6 @@ pub fn new_offload_store<B: Backend>(
             "{what} with --device cuda and --attention double-sparse (the offloaded store)"
         )))
     };
-    if s.cfg.label_bits != LabelBits::B16 {
-        return refuse("--label-bits 4");
-    }
     if !s.cfg.dense_layers.is_empty() {
         return refuse("--dense-layers");
     }
@@ -124,6 +121,7 @@ pub fn new_offload_store<B: Backend>(
         sink: s.cfg.sink,
         recent: s.cfg.recent.max(1),
         channels,
+        label_bits: s.cfg.label_bits,
         predict: s.cfg.predict,
         dtype,
         capacity: s.capacity.unwrap_or_else(|| c.context_length()),

@@ -1,7 +1,7 @@
 //! Settings of the offloaded store.
 
 use farsight_kernels::DType;
-use farsight_offload::sparse::{Predict, TokenBudget};
+use farsight_offload::sparse::{LabelBits, Predict, TokenBudget};
 
 /// Where the full KV rows live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub struct OffloadConfig {
     pub recent: usize,
     /// `channels[layer][kv_head]`: the calibrated label channels.
     pub channels: Vec<Vec<Vec<usize>>>,
+    /// Label precision on the GPU: f16, or 4-bit codes with a per-row minimum and scale.
+    pub label_bits: LabelBits,
     /// Same-layer selection, or layer-ahead prediction on the prefetch stream.
     pub predict: Predict,
     /// KV element type (f16 or bf16).
@@ -45,6 +47,13 @@ impl OffloadConfig {
             .first()
             .and_then(|l| l.first())
             .map_or(0, |c| c.len())
+    }
+
+    /// Bytes of labels per token (every layer and KV head) on the GPU.
+    pub fn label_bytes_per_token(&self) -> usize {
+        self.channels.len()
+            * self.channels.first().map_or(0, |l| l.len())
+            * crate::labels::gpu_label_bytes(self.label_bits, self.r())
     }
 
     /// Rows of the GPU row cache per (layer, KV head): the largest top-k a query can ask for.

@@ -6,7 +6,9 @@
 //! layer's compute. See `docs/architecture.md` and ALGORITHMS.md sections 1-2.
 
 mod config;
+mod labels;
 mod store;
 
 pub use config::{OffloadConfig, RowHome};
+pub use labels::{gpu_label_bytes, GpuLabels};
 pub use store::{OffloadKvStore, OffloadStats};

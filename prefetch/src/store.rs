@@ -4,9 +4,9 @@
 //! Per layer the store keeps:
 //! - the full rows in a slab of pinned host memory (`[token][KV head][K | V]`, 16-bit; or device
 //!   memory for the on-GPU reference, [`RowHome::Device`]);
-//! - on the GPU, the f16 label cache (`[KV head][token][r]`) and a window buffer per KV head of
-//!   `sink + recent + cache_rows` rows: the sinks, a ring of the recent tokens, and the row cache
-//!   that holds the current top-k selection.
+//! - on the GPU, the label cache (f16 `[KV head][token][r]` or 4-bit, [`crate::GpuLabels`]) and
+//!   a window buffer per KV head of `sink + recent + cache_rows` rows: the sinks, a ring of the
+//!   recent tokens, and the row cache that holds the current top-k selection.
 //!
 //! New rows (every forward call, every layer) are written by one kernel straight into the host
 //! slab (zero-copy stores over PCIe), the ring and the label cache. A decode query selects the
@@ -31,10 +31,11 @@ use farsight_kernels::cuda::{
     TopkScratch,
 };
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType, KernelError, Result, Rope};
-use farsight_offload::sparse::Predict;
+use farsight_offload::sparse::{LabelBits, Predict};
 use farsight_offload::{KvMemory, KvStore};
 
 use crate::config::{OffloadConfig, RowHome};
+use crate::labels::GpuLabels;
 
 mod disk;
 mod fill;
@@ -64,7 +65,7 @@ struct DiskTier {
 struct LayerRows {
     slab: Slab,
     slab_ptr: u64,
-    labels: DevBuf<u16>,
+    labels: GpuLabels,
     chan: DevBuf<i32>,
     window: DevBuf<u8>,
     window_ptr: u64,
@@ -233,6 +234,11 @@ impl OffloadKvStore {
                 farsight_kernels::cuda::DS_MAX_R
             )));
         }
+        if cfg.label_bits == LabelBits::B4 && d < 16 {
+            return Err(bad(format!(
+                "4-bit labels on the GPU need a head dim of at least 16, not {d}"
+            )));
+        }
         if cfg.recent == 0 {
             return Err(bad("the offloaded store needs a recent window of at least 1 token (the token being decoded)".into()));
         }
@@ -292,7 +298,7 @@ impl OffloadKvStore {
             rows.push(LayerRows {
                 slab,
                 slab_ptr,
-                labels: be.dev_zeros(n_kv * cap * r)?,
+                labels: GpuLabels::new(be, cfg.label_bits, n_kv, cap, r)?,
                 chan: be.dev_upload(&chan)?,
                 window,
                 window_ptr,
@@ -480,7 +486,7 @@ impl OffloadKvStore {
         let mut gpu = 0;
         let mut host = 0;
         for l in &self.layers {
-            gpu += l.labels.len * 2 + l.chan.len * 4 + l.window.len;
+            gpu += l.labels.bytes() + l.chan.len * 4 + l.window.len;
             match &l.slab {
                 Slab::Host(p) | Slab::Pending(p) => host += p.len(),
                 Slab::Device(b) => gpu += b.len,
@@ -517,24 +523,20 @@ impl OffloadKvStore {
         visible: usize,
         gather: bool,
     ) -> Result<usize> {
-        let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
+        let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let k = self.top_k(visible).max(res.k).min(self.kc);
         if k == 0 {
             return Ok(0);
         }
         let (s, middle) = (self.cfg.sink, visible - self.cfg.sink - self.cfg.recent);
         let lay = &self.layers[l];
-        let cap = self.cfg.capacity.max(1);
-        be.ds_label_scores_at(
+        lay.labels.scores(
+            be,
             q,
             q_row,
             &lay.chan,
-            n_kv,
             self.shape.group(),
             d,
-            r,
-            &lay.labels,
-            cap,
             s,
             s + middle,
             &mut sel.scores,
@@ -750,9 +752,8 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         v_col0: usize,
         n: usize,
     ) -> Result<()> {
-        let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
+        let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let t0 = self.len;
-        let cap = self.cfg.capacity.max(1);
         let slab = self.slab(layer);
         let window = self.window(layer);
         let lay = &mut self.layers[layer];
@@ -768,7 +769,7 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             t0,
             0,
             0,
-            Some((&lay.chan, r, &mut lay.labels, cap)),
+            Some((&lay.chan, lay.labels.out())),
         )?;
         be.ds_put_rows(
             src,
@@ -872,20 +873,16 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             if self.cfg.measure_recall && k > 0 {
                 // The true selection, for the recall counters only.
                 let kc = self.kc;
-                let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
+                let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
                 let middle = visible - s - rr;
                 let lay = &self.layers[layer];
-                let cap = self.cfg.capacity.max(1);
-                be.ds_label_scores_at(
+                lay.labels.scores(
+                    be,
                     q,
                     args.q_row0,
                     &lay.chan,
-                    n_kv,
                     self.shape.group(),
                     d,
-                    r,
-                    &lay.labels,
-                    cap,
                     s,
                     s + middle,
                     &mut st.compute.scores,
@@ -964,7 +961,7 @@ impl KvStore<CudaBackend> for OffloadKvStore {
 
     fn memory(&self) -> KvMemory {
         let (_gpu, host) = self.footprint();
-        let labels: usize = self.layers.iter().map(|l| l.labels.len * 2).sum();
+        let labels: usize = self.layers.iter().map(|l| l.labels.bytes()).sum();
         KvMemory {
             tier: match (&self.disk, self.cfg.home) {
                 (Some(t), _) => t.rows.describe(),

@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use clap::Args;
 use farsight_engine::synthetic::shape_config;
-use farsight_kernels::cuda::{CudaBackend, DevBuf, KvRows};
+use farsight_kernels::cuda::{CudaBackend, DevBuf, KvRows, DS_MAX_R};
 use farsight_kernels::{AttnShape, Backend, CausalAttn, DType};
+use farsight_offload::sparse::LabelBits;
+use farsight_prefetch::{gpu_label_bytes, GpuLabels};
 
 use super::bench::{parse_count, Stats};
 use super::common::CliError;
@@ -59,7 +61,7 @@ pub struct AttnBenchArgs {
     /// KV dtype (bf16 or f16).
     #[arg(long, default_value = "bf16")]
     pub kv_dtype: String,
-    /// Label channels per KV head (f16 labels).
+    /// Label channels per KV head.
     #[arg(long, default_value_t = 16)]
     pub label_channels: usize,
     /// First tokens always attended.
@@ -80,6 +82,9 @@ pub struct AttnBenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Label precision: 16 (f16) or 4 (4-bit codes with a per-row minimum and scale).
+    #[arg(long, default_value = "16")]
+    pub label_bits: LabelBits,
 }
 
 fn time_ms(
@@ -133,6 +138,13 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
         a.label_channels,
     );
     let group = nh / nkv;
+    if r == 0 || r > d.min(DS_MAX_R) {
+        return Err(CliError::Usage(format!(
+            "--label-channels {r}: 1 to {}",
+            d.min(DS_MAX_R)
+        )));
+    }
+    let bits = a.label_bits;
     let be = CudaBackend::new(ordinal)
         .map_err(|e| CliError::Usage(format!("--device {}: {e}", a.device)))?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -175,7 +187,7 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
         }
     }
     eprintln!(
-        "{} on {}: {nh} heads / {nkv} KV heads / D {d}, {} KV, {r} f16 label channels",
+        "{} on {}: {nh} heads / {nkv} KV heads / D {d}, {} KV, {r} label channels of {bits} bits",
         a.shape,
         be.name(),
         kv_dtype.name()
@@ -193,8 +205,8 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
             head_stride: d,
             dtype: kv_dtype,
         };
-        let mut labels: DevBuf<u16> = be.dev_zeros(nkv * t * r)?;
-        be.ds_labels_from_cache(&rows, nkv, d, &chan, r, 0, t, &mut labels, t)?;
+        let mut labels = GpuLabels::new(&be, bits, nkv, t, r)?;
+        labels.write_from_cache(&be, &rows, d, &chan, 0, t)?;
         let attn = CausalAttn {
             shape,
             q_row0: 0,
@@ -223,19 +235,7 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
             let mut idx: DevBuf<i32> = be.dev_zeros(nkv * n_sel)?;
             be.ds_fixed_rows(&mut idx, nkv, n_sel, sink, kk, recent0, n_recent)?;
             let mut score = || -> Result<(), CliError> {
-                be.ds_label_scores(
-                    &q,
-                    &chan,
-                    nkv,
-                    group,
-                    d,
-                    r,
-                    &labels,
-                    t,
-                    sink,
-                    recent0,
-                    &mut scores,
-                )?;
+                labels.scores(&be, &q, 0, &chan, group, d, sink, recent0, &mut scores)?;
                 Ok(())
             };
             let t_scores = time_ms(&be, &a, &mut score)?;
@@ -267,19 +267,7 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
                 )?)
             })?;
             let op = time_ms(&be, &a, || {
-                be.ds_label_scores(
-                    &q,
-                    &chan,
-                    nkv,
-                    group,
-                    d,
-                    r,
-                    &labels,
-                    t,
-                    sink,
-                    recent0,
-                    &mut scores,
-                )?;
+                labels.scores(&be, &q, 0, &chan, group, d, sink, recent0, &mut scores)?;
                 be.ds_topk(
                     &scores,
                     nkv,
@@ -305,7 +293,7 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
                 )?;
                 Ok(())
             })?;
-            let label_bytes = nkv * mid * r * 2;
+            let label_bytes = nkv * mid * gpu_label_bytes(bits, r);
             let sel_bytes = nkv * n_sel * row;
             let mut rec = serde_json::json!({
                 "context": t, "budget": b, "selected_rows_per_kv_head": n_sel, "top_k": kk,
@@ -345,19 +333,7 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
                     )?)
                 })?;
                 let full = time_ms(&be, &a, || {
-                    be.ds_label_scores(
-                        &q,
-                        &chan,
-                        nkv,
-                        group,
-                        d,
-                        r,
-                        &labels,
-                        t,
-                        sink,
-                        recent0,
-                        &mut scores,
-                    )?;
+                    labels.scores(&be, &q, 0, &chan, group, d, sink, recent0, &mut scores)?;
                     be.ds_topk(
                         &scores,
                         nkv,
@@ -413,7 +389,7 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
     }
     let report = serde_json::json!({
         "command": command, "device": be.name(), "shape": a.shape, "kv_dtype": kv_dtype.name(),
-        "heads": nh, "kv_heads": nkv, "head_dim": d, "label_channels": r,
+        "heads": nh, "kv_heads": nkv, "head_dim": d, "label_channels": r, "label_bits": bits.to_string(),
         "repeats": a.repeats, "calls_per_repeat": a.calls, "warmup_calls": a.warmup,
         "timing": "host clock around `calls` back-to-back calls + synchronize, per call; median [min, max] over repeats",
         "results": results,
@@ -434,7 +410,7 @@ pub fn run(a: AttnBenchArgs) -> Result<(), CliError> {
             })
     };
     let mut w = |s: String| writeln!(o, "{s}").map_err(CliError::Output);
-    w(format!("\n{} on {}, {} KV, {r} f16 label channels, sink {}, recent {}; one layer, batch 1; ms per call, median [min, max]; reproduce: `{command}`\n", a.shape, be.name(), kv_dtype.name(), a.sink, a.recent))?;
+    w(format!("\n{} on {}, {} KV, {r} label channels of {bits} bits, sink {}, recent {}; one layer, batch 1; ms per call, median [min, max]; reproduce: `{command}`\n", a.shape, be.name(), kv_dtype.name(), a.sink, a.recent))?;
     w("| context | budget | rows/KV head | dense ms | sparse ms (scores + top-k + attention) | speedup | scores | top-k | attention | host gather ms | gather GB/s | host operator ms | zero-copy attn ms |".into())?;
     w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |".into())?;
     for x in &results {

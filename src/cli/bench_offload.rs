@@ -22,7 +22,7 @@ use farsight_engine::synthetic::{fill_kv_random, shape_config, spread_channels};
 use farsight_engine::Model;
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType, SampleSpec};
-use farsight_offload::sparse::{Predict, TokenBudget};
+use farsight_offload::sparse::{LabelBits, Predict, TokenBudget};
 use farsight_offload::{KvStore, KvStoreSpec};
 use farsight_prefetch::{OffloadConfig, OffloadKvStore, OffloadStats, RowHome};
 
@@ -97,6 +97,9 @@ pub struct OffloadBenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Label precision on the GPU: 16 (f16) or 4 (4-bit codes with a per-row minimum and scale).
+    #[arg(long, default_value = "16")]
+    pub label_bits: LabelBits,
 }
 
 fn parse_count_or_zero(s: &str) -> Result<usize, String> {
@@ -199,6 +202,7 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
                 sink: a.sink,
                 recent: a.recent,
                 channels: channels.clone(),
+                label_bits: a.label_bits,
                 predict: a.predict,
                 dtype: kv_dtype,
                 capacity: ctx + a.warmup + a.steps + a.recall_steps + 2,
@@ -236,6 +240,7 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         "kv_dtype": kv_dtype.name(),
         "label_channels": a.label_channels,
         "query_bias": a.query_bias,
+        "label_bits": a.label_bits.to_string(),
         "sink": a.sink,
         "recent": a.recent,
         "predict": a.predict.to_string(),
@@ -326,7 +331,7 @@ fn offloaded(
         gpu_total as f64 / GIB,
         store_gpu as f64 / GIB
     );
-    let labels_bytes: usize = m.cfg.num_layers * m.cfg.num_kv_heads * a.label_channels * 2;
+    let labels_bytes = base.label_bytes_per_token();
     let mut out = Vec::new();
     for &budget in budgets {
         for s in stores.iter_mut() {
@@ -597,6 +602,7 @@ impl OffloadBenchArgs {
             prefill_chunk: self.prefill_chunk,
             peak_tflops: self.peak_tflops,
             json: None,
+            label_bits: self.label_bits,
         }
     }
 }
@@ -675,6 +681,7 @@ fn prefill_host(
         sink: a.sink,
         recent: a.recent,
         channels: channels.to_vec(),
+        label_bits: a.label_bits,
         predict: a.predict,
         dtype,
         capacity: n + 1,

@@ -23,6 +23,8 @@ pub(crate) fn source() -> String {
     s.push('\n');
     s.push_str(include_str!("kernels/sparse.cu"));
     s.push('\n');
+    s.push_str(include_str!("kernels/labels.cu"));
+    s.push('\n');
     s.push_str(include_str!("kernels/offload.cu"));
     s.push('\n');
     s.push_str(include_str!("kernels/sample.cu"));

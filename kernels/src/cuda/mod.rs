@@ -9,6 +9,7 @@
 mod attention;
 mod buffers;
 mod compile;
+mod labels;
 mod matmul;
 mod offload;
 mod ops;
@@ -30,6 +31,7 @@ use crate::sample::SampleSpec;
 
 pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP};
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
+pub use labels::{Labels4, LabelsOut};
 pub use matmul::GEMV_MAX_ROWS;
 pub use offload::{Residency, RowSlab, StreamEvent};
 pub use pinned::{HostPages, PinnedBuf, PinnedKind};
@@ -96,6 +98,16 @@ const KERNELS: &[&str] = &[
     "sparse_attn_bf16_d128_g4",
     "sparse_attn_bf16_d128_g8",
     "ds_gather_rows",
+    "ds_labels4_from_cache_bf16",
+    "ds_labels4_from_cache_f16",
+    "ds_label_scores4_w1",
+    "ds_label_scores4_w2",
+    "ds_label_scores4_w3",
+    "ds_label_scores4_w4",
+    "ds_label_scores4_w5",
+    "ds_label_scores4_w6",
+    "ds_label_scores4_w7",
+    "ds_label_scores4_w8",
     "ds_put_rows_f16",
     "ds_put_rows_bf16",
     "ds_residency",

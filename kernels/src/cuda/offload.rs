@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 
-use super::{dev_err, int, shape_err, CudaBackend, CudaTensor, DevBuf};
+use super::{dev_err, int, shape_err, CudaBackend, CudaTensor, DevBuf, Labels4, LabelsOut};
 use crate::backend::{DType, Result};
 
 /// Threads of the residency kernel (`DS_RES_THREADS`).
@@ -115,8 +115,9 @@ impl CudaBackend {
 
     /// Writes rows `0..n` of `src` (K at `k_col0 + g*D`, V at `v_col0 + g*D`) as tokens
     /// `t0..t0+n` into `dst`: slot = token, or with `ring > 0` sinks at their token and the rest
-    /// at `n_sink + (t - n_sink) % ring`. With `labels` also writes the tokens' f16 labels
-    /// (`labels[g][t][c] = K[g*D + chan[g][c]]`, `cap` tokens per head).
+    /// at `n_sink + (t - n_sink) % ring`. With `labels` also writes the tokens' labels at the
+    /// channels `chan` (`n_kv * r`): f16 (`labels[g][t][c] = K[g*D + chan[g][c]]`, `cap` tokens
+    /// per head) or 4-bit ([`super::Labels4`], quantised as the CPU `LabelCache`).
     #[allow(clippy::too_many_arguments)]
     pub fn ds_put_rows(
         &self,
@@ -131,7 +132,7 @@ impl CudaBackend {
         t0: usize,
         n_sink: usize,
         ring: usize,
-        labels: Option<(&DevBuf<i32>, usize, &mut DevBuf<u16>, usize)>,
+        labels: Option<(&DevBuf<i32>, LabelsOut<'_>)>,
     ) -> Result<()> {
         if n == 0 {
             return Ok(());
@@ -178,11 +179,18 @@ impl CudaBackend {
             .arg(&ts)
             .arg(&hs);
         b.arg(&t0_).arg(&ns).arg(&rg);
-        let (r, cap);
+        let (r, cap, words);
         match labels {
-            Some((chan, rr, lab, c)) => {
+            Some((
+                chan,
+                LabelsOut::F16 {
+                    r: rr,
+                    labels,
+                    cap: c,
+                },
+            )) => {
                 if chan.len < n_kv * rr
-                    || lab.len < n_kv * c * rr
+                    || labels.len < n_kv * c * rr
                     || t0 + n > c
                     || rr > 2 * head_dim
                 {
@@ -190,12 +198,34 @@ impl CudaBackend {
                 }
                 r = int(rr, "r")?;
                 cap = c as i64;
-                b.arg(&chan.data).arg(&r).arg(&mut lab.data).arg(&cap);
+                words = 0i32;
+                b.arg(&chan.data).arg(&r).arg(&mut labels.data).arg(&cap);
+                b.arg(&null).arg(&null).arg(&words);
+            }
+            Some((chan, LabelsOut::B4(lab))) => {
+                lab.check("ds_put_rows")?;
+                if chan.len < n_kv * lab.r || lab.heads != n_kv || t0 + n > lab.cap {
+                    return Err(shape_err("ds_put_rows: label buffers".into()));
+                }
+                if head_dim < 16 {
+                    return Err(shape_err(format!(
+                        "ds_put_rows: 4-bit labels need a head dim of at least 16, not {head_dim}"
+                    )));
+                }
+                r = int(lab.r, "r")?;
+                cap = lab.cap as i64;
+                words = int(Labels4::words(lab.r), "words")?;
+                b.arg(&chan.data).arg(&r).arg(&null).arg(&cap);
+                b.arg(&mut lab.codes.data)
+                    .arg(&mut lab.params.data)
+                    .arg(&words);
             }
             None => {
                 r = 0;
                 cap = 0;
+                words = 0;
                 b.arg(&null).arg(&r).arg(&null).arg(&cap);
+                b.arg(&null).arg(&null).arg(&words);
             }
         }
         let cfg = LaunchConfig {

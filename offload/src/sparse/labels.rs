@@ -124,6 +124,13 @@ impl LabelCache {
         }
     }
 
+    /// The stored bytes of `slot`'s label: f16 values (little-endian), or for 4-bit labels the
+    /// f16 minimum, the f16 scale, then `ceil(r / 2)` bytes of codes (channel `2j` in the low
+    /// nibble of byte `j`). The GPU store keeps the same bytes (`kernels/labels.cu`).
+    pub fn row_bytes(&self, layer: usize, head: usize, slot: u32) -> &[u8] {
+        &self.tables[layer * self.kv_heads + head][slot as usize * self.stride..][..self.stride]
+    }
+
     /// `out[i] = q . label(slots[i])` in (`layer`, `head`), `q` holding `r` values.
     pub fn score(&self, layer: usize, head: usize, q: &[f32], slots: &[u32], out: &mut Vec<f32>) {
         assert_eq!(q.len(), self.r);
@@ -205,6 +212,23 @@ mod tests {
         // A constant row has zero scale and stays exact.
         c.write(0, 0, 1, &[0.25; 7]);
         assert_eq!(c.read(0, 0, 1), vec![0.25; 7]);
+    }
+
+    #[test]
+    fn four_bit_row_bytes_layout() {
+        // lo 0, hi 15: scale 1, codes = the values (halves rounded away from zero).
+        let mut c = LabelCache::new(1, 1, 5, LabelBits::B4);
+        c.grow(1);
+        c.write(0, 0, 0, &[0.0, 15.0, 2.5, 7.49, 0.5]);
+        let row = c.row_bytes(0, 0, 0);
+        assert_eq!(row.len(), 4 + 3);
+        assert_eq!(&row[0..2], &f16::from_f32(0.0).to_le_bytes());
+        assert_eq!(&row[2..4], &f16::from_f32(1.0).to_le_bytes());
+        assert_eq!(&row[4..], &[0xf0, 0x73, 0x01]);
+        let mut f = LabelCache::new(1, 1, 2, LabelBits::B16);
+        f.grow(1);
+        f.write(0, 0, 0, &[1.0, -2.0]);
+        assert_eq!(f.row_bytes(0, 0, 0), &[0x00, 0x3c, 0x00, 0xc0]);
     }
 
     #[test]

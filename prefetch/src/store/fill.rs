@@ -96,8 +96,7 @@ impl OffloadKvStore {
                 self.cfg.capacity
             )));
         }
-        let (n_kv, d, r) = (self.shape.n_kv_heads, self.shape.head_dim, self.cfg.r());
-        let cap = self.cfg.capacity.max(1);
+        let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let (s, rr) = (self.cfg.sink, self.cfg.recent);
         let es = self.cfg.dtype.size();
         // Rows are made on the device in chunks (random values, then their labels), then copied
@@ -133,17 +132,8 @@ impl OffloadKvStore {
                     head_stride: 2 * d,
                     dtype: self.cfg.dtype,
                 };
-                be.ds_labels_from_cache(
-                    &k,
-                    n_kv,
-                    2 * d,
-                    &lay.chan,
-                    r,
-                    t0,
-                    t1,
-                    &mut lay.labels,
-                    cap,
-                )?;
+                lay.labels
+                    .write_from_cache(be, &k, 2 * d, &lay.chan, t0, t1)?;
                 let bytes = (t1 - t0) * row_tok;
                 match (&mut self.disk, &mut bounce) {
                     (Some(disk), Some(b)) => {

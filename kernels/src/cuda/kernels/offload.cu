@@ -1,7 +1,8 @@
 // Offloaded decode (ALGORITHMS.md section 2): new KV rows written to pinned host memory and to
 // the GPU's sink/recent window, labels written as rows arrive, differential residency of the
 // GPU row cache (only rows not already resident cross PCIe), prefill staging of a layer's past
-// rows from host, and layer-ahead query labels. Compiled after sparse.cu (u64, DS_INFLIGHT).
+// rows from host, and layer-ahead query labels. Compiled after sparse.cu (u64, DS_INFLIGHT) and
+// labels.cu (ds_label4_warp).
 
 // ---- new rows ---------------------------------------------------------------------------------
 // Rows i in [0, n) of `src` (f32, `src_cols` wide; K at column k_col0 + g*D, V at v_col0 + g*D)
@@ -9,19 +10,25 @@
 // dst + (slot * tok_stride + g * head_stride) elements. slot(t) = t when ring == 0 (the host
 // slab), else t for sinks (t < n_sink) and n_sink + (t - n_sink) % ring for the rest (the GPU
 // window); in ring mode tokens that a later token of the same call overwrites are skipped.
-// `labels` (nullable): labels[g][t][c] = f16(K[chan[g*r + c]]), `cap` tokens per head.
-// Grid (n, n_kv), block 2*D threads (D <= 256).
+// `labels` (nullable): labels[g][t][c] = f16(K[chan[g*r + c]]), `cap` tokens per head; or
+// `codes4`/`params4` (nullable): the tokens' 4-bit labels (labels.cu, `words4` code words per
+// row), written by warp 0.
+// Grid (n, n_kv), block 2*D threads (D <= 256; at least 32 with 4-bit labels).
 template <typename T>
 __device__ void ds_put_rows(const float* src, int src_cols, int k_col0, int v_col0, int n,
                             int head_dim, u64 dst, long tok_stride, long head_stride, long t0,
                             int n_sink, int ring, const int* chan, int r, f16_t* labels,
-                            long cap) {
+                            long cap, u32* codes4, u32* params4, int words4) {
     int i = blockIdx.x, g = blockIdx.y, c = threadIdx.x;
     long t = t0 + i;
     const float* row = src + (long)i * src_cols;
     if (labels && c < r) {
         labels[((long)g * cap + t) * r + c] =
             from_f32<f16_t>(row[k_col0 + g * head_dim + chan[g * r + c]]);
+    }
+    if (codes4 && c < 32) {
+        ds_label4_warp(row + k_col0 + g * head_dim, chan + g * r, r, words4,
+                       codes4 + ((long)g * cap + t) * words4, params4 + (long)g * cap + t);
     }
     long slot = t;
     if (ring > 0 && t >= n_sink) {
@@ -36,10 +43,10 @@ __device__ void ds_put_rows(const float* src, int src_cols, int k_col0, int v_co
 #define PUT_ARGS                                                                                 \
     const float *src, int src_cols, int k_col0, int v_col0, int n, int head_dim, u64 dst,       \
         long tok_stride, long head_stride, long t0, int n_sink, int ring, const int *chan, int r, \
-        f16_t *labels, long cap
+        f16_t *labels, long cap, u32 *codes4, u32 *params4, int words4
 #define PUT_CALL(T)                                                                              \
     ds_put_rows<T>(src, src_cols, k_col0, v_col0, n, head_dim, dst, tok_stride, head_stride, t0, \
-                   n_sink, ring, chan, r, labels, cap)
+                   n_sink, ring, chan, r, labels, cap, codes4, params4, words4)
 extern "C" __global__ void ds_put_rows_f16(PUT_ARGS) { PUT_CALL(f16_t); }
 extern "C" __global__ void ds_put_rows_bf16(PUT_ARGS) { PUT_CALL(bf16_t); }
 
