@@ -24,6 +24,8 @@ use std::path::Path;
 use farsight_kernels::{KernelError, Result};
 use farsight_offload::tier::{DiskKvTier, KvTier, RowLayout};
 
+use super::{bad, Slab};
+
 /// Slots per extent of the file (the unit it grows by; also the run length within which
 /// consecutive tokens of one (layer, head) are contiguous).
 const EXTENT_SLOTS: usize = 4096;
@@ -152,6 +154,34 @@ impl DiskRows {
     /// `disk:PATH (...)` for reports.
     pub fn describe(&self) -> String {
         self.tier.describe()
+    }
+}
+
+impl super::OffloadKvStore {
+    /// Disk tier: writes the `n` new rows of every layer from the pending buffers to the file,
+    /// once the device has written them.
+    pub(super) fn write_out(&mut self, n: usize) -> Result<()> {
+        let Some(disk) = &mut self.disk else {
+            return Ok(());
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if n > disk.pending_cap {
+            return Err(bad(format!(
+                "commit of {n} tokens after a reserve of {}",
+                disk.pending_cap
+            )));
+        }
+        self.prefetch.device_synchronize()?;
+        let bytes = n * disk.rows.token_bytes();
+        for (l, lay) in self.layers.iter_mut().enumerate() {
+            if let Slab::Pending(p) = &mut lay.slab {
+                disk.rows
+                    .store_tokens(l, disk.pending_t0, &p.as_mut_slice()?[..bytes])?;
+            }
+        }
+        Ok(())
     }
 }
 
