@@ -4,8 +4,9 @@
 //! the model (the store's growth replayed chunk by chunk); `--report-memory` reads it from the
 //! store after a run and adds the process's peak RSS (VmHWM).
 //!
-//! This build keeps labels in host memory (the sparse attention runs on the host) and has no
-//! GPU row window yet: its line is listed at 0 bytes.
+//! Labels are listed on the compute tier: host memory on the CPU, the GPU for the offloaded
+//! GPU store (they grow with the context there too). The GPU row windows are not counted yet:
+//! their line is listed at 0 bytes.
 
 use std::path::PathBuf;
 
@@ -115,8 +116,9 @@ pub fn footprint(
             what: "windows",
             bytes: 0,
         },
+        // The offloaded GPU store keeps its labels on the GPU (they grow with the context).
         Line {
-            tier: "host",
+            tier: compute,
             what: "labels",
             bytes: kv.label_bytes,
         },
