@@ -43,7 +43,8 @@ pub struct OffloadBenchArgs {
     /// Token budgets per KV head, sinks and recent window included (`1/16`, `1/64`, or a count).
     #[arg(long, default_value = "1/16,1/64", value_delimiter = ',')]
     pub token_budget: Vec<TokenBudget>,
-    /// Label channels per KV head (f16 labels on the GPU), spread over the RoPE frequencies.
+    /// Label channels per KV head (labels on the GPU, see --label-bits), spread over the RoPE
+    /// frequencies.
     #[arg(long, default_value_t = 16)]
     pub label_channels: usize,
     /// Standard deviation of a fixed random query bias in every layer, against ~1 for the
