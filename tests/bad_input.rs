@@ -154,6 +154,28 @@ fn invalid_flags() {
     assert_one_line_error(&out, "/nonexistent.txt");
 }
 
+/// `bench offload`'s own checks come before the GPU is touched (here: there is none).
+#[test]
+fn bench_offload_flags() {
+    let run = |extra: &[&str]| {
+        farsight()
+            .args(["bench", "offload", "--context", "1k"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert_one_line_error(&run(&["--query-bias=-1"]), "--query-bias");
+    assert_one_line_error(&run(&["--query-bias=nan"]), "--query-bias");
+    assert_one_line_error(&run(&["--steps", "0"]), "--steps");
+    let out = run(&["--kv-store", "tape"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects an unknown store");
+    // Valid flags, the disk tier included, reach the device check: a clear error here.
+    let dir = tempfile::tempdir().unwrap();
+    let disk = format!("disk:{}", dir.path().display());
+    let out = run(&["--kv-store", &disk, "--query-bias", "6"]);
+    assert_one_line_error(&out, "cuda");
+}
+
 #[test]
 fn corrupt_gguf_is_refused_by_convert() {
     let src = std::fs::read(gguf_path()).unwrap();

@@ -11,7 +11,6 @@
 //! where it fits (else the out-of-memory error), and the floors: HBM (weights + labels + rows
 //! read per step at `--hbm-gbs`) and PCIe (the missed rows at `--pcie-gbs`).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -28,6 +27,12 @@ use farsight_prefetch::{OffloadConfig, OffloadKvStore, OffloadStats, RowHome};
 
 use super::bench::{parse_count, Stats};
 use super::common::CliError;
+
+mod prefill;
+mod table;
+
+use prefill::prefill_host;
+use table::print_tables;
 
 #[derive(Args, Debug)]
 pub struct OffloadBenchArgs {
@@ -137,6 +142,12 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         return Err(CliError::Usage(
             "--steps and every --batch must be at least 1, and give a --token-budget".into(),
         ));
+    }
+    if !(a.query_bias.is_finite() && a.query_bias >= 0.0) {
+        return Err(CliError::Usage(format!(
+            "--query-bias {}: a finite value >= 0",
+            a.query_bias
+        )));
     }
     let kv_dtype = match a.kv_dtype.as_str() {
         "bf16" => DType::BF16,
@@ -606,136 +617,4 @@ impl OffloadBenchArgs {
             label_bits: self.label_bits,
         }
     }
-}
-
-fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "| context | batch | budget | rows/KV head | ms/step median [min, max] | tok/s | hit rate | PCIe MB/step | PCIe floor ms | HBM floor ms | transfer-only ms | recall | GPU GiB used |")?;
-    writeln!(
-        out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    )?;
-    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
-    for x in r["offloaded"].as_array().into_iter().flatten() {
-        if let Some(e) = x.get("error") {
-            writeln!(
-                out,
-                "| {} | {} | - | - | error: {} | | | | | | | | |",
-                x["context"],
-                x["batch"],
-                e.as_str().unwrap_or("")
-            )?;
-            continue;
-        }
-        let s = &x["step_ms"];
-        writeln!(
-            out,
-            "| {} | {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.1} | {:.3} | {:.1} | {:.2} | {:.2} | {} | {} | {:.2} |",
-            x["context"],
-            x["batch"],
-            x["budget"].as_str().unwrap_or(""),
-            x["rows_per_kv_head"],
-            f(&s["median"]),
-            f(&s["min"]),
-            f(&s["max"]),
-            f(&x["tok_s"]),
-            f(&x["hit_rate"]),
-            f(&x["pcie_bytes_per_step"]) / 1e6,
-            f(&x["pcie_floor_ms"]),
-            f(&x["hbm_floor_ms"]),
-            x["transfer_only_ms"]["median"]
-                .as_f64()
-                .map_or("-".into(), |v| format!("{v:.2}")),
-            x["recall"].as_f64().map_or("-".into(), |v| format!("{v:.3}")),
-            f(&x["gpu_used_bytes"]) / GIB,
-        )?;
-    }
-    writeln!(out, "\nreferences (same run):")?;
-    for x in r["references"].as_array().into_iter().flatten() {
-        writeln!(
-            out,
-            "- context {} batch {}: {}",
-            x["context"],
-            x["batch"],
-            serde_json::to_string(x).unwrap_or_default()
-        )?;
-    }
-    writeln!(
-        out,
-        "\nreproduce: `{}`",
-        r["command"].as_str().unwrap_or("")
-    )?;
-    Ok(())
-}
-
-/// A real chunked prefill of `--prefill-context` token ids into an offloaded store.
-fn prefill_host(
-    m: &Model<CudaBackend>,
-    a: &OffloadBenchArgs,
-    channels: &[Vec<Vec<usize>>],
-    dtype: DType,
-) -> Result<serde_json::Value, CliError> {
-    let n = a.prefill_context;
-    let chunk = a.prefill_chunk.min(n);
-    let cfg = OffloadConfig {
-        budget: a.token_budget[0],
-        sink: a.sink,
-        recent: a.recent,
-        channels: channels.to_vec(),
-        label_bits: a.label_bits,
-        predict: a.predict,
-        dtype,
-        capacity: n + 1,
-        home: RowHome::Host,
-        measure_recall: false,
-    };
-    let mut s = new_store(m, &a.kv_store, cfg)?;
-    let v = m.cfg.vocab_size as u64;
-    let prompt: Vec<u32> = (0..n as u64)
-        .map(|i| ((i * 2_654_435_761) % v) as u32)
-        .collect();
-    let mut ws = m.workspace(chunk, 1)?;
-    let t = Instant::now();
-    let logits = farsight_engine::generate::prefill(
-        m,
-        &mut ws,
-        &mut s,
-        &prompt,
-        chunk,
-        &mut |done, total| {
-            eprint!(
-                "\rprefill {done}/{total} tokens, {:.0} s",
-                t.elapsed().as_secs_f64()
-            );
-        },
-    )?;
-    let secs = t.elapsed().as_secs_f64();
-    eprintln!();
-    if !logits.iter().all(|x| x.is_finite()) {
-        return Err(CliError::Usage(
-            "non-finite logits after the prefill".into(),
-        ));
-    }
-    let st = s.stats(&m.backend)?;
-    // Matmul FLOPs: 2 x the per-token weights of the projections (no embedding lookup).
-    let c = &m.cfg;
-    let per_layer = c.hidden_size * (c.q_width() + 2 * c.kv_width())
-        + c.q_width() * c.hidden_size
-        + 3 * c.hidden_size * c.intermediate_size;
-    let flops = 2.0 * (per_layer * c.num_layers) as f64 * n as f64;
-    let frac = flops / secs / (a.peak_tflops * 1e12);
-    let (gpu_used, _) = m.backend.mem_info()?;
-    eprintln!(
-        "prefill of {n} tokens into host KV in chunks of {chunk}: {secs:.1} s, {:.0} tok/s, projections at {:.1}% of {:.0} TFLOP/s, {:.1} GB staged back from host, GPU {:.2} GiB used",
-        n as f64 / secs,
-        100.0 * frac,
-        a.peak_tflops,
-        st.staged_bytes as f64 / 1e9,
-        gpu_used as f64 / GIB
-    );
-    Ok(serde_json::json!({
-        "tokens": n, "chunk": chunk, "seconds": secs, "tok_s": n as f64 / secs,
-        "matmul_fraction_of_peak": frac, "staged_bytes": st.staged_bytes, "written_bytes": st.written_bytes,
-        "gpu_used_bytes": gpu_used,
-    }))
 }
