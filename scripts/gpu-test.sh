@@ -18,7 +18,7 @@ cd "$root"
 
 log=$(cargo test -p farsight-kernels --release --no-run 2>&1) || { echo "$log"; exit 1; }
 mkdir -p "$dest"
-for t in cuda_parity cuda_forward cuda_timing cuda_sparse cuda_labels; do
+for t in cuda_parity cuda_attention cuda_sample cuda_forward cuda_timing cuda_sparse cuda_labels; do
     bin=$(echo "$log" | grep -o "target/release/deps/$t-[0-9a-f]*" | tail -1)
     [ -n "$bin" ] || { echo "$log"; echo "no $t test binary found" >&2; exit 1; }
     cp "$bin" "$dest/$t"
@@ -50,8 +50,13 @@ if [ "${1:-}" = "--timing" ]; then
 fi
 logf=${OUT:+$OUT/parity.log}
 logf=${logf:-/tmp/parity.log}
-"$here/cuda_parity" --nocapture "$@" 2>&1 | tee "$logf"
-rc=${PIPESTATUS[0]}
+: > "$logf"
+rc=0
+# A filter argument applies to the three op-parity binaries.
+for t in cuda_parity cuda_attention cuda_sample; do
+    "$here/$t" --nocapture "$@" 2>&1 | tee -a "$logf"
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+done
 "$here/cuda_forward" --nocapture 2>&1 | tee -a "$logf"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 "$here/cuda_sparse" --nocapture 2>&1 | tee -a "$logf"

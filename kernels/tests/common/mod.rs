@@ -1,6 +1,8 @@
 //! Helpers shared by the CUDA test binaries.
 #![allow(dead_code)]
 
+pub mod parity;
+
 /// Deterministic pseudo-random values in [-1, 1) (never all zeros: they hide unwritten outputs).
 pub fn vals(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed

@@ -138,7 +138,7 @@ struct Run {
 }
 
 pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
-    if a.steps == 0 || a.batch.iter().any(|&b| b == 0) || a.token_budget.is_empty() {
+    if a.steps == 0 || a.batch.contains(&0) || a.token_budget.is_empty() {
         return Err(CliError::Usage(
             "--steps and every --batch must be at least 1, and give a --token-budget".into(),
         ));
