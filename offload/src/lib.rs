@@ -27,6 +27,9 @@ pub struct KvMemory {
     pub row_bytes: usize,
     /// Bytes of labels allocated (host memory; a GPU build keeps them on the GPU).
     pub label_bytes: usize,
+    /// Other bytes the store holds in device memory (the offloaded GPU store's recent windows,
+    /// row caches and scratch; 0 for host stores).
+    pub device_bytes: usize,
     /// Committed positions (evicted ones included).
     pub positions: usize,
     /// Tokens that own rows.

@@ -456,20 +456,29 @@ impl KvStore<CudaBackend> for OffloadKvStore {
     }
 
     fn memory(&self) -> KvMemory {
-        let (_gpu, host) = self.footprint();
+        let (gpu, host) = self.footprint();
         let labels: usize = self.layers.iter().map(|l| l.labels.bytes()).sum();
+        let device_slabs: usize = self
+            .layers
+            .iter()
+            .map(|l| match &l.slab {
+                Slab::Device(b) => b.len,
+                _ => 0,
+            })
+            .sum();
         KvMemory {
             tier: match (&self.disk, self.cfg.home) {
                 (Some(t), _) => t.rows.describe(),
                 (None, RowHome::Device) => "device".into(),
                 (None, _) => "pinned host".into(),
             },
-            row_bytes: if self.disk.is_some() {
-                self.disk_bytes()
-            } else {
-                host
+            row_bytes: match (&self.disk, self.cfg.home) {
+                (Some(_), _) => self.disk_bytes(),
+                (None, RowHome::Device) => device_slabs,
+                (None, _) => host,
             },
             label_bytes: labels,
+            device_bytes: gpu.saturating_sub(labels + device_slabs),
             positions: self.len,
             live_tokens: self.len,
             ..KvMemory::default()

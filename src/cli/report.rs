@@ -5,8 +5,9 @@
 //! store after a run and adds the process's peak RSS (VmHWM).
 //!
 //! Labels are listed on the compute tier: host memory on the CPU, the GPU for the offloaded
-//! GPU store (they grow with the context there too). The GPU row windows are not counted yet:
-//! their line is listed at 0 bytes.
+//! GPU store (they grow with the context there too). The `windows` line is the offloaded
+//! store's other device memory (recent windows, row caches, selection scratch); 0 on the CPU,
+//! and in predictions (`report memory` does not model the GPU store yet).
 
 use std::path::PathBuf;
 
@@ -114,7 +115,7 @@ pub fn footprint(
         Line {
             tier: "gpu",
             what: "windows",
-            bytes: 0,
+            bytes: kv.device_bytes,
         },
         // The offloaded GPU store keeps its labels on the GPU (they grow with the context).
         Line {

@@ -696,6 +696,7 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
             tier: self.tier.describe(),
             row_bytes: self.tier.bytes(),
             label_bytes: self.labels.bytes(),
+            device_bytes: 0,
             positions: self.len,
             live_tokens: self.pool.in_use(),
             budget_bytes: self.cfg.evict.as_ref().map(|e| e.budget_bytes),
