@@ -7,10 +7,10 @@
 
 mod common;
 
+use common::parity::weight_bytes;
 use common::{rel_l2, vals};
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{cpu::CpuBackend, AttnShape, Backend, CausalAttn, DType, HostMatrix, Rope};
-use half::bf16;
 
 #[derive(Clone, Copy)]
 struct Cfg {
@@ -52,25 +52,6 @@ struct HostLayer {
     down: Vec<u8>,
 }
 
-fn mat(rows: usize, cols: usize, dtype: DType, seed: u64) -> Vec<u8> {
-    let scale = 1.0 / (cols as f32).sqrt();
-    let v: Vec<f32> = vals(rows * cols, seed)
-        .into_iter()
-        .map(|x| x * scale)
-        .collect();
-    match dtype {
-        DType::F32 => bytemuck::cast_slice(&v).to_vec(),
-        DType::BF16 => {
-            let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-            bytemuck::cast_slice(&h).to_vec()
-        }
-        DType::F16 => {
-            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-            bytemuck::cast_slice(&h).to_vec()
-        }
-    }
-}
-
 fn host_weights(c: &Cfg, dtype: DType) -> HostWeights {
     let norm = |seed| {
         vals(c.hidden, seed)
@@ -82,20 +63,20 @@ fn host_weights(c: &Cfg, dtype: DType) -> HostWeights {
         .map(|l| HostLayer {
             attn_norm: norm(100 * l + 1),
             mlp_norm: norm(100 * l + 2),
-            qkv: mat(c.qw() + 2 * c.kvw(), c.hidden, dtype, 100 * l + 3),
+            qkv: weight_bytes(c.qw() + 2 * c.kvw(), c.hidden, dtype, 100 * l + 3),
             qkv_bias: vals(c.qw() + 2 * c.kvw(), 100 * l + 4)
                 .iter()
                 .map(|v| 0.1 * v)
                 .collect(),
-            o: mat(c.hidden, c.qw(), dtype, 100 * l + 5),
-            gate_up: mat(2 * c.ffn, c.hidden, dtype, 100 * l + 6),
-            down: mat(c.hidden, c.ffn, dtype, 100 * l + 7),
+            o: weight_bytes(c.hidden, c.qw(), dtype, 100 * l + 5),
+            gate_up: weight_bytes(2 * c.ffn, c.hidden, dtype, 100 * l + 6),
+            down: weight_bytes(c.hidden, c.ffn, dtype, 100 * l + 7),
         })
         .collect();
     HostWeights {
         dtype,
-        embed: mat(c.vocab, c.hidden, dtype, 7001),
-        lm_head: mat(c.vocab, c.hidden, dtype, 7002),
+        embed: weight_bytes(c.vocab, c.hidden, dtype, 7001),
+        lm_head: weight_bytes(c.vocab, c.hidden, dtype, 7002),
         norm: norm(7003),
         layers,
     }
