@@ -178,7 +178,7 @@ fn available(model: &AnyModel, attention: &Attention, f: &Footprint, tier: &str)
 }
 
 /// Free space for an unprivileged user on the file system of `path` (a directory, or a file in one).
-fn disk_free(path: &Path) -> Option<usize> {
+pub fn disk_free(path: &Path) -> Option<usize> {
     use std::os::unix::ffi::OsStrExt;
     let dir = if path.is_dir() {
         path

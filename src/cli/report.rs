@@ -167,6 +167,11 @@ pub fn peak_rss() -> Option<usize> {
     proc_kib("/proc/self/status", "VmHWM")
 }
 
+/// Host memory the system can still give this process (`MemAvailable`).
+pub fn host_memory_free() -> Option<usize> {
+    proc_kib("/proc/meminfo", "MemAvailable")
+}
+
 /// Host memory this process holds now (`VmRSS`) plus what the system can still give it
 /// (`MemAvailable`).
 pub fn host_memory_available() -> Option<usize> {

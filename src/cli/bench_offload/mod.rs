@@ -27,6 +27,8 @@ use farsight_prefetch::{OffloadConfig, OffloadKvStore, OffloadStats, RowHome};
 
 use super::bench::{parse_count, Stats};
 use super::common::CliError;
+use super::preflight::disk_free;
+use super::report::{host_memory_free, human_bytes};
 
 mod prefill;
 mod table;
@@ -310,6 +312,7 @@ fn offloaded(
     budgets: &[TokenBudget],
 ) -> Result<Vec<serde_json::Value>, CliError> {
     let be = &m.backend;
+    check_kv_room(m, &a.kv_store, base, batch)?;
     let t0 = Instant::now();
     let mut stores = Vec::with_capacity(batch);
     for i in 0..batch {
@@ -427,6 +430,42 @@ fn offloaded(
         }));
     }
     Ok(out)
+}
+
+/// Pinned host memory (or disk space) the run's full KV needs against what the machine has:
+/// a clear error before anything is allocated (pinned memory cannot be swapped out, and running
+/// past it gets the process killed rather than an allocation error).
+fn check_kv_room(
+    m: &Model<CudaBackend>,
+    spec: &KvStoreSpec,
+    cfg: &OffloadConfig,
+    batch: usize,
+) -> Result<(), CliError> {
+    let shape = m.attn_shape();
+    let need = batch
+        * m.cfg.num_layers
+        * cfg.capacity
+        * shape.n_kv_heads
+        * 2
+        * shape.head_dim
+        * cfg.dtype.size();
+    let (what, room) = match spec {
+        // Headroom for the process itself and the system: 4 GiB.
+        KvStoreSpec::Host => (
+            "pinned host memory (MemAvailable less 4 GiB)",
+            host_memory_free().map(|b| b.saturating_sub(4 << 30)),
+        ),
+        KvStoreSpec::Disk(p) => ("disk space", disk_free(p)),
+    };
+    match room {
+        Some(room) if need > room => Err(CliError::Usage(format!(
+            "out of memory: the full KV of {batch} x {} tokens needs {} of {what}, {} is available",
+            cfg.capacity,
+            human_bytes(need),
+            human_bytes(room)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// An offloaded store with its rows where `--kv-store` says.
