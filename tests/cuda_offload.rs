@@ -176,6 +176,31 @@ fn decode(
     out
 }
 
+/// Teacher-forced decode of `toks`, one token a step (the queries change from step to step
+/// whatever the model predicts; greedy decode of a random model tends to repeat one token).
+fn decode_forced(
+    m: &Model<CudaBackend>,
+    kv: &mut dyn KvStore<CudaBackend>,
+    toks: &[u32],
+) -> Vec<Vec<f32>> {
+    let mut ws = m.workspace(1, 1).unwrap();
+    let mut out = Vec::new();
+    for tok in toks {
+        let mut segs = [Segment {
+            tokens: std::slice::from_ref(tok),
+            kv: &mut *kv,
+            logits: Logits::Last,
+        }];
+        out.push(
+            m.forward(&mut ws, &mut segs)
+                .unwrap()
+                .swap_remove(0)
+                .into_logits(),
+        );
+    }
+    out
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (x, y) in a.iter().zip(b) {
@@ -319,7 +344,12 @@ fn query_bias_raises_reuse_and_layer_ahead_keeps_it() {
         cfg.measure_recall = true;
         let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
         s.fill_random(&m.backend, 3000, 1.0, 99).unwrap();
-        let logits = decode(m, &mut s, 5, 12);
+        // Distinct tokens: without the bias, consecutive queries are unrelated.
+        let vocab = m.cfg.vocab_size as u64;
+        let toks: Vec<u32> = (0..12u64)
+            .map(|i| ((i * 7919 + 13) % vocab) as u32)
+            .collect();
+        let logits = decode_forced(m, &mut s, &toks);
         (logits, s.stats(&m.backend).unwrap())
     };
     let (_, plain) = run(&m, RowHome::Host);

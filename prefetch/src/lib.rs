@@ -11,4 +11,4 @@ mod store;
 
 pub use config::{OffloadConfig, RowHome};
 pub use labels::{gpu_label_bytes, GpuLabels};
-pub use store::{OffloadKvStore, OffloadStats};
+pub use store::{OffloadKvStore, OffloadStats, StreamTiming};

@@ -142,8 +142,30 @@ impl OffloadStats {
     }
 }
 
+/// Where a decode step's time went between the two streams, from timing events (see
+/// [`OffloadKvStore::set_timing`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct StreamTiming {
+    /// Device time the compute stream spent waiting for the prefetch stream's selections.
+    pub stall_ms: f64,
+    /// Device time of the layer-ahead chains on the prefetch stream (start to event), summed.
+    pub chain_ms: f64,
+    /// Waits and chains timed.
+    pub waits: usize,
+    pub chains: usize,
+}
+
+/// Timing-event pairs recorded since the last [`OffloadKvStore::take_timing`].
+#[derive(Default)]
+struct Timing {
+    waits: Vec<(StreamEvent, StreamEvent)>,
+    chains: Vec<(StreamEvent, StreamEvent)>,
+}
+
 struct State {
     res: Vec<Residency>,
+    /// Timing events of the layer-ahead waits and chains, when switched on.
+    timing: Option<Timing>,
     /// Layer-ahead: the selection for layer `l` was made for `visible` tokens; attention waits on
     /// the event.
     ready: Vec<Option<(usize, StreamEvent)>>,
@@ -239,6 +261,40 @@ impl OffloadKvStore {
             head_stride: self.window_rows() * 2 * d,
             dtype: self.cfg.dtype,
         }
+    }
+
+    /// Most blocks of this store's gathers from pinned host memory (its prefetch stream's).
+    pub fn set_gather_blocks(&self, n: usize) {
+        self.prefetch.set_gather_blocks(n);
+    }
+
+    /// Records timing events around every layer-ahead chain (prefetch stream) and every wait of
+    /// the compute stream for one, from now on (`true`), or stops. Each event costs a little
+    /// host time: switch it on for a few steps apart from the timed ones.
+    pub fn set_timing(&mut self, on: bool) {
+        let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
+        st.timing = on.then(Timing::default);
+    }
+
+    /// The stall and chain time recorded since timing was switched on or last taken (waits for
+    /// the events); `None` when timing is off.
+    pub fn take_timing(&mut self) -> Result<Option<StreamTiming>> {
+        let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = st.timing.as_mut() else {
+            return Ok(None);
+        };
+        let mut out = StreamTiming {
+            waits: t.waits.len(),
+            chains: t.chains.len(),
+            ..Default::default()
+        };
+        for (a, b) in t.waits.drain(..) {
+            out.stall_ms += b.ms_since(&a)?;
+        }
+        for (a, b) in t.chains.drain(..) {
+            out.chain_ms += b.ms_since(&a)?;
+        }
+        Ok(Some(out))
     }
 
     /// Counters so far (synchronizes both streams).

@@ -133,7 +133,7 @@ pub struct CudaBackend {
     gemv1: u8,
     /// Most blocks of the row gathers from host memory (`FARSIGHT_GATHER_BLOCKS`, default
     /// SMs / 8).
-    gather_blocks: usize,
+    gather_blocks: AtomicUsize,
     /// The last rope call's positions and frequencies on the device (reused while unchanged).
     rope_cache: Mutex<Option<ops::RopeUpload>>,
     /// Keys per attention split; 0 = chosen from the SM count.
@@ -284,10 +284,12 @@ impl CudaBackend {
                 Ok("l4") => 4,
                 _ => 8,
             },
-            gather_blocks: std::env::var("FARSIGHT_GATHER_BLOCKS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or((sm_count / 8).max(1)),
+            gather_blocks: AtomicUsize::new(
+                std::env::var("FARSIGHT_GATHER_BLOCKS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or((sm_count / 8).max(1)),
+            ),
             attn_chunk: AtomicUsize::new(0),
             // FARSIGHT_ATTN_BLOCKS: decode attention blocks per SM the split aims at (default 4).
             attn_blocks_per_sm: std::env::var("FARSIGHT_ATTN_BLOCKS")

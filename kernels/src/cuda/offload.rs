@@ -6,10 +6,11 @@
 //! so that the same kernels write or read pinned host memory (UVA) and device memory.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 
 use super::{dev_err, int, shape_err, CudaBackend, CudaTensor, DevBuf, Labels4, LabelsOut};
@@ -20,6 +21,18 @@ const RES_THREADS: u32 = 1024;
 
 /// An event recorded on one backend's stream, for another to wait on.
 pub struct StreamEvent(CudaEvent);
+
+impl StreamEvent {
+    /// Milliseconds of device time from `start` to this event (both made by
+    /// [`CudaBackend::record_timed`]; waits for both to complete).
+    pub fn ms_since(&self, start: &StreamEvent) -> Result<f64> {
+        start
+            .0
+            .elapsed_ms(&self.0)
+            .map(f64::from)
+            .map_err(|e| dev_err("timing events", e))
+    }
+}
 
 /// Where [`CudaBackend::ds_put_rows`] writes: a slab of `[slot][KV head][K | V]` rows.
 #[derive(Clone, Copy, Debug)]
@@ -80,7 +93,7 @@ impl CudaBackend {
             attn_scratch: Mutex::new(None),
             rope_cache: Mutex::new(None),
             gemv1: self.gemv1,
-            gather_blocks: self.gather_blocks,
+            gather_blocks: AtomicUsize::new(self.gather_blocks()),
             attn_chunk: AtomicUsize::new(
                 self.attn_chunk.load(std::sync::atomic::Ordering::Relaxed),
             ),
@@ -96,6 +109,24 @@ impl CudaBackend {
             arch: self.arch.clone(),
             ptx_from_cache: self.ptx_from_cache,
         })
+    }
+
+    /// Most blocks of a row gather from pinned host memory.
+    pub fn gather_blocks(&self) -> usize {
+        self.gather_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`Self::gather_blocks`] (at least 1) for this backend's later launches.
+    pub fn set_gather_blocks(&self, n: usize) {
+        self.gather_blocks.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Records the work queued so far with an event that can be timed ([`StreamEvent::ms_since`]).
+    pub fn record_timed(&self) -> Result<StreamEvent> {
+        self.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map(StreamEvent)
+            .map_err(|e| dev_err("recording an event", e))
     }
 
     /// Records the work queued so far on this backend's stream.
@@ -409,7 +440,7 @@ impl CudaBackend {
         // would starve the compute stream's kernels running beside the gather. From device
         // memory the loads are short: up to 4 blocks per SM.
         let cap = if from_host {
-            self.gather_blocks
+            self.gather_blocks()
         } else {
             4 * self.sm_count
         };

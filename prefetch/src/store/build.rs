@@ -160,6 +160,7 @@ impl OffloadKvStore {
             staging: None,
             past_rows: None,
             staged: None,
+            timing: None,
             written: 0,
             staged_bytes: 0,
         };

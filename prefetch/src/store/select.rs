@@ -137,7 +137,13 @@ impl OffloadKvStore {
         // row cache), and use it if it was made for this query.
         let predicted = match st.ready[layer].take() {
             Some((v, ev)) => {
-                be.wait(&ev)?;
+                if let Some(t) = st.timing.as_mut() {
+                    let t0 = be.record_timed()?;
+                    be.wait(&ev)?;
+                    t.waits.push((t0, be.record_timed()?));
+                } else {
+                    be.wait(&ev)?;
+                }
                 v == visible
             }
             None => false,
@@ -252,6 +258,10 @@ impl OffloadKvStore {
         }
         let mut guard = self.st.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
+        let t0 = match st.timing {
+            Some(_) => Some(pf.record_timed()?),
+            None => None,
+        };
         let State {
             ahead,
             res,
@@ -270,6 +280,9 @@ impl OffloadKvStore {
             visible,
             gather,
         )?;
+        if let (Some(t0), Some(t)) = (t0, st.timing.as_mut()) {
+            t.chains.push((t0, pf.record_timed()?));
+        }
         st.ready[layer] = Some((visible, pf.record()?));
         Ok(())
     }

@@ -23,7 +23,7 @@ use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType, SampleSpec};
 use farsight_offload::sparse::{LabelBits, Predict, TokenBudget};
 use farsight_offload::{KvStore, KvStoreSpec};
-use farsight_prefetch::{OffloadConfig, OffloadKvStore, OffloadStats, RowHome};
+use farsight_prefetch::{OffloadConfig, OffloadKvStore, OffloadStats, RowHome, StreamTiming};
 
 use super::bench::{parse_count, Stats};
 use super::common::CliError;
@@ -108,6 +108,14 @@ pub struct OffloadBenchArgs {
     /// Label precision on the GPU: 16 (f16) or 4 (4-bit codes with a per-row minimum and scale).
     #[arg(long, default_value = "16")]
     pub label_bits: LabelBits,
+    /// Most blocks of the gathers from pinned host memory, one run each (comma-separated);
+    /// default: the backend's (`FARSIGHT_GATHER_BLOCKS`, else SMs / 8).
+    #[arg(long, value_delimiter = ',')]
+    pub gather_blocks: Vec<usize>,
+    /// Extra steps with timing events around each layer-ahead chain and each wait of the
+    /// compute stream for one: the stall and chain time per step (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub timing_steps: usize,
 }
 
 fn parse_count_or_zero(s: &str) -> Result<usize, String> {
@@ -137,6 +145,8 @@ struct Run {
     ms: Vec<f64>,
     stats: OffloadStats,
     recall: Option<f64>,
+    /// Per step (all sequences of the batch summed), from the timing steps.
+    timing: Option<StreamTiming>,
 }
 
 pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
@@ -169,6 +179,7 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         + a.warmup
         + a.steps
         + a.recall_steps
+        + a.timing_steps
         + 2;
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(need);
     if a.label_channels == 0 || a.label_channels > cfg.head_dim {
@@ -219,7 +230,7 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
                 label_bits: a.label_bits,
                 predict: a.predict,
                 dtype: kv_dtype,
-                capacity: ctx + a.warmup + a.steps + a.recall_steps + 2,
+                capacity: ctx + a.warmup + a.steps + a.recall_steps + a.timing_steps + 2,
                 home: RowHome::Host,
                 measure_recall: false,
             };
@@ -348,8 +359,20 @@ fn offloaded(
     );
     let labels_bytes = base.label_bytes_per_token();
     let mut out = Vec::new();
-    for &budget in budgets {
+    let gather_runs: Vec<Option<usize>> = if a.gather_blocks.is_empty() {
+        vec![None]
+    } else {
+        a.gather_blocks.iter().map(|&g| Some(g)).collect()
+    };
+    let default_blocks = be.gather_blocks();
+    for (&budget, gb) in budgets
+        .iter()
+        .flat_map(|b| gather_runs.iter().map(move |g| (b, *g)))
+    {
+        let blocks = gb.unwrap_or(default_blocks);
+        be.set_gather_blocks(blocks);
         for s in stores.iter_mut() {
+            s.set_gather_blocks(blocks);
             s.truncate(ctx - 1);
             s.set_budget(be, budget)?;
             s.set_measure_recall(false);
@@ -396,7 +419,7 @@ fn offloaded(
             None => (None, None),
         };
         eprintln!(
-            "  budget {budget}: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
+            "  budget {budget}, {blocks} gather blocks: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
             st.median,
             st.min,
             st.max,
@@ -405,6 +428,12 @@ fn offloaded(
             fetched / 1e6,
             r.recall.map_or("-".into(), |x| format!("{x:.3}"))
         );
+        if let Some(t) = &r.timing {
+            eprintln!(
+                "  budget {budget}: timed steps: compute stream stalled {:.2} ms/step waiting for the prefetch stream; chains {:.2} ms/step ({} chains, {} waits)",
+                t.stall_ms, t.chain_ms, t.chains, t.waits
+            );
+        }
         out.push(serde_json::json!({
             "context": ctx,
             "batch": batch,
@@ -427,6 +456,9 @@ fn offloaded(
             "host_kv_bytes": store_host,
             "disk_kv_bytes": disk_bytes,
             "kv_store": a.kv_store.to_string(),
+            "gather_blocks": blocks,
+            "stall_ms_per_step": r.timing.map(|t| t.stall_ms),
+            "chain_ms_per_step": r.timing.map(|t| t.chain_ms),
         }));
     }
     Ok(out)
@@ -516,6 +548,30 @@ fn measure(
     stats.hits -= before.hits;
     stats.fetched_bytes -= before.fetched_bytes;
     stats.written_bytes -= before.written_bytes;
+    let mut timing = None;
+    if a.predict == Predict::LayerAhead && a.timing_steps > 0 {
+        for s in stores.iter_mut() {
+            s.set_timing(true);
+        }
+        {
+            let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
+                .iter_mut()
+                .map(|s| s as &mut dyn KvStore<CudaBackend>)
+                .collect();
+            steps(m, &mut refs, a.timing_steps, &mut toks)?;
+        }
+        let mut t = StreamTiming::default();
+        for s in stores.iter_mut() {
+            if let Some(x) = s.take_timing()? {
+                t.stall_ms += x.stall_ms / a.timing_steps as f64;
+                t.chain_ms += x.chain_ms / a.timing_steps as f64;
+                t.waits += x.waits;
+                t.chains += x.chains;
+            }
+            s.set_timing(false);
+        }
+        timing = Some(t);
+    }
     let mut recall = None;
     if a.predict == Predict::LayerAhead && a.recall_steps > 0 {
         for s in stores.iter_mut() {
@@ -532,7 +588,12 @@ fn measure(
                 / (r.recall_total - after.recall_total).max(1) as f64,
         );
     }
-    Ok(Run { ms, stats, recall })
+    Ok(Run {
+        ms,
+        stats,
+        recall,
+        timing,
+    })
 }
 
 fn sum_stats(be: &CudaBackend, stores: &[OffloadKvStore]) -> Result<OffloadStats, CliError> {
@@ -574,6 +635,7 @@ fn reference(
                 stores[0].set_budget(&m.backend, b)?;
                 let a2 = OffloadBenchArgs {
                     recall_steps: 0,
+                    timing_steps: 0,
                     ..a.clone_args()
                 };
                 let r = measure(m, &mut stores, &a2)?;
@@ -646,6 +708,8 @@ impl OffloadBenchArgs {
             steps: self.steps,
             warmup: self.warmup,
             recall_steps: self.recall_steps,
+            gather_blocks: self.gather_blocks.clone(),
+            timing_steps: self.timing_steps,
             no_reference: self.no_reference,
             hbm_gbs: self.hbm_gbs,
             pcie_gbs: self.pcie_gbs,
