@@ -9,6 +9,7 @@
 mod attention;
 mod buffers;
 mod compile;
+mod green;
 mod labels;
 mod matmul;
 mod offload;
@@ -132,7 +133,8 @@ pub struct CudaBackend {
     /// 0 runs the few-rows kernel instead (`FARSIGHT_GEMV=rows`). For comparisons.
     gemv1: u8,
     /// Most blocks of the row gathers from host memory (`FARSIGHT_GATHER_BLOCKS`, default
-    /// SMs / 8).
+    /// SMs / 4: on the H100 at 256K, 1/64, 16 blocks stalled the compute stream 1.2 ms per
+    /// step, 32 none, and 64 or 132 slowed the compute stream's kernels more).
     gather_blocks: AtomicUsize,
     /// The last rope call's positions and frequencies on the device (reused while unchanged).
     rope_cache: Mutex<Option<ops::RopeUpload>>,
@@ -152,6 +154,10 @@ pub struct CudaBackend {
     name: String,
     arch: String,
     ptx_from_cache: bool,
+    /// `FARSIGHT_GATHER_SMS`: the SM partitions (see `green.rs`) and this backend's stream on
+    /// the gather partition, where row gathers from host memory run.
+    split: Option<Arc<green::SmSplit>>,
+    gather_stream: Option<Arc<CudaStream>>,
 }
 
 fn dev_err(what: &str, e: impl std::fmt::Debug) -> KernelError {
@@ -225,9 +231,26 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("creating the CUDA context", e))?;
         // One stream, so cudarc's per-buffer event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| dev_err("creating a stream", e))?;
+        let split = match std::env::var("FARSIGHT_GATHER_SMS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            Some(n) if n > 0 => Some(green::SmSplit::new(&ctx, n)?),
+            _ => None,
+        };
+        let (stream, gather_stream) = match &split {
+            Some(sp) => {
+                let s = sp.stream(&ctx, false, 0)?;
+                let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
+                    .map_err(|e| dev_err("stream priorities", e))?;
+                (s, Some(sp.stream(&ctx, true, greatest)?))
+            }
+            None => (
+                ctx.new_stream()
+                    .map_err(|e| dev_err("creating a stream", e))?,
+                None,
+            ),
+        };
         let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("creating cuBLAS", e))?;
         let (major, minor) = ctx
             .compute_capability()
@@ -240,6 +263,8 @@ impl CudaBackend {
             )
             .map_err(|e| dev_err("reading the SM count", e))?
             .max(1) as usize;
+        // With a partition, the kernels on this stream see only the rest of the SMs.
+        let sm_count = split.as_ref().map_or(sm_count, |sp| sp.rest_sms.max(1));
 
         let src = compile::source();
         let cached = compile::read_cached(&src, &arch)
@@ -288,7 +313,7 @@ impl CudaBackend {
                 std::env::var("FARSIGHT_GATHER_BLOCKS")
                     .ok()
                     .and_then(|v| v.parse().ok())
-                    .unwrap_or((sm_count / 8).max(1)),
+                    .unwrap_or((sm_count / 4).max(1)),
             ),
             attn_chunk: AtomicUsize::new(0),
             // FARSIGHT_ATTN_BLOCKS: decode attention blocks per SM the split aims at (default 4).
@@ -308,6 +333,8 @@ impl CudaBackend {
             name: format!("cuda:{ordinal} ({dev_name}, {arch})"),
             arch,
             ptx_from_cache,
+            split,
+            gather_stream,
         })
     }
 

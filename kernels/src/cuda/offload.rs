@@ -67,7 +67,16 @@ impl CudaBackend {
     /// scheduler starts its kernels' blocks before pending blocks of normal-priority streams (for
     /// short, latency-critical work such as the prefetch chain that the compute stream waits on).
     pub fn sibling_with_priority(&self, high: bool) -> Result<CudaBackend> {
-        let stream = if high {
+        let mut gather_stream = None;
+        let stream = if let Some(sp) = &self.split {
+            let (least, greatest) = cudarc::driver::result::stream::get_priority_range()
+                .map_err(|e| dev_err("stream priorities", e))?;
+            let s = sp.stream(&self.ctx, false, if high { greatest } else { least })?;
+            s.join(&self.stream)
+                .map_err(|e| dev_err("ordering a new stream", e))?;
+            gather_stream = Some(sp.stream(&self.ctx, true, greatest)?);
+            s
+        } else if high {
             let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
                 .map_err(|e| dev_err("stream priorities", e))?;
             let s = self
@@ -108,6 +117,8 @@ impl CudaBackend {
             name: format!("{} (prefetch stream)", self.name),
             arch: self.arch.clone(),
             ptx_from_cache: self.ptx_from_cache,
+            split: self.split.clone(),
+            gather_stream,
         })
     }
 
@@ -419,7 +430,20 @@ impl CudaBackend {
             int(row_bytes / 16, "row")?,
         );
         let (dh, s0) = (dst_head_rows as i64, int(slot0, "slot0")?);
-        let mut b = self.stream.launch_builder(self.f(name));
+        // From host memory with an SM partition: on the gather partition's stream, ordered
+        // after this stream's work so far and before its later work.
+        let on = match (&self.gather_stream, from_host) {
+            (Some(g), true) => {
+                let ev = self
+                    .stream
+                    .record_event(None)
+                    .map_err(|e| dev_err("recording an event", e))?;
+                g.wait(&ev).map_err(|e| dev_err("waiting on an event", e))?;
+                g
+            }
+            _ => &self.stream,
+        };
+        let mut b = on.launch_builder(self.f(name));
         b.arg(&src)
             .arg(&ts)
             .arg(&hs)
@@ -451,7 +475,21 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+        if !Arc::ptr_eq(on, &self.stream) {
+            let ev = on
+                .record_event(None)
+                .map_err(|e| dev_err("recording an event", e))?;
+            self.stream
+                .wait(&ev)
+                .map_err(|e| dev_err("waiting on an event", e))?;
+        }
         Ok(())
+    }
+
+    /// Whether row gathers from host memory run on an SM partition of their own
+    /// (`FARSIGHT_GATHER_SMS`), and its size.
+    pub fn gather_partition(&self) -> Option<(usize, usize)> {
+        self.split.as_ref().map(|s| (s.gather_sms, s.rest_sms))
     }
 
     /// Tokens `t0..t1` of a `[token][g][K | V]` slab of 16-bit elements (`src`, host or device)

@@ -207,6 +207,9 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
     }
     let weight_bytes = model.weight_bytes();
     let dev_name = model.backend.name();
+    if let Some((g, r)) = model.backend.gather_partition() {
+        eprintln!("SM partition: host row gathers on {g} SMs, everything else on {r}");
+    }
     eprintln!(
         "synthetic {}: {:.2} GB of bf16 weights on {dev_name} in {:.1} s, query bias {}",
         a.shape,
@@ -266,6 +269,7 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
         "label_channels": a.label_channels,
         "query_bias": a.query_bias,
         "label_bits": a.label_bits.to_string(),
+        "gather_partition_sms": model.backend.gather_partition().map(|p| p.0),
         "sink": a.sink,
         "recent": a.recent,
         "predict": a.predict.to_string(),
