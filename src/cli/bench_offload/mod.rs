@@ -531,21 +531,9 @@ fn measure(
 ) -> Result<Run, CliError> {
     let be = &m.backend;
     let mut toks: Vec<u32> = (0..stores.len() as u32).map(|i| 1 + i).collect();
-    {
-        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
-            .iter_mut()
-            .map(|s| s as &mut dyn KvStore<CudaBackend>)
-            .collect();
-        steps(m, &mut refs, a.warmup, &mut toks)?;
-    }
+    store_steps(m, stores, a.warmup, &mut toks)?;
     let before = sum_stats(be, stores)?;
-    let ms = {
-        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
-            .iter_mut()
-            .map(|s| s as &mut dyn KvStore<CudaBackend>)
-            .collect();
-        steps(m, &mut refs, a.steps, &mut toks)?
-    };
+    let ms = store_steps(m, stores, a.steps, &mut toks)?;
     let after = sum_stats(be, stores)?;
     let mut stats = after;
     stats.misses -= before.misses;
@@ -557,13 +545,7 @@ fn measure(
         for s in stores.iter_mut() {
             s.set_timing(true);
         }
-        {
-            let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
-                .iter_mut()
-                .map(|s| s as &mut dyn KvStore<CudaBackend>)
-                .collect();
-            steps(m, &mut refs, a.timing_steps, &mut toks)?;
-        }
+        store_steps(m, stores, a.timing_steps, &mut toks)?;
         let mut t = StreamTiming::default();
         for s in stores.iter_mut() {
             if let Some(x) = s.take_timing()? {
@@ -581,11 +563,7 @@ fn measure(
         for s in stores.iter_mut() {
             s.set_measure_recall(true);
         }
-        let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
-            .iter_mut()
-            .map(|s| s as &mut dyn KvStore<CudaBackend>)
-            .collect();
-        steps(m, &mut refs, a.recall_steps, &mut toks)?;
+        store_steps(m, stores, a.recall_steps, &mut toks)?;
         let r = sum_stats(be, stores)?;
         recall = Some(
             (r.recall_hits - after.recall_hits) as f64
@@ -598,6 +576,20 @@ fn measure(
         recall,
         timing,
     })
+}
+
+/// [`steps`] of every offloaded store together.
+fn store_steps(
+    m: &Model<CudaBackend>,
+    stores: &mut [OffloadKvStore],
+    n: usize,
+    toks: &mut [u32],
+) -> Result<Vec<f64>, CliError> {
+    let mut refs: Vec<&mut dyn KvStore<CudaBackend>> = stores
+        .iter_mut()
+        .map(|s| s as &mut dyn KvStore<CudaBackend>)
+        .collect();
+    steps(m, &mut refs, n, toks)
 }
 
 fn sum_stats(be: &CudaBackend, stores: &[OffloadKvStore]) -> Result<OffloadStats, CliError> {
