@@ -167,12 +167,24 @@ fn bench_offload_flags() {
     assert_one_line_error(&run(&["--query-bias=-1"]), "--query-bias");
     assert_one_line_error(&run(&["--query-bias=nan"]), "--query-bias");
     assert_one_line_error(&run(&["--steps", "0"]), "--steps");
+    assert_one_line_error(&run(&["--gather-blocks", "32,0"]), "--gather-blocks");
+    let out = run(&["--timing-steps", "-1"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects a negative count");
     let out = run(&["--kv-store", "tape"]);
     assert_eq!(out.status.code(), Some(2), "clap rejects an unknown store");
     // Valid flags, the disk tier included, reach the device check: a clear error here.
     let dir = tempfile::tempdir().unwrap();
     let disk = format!("disk:{}", dir.path().display());
-    let out = run(&["--kv-store", &disk, "--query-bias", "6"]);
+    let out = run(&[
+        "--kv-store",
+        &disk,
+        "--query-bias",
+        "6",
+        "--gather-blocks",
+        "16,32",
+        "--timing-steps",
+        "2",
+    ]);
     assert_one_line_error(&out, "cuda");
 }
 

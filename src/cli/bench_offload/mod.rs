@@ -155,6 +155,11 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
             "--steps and every --batch must be at least 1, and give a --token-budget".into(),
         ));
     }
+    if a.gather_blocks.contains(&0) {
+        return Err(CliError::Usage(
+            "--gather-blocks: every value at least 1".into(),
+        ));
+    }
     if !(a.query_bias.is_finite() && a.query_bias >= 0.0) {
         return Err(CliError::Usage(format!(
             "--query-bias {}: a finite value >= 0",
