@@ -99,6 +99,14 @@ pub trait KvTier: Send + Sync {
     /// Reads the rows of (`layer`, `head`) for `slots` into `out` (`slots.len() * row_bytes`
     /// bytes, in the order given).
     fn read(&self, layer: usize, head: usize, slots: &[u32], out: &mut [u8]) -> Result<()>;
+    /// [`Self::read`] for several heads of one layer: `(head, slots, out)` each. Tiers that
+    /// pay a round trip per read (the disk) do them in one.
+    fn read_heads(&self, layer: usize, reqs: &mut [(usize, &[u32], &mut [u8])]) -> Result<()> {
+        for (head, slots, out) in reqs.iter_mut() {
+            self.read(layer, *head, slots, out)?;
+        }
+        Ok(())
+    }
     /// Bytes the tier holds (allocated memory or file size).
     fn bytes(&self) -> usize;
     /// Short description for reports (`host`, `disk:/path (io_uring)`).

@@ -128,6 +128,39 @@ fn random_ops(tiers: &mut [Box<dyn KvTier>], seed: u64, steps: usize) {
                         t.describe()
                     );
                 }
+                // Every head at once (one batch on the disk): head h reads every (h+1)-th slot
+                // of the selection, from the h-th on (an empty list for some heads).
+                let sels: Vec<Vec<u32>> = (0..layout.kv_heads)
+                    .map(|h| slots.iter().copied().skip(h).step_by(h + 1).collect())
+                    .collect();
+                let wants: Vec<Vec<u8>> = sels
+                    .iter()
+                    .enumerate()
+                    .map(|(h, sel)| {
+                        sel.iter()
+                            .flat_map(|&s| match model.get(&(layer, s)) {
+                                Some(d) => d[h * row..][..row].to_vec(),
+                                None => vec![0; row],
+                            })
+                            .collect()
+                    })
+                    .collect();
+                for t in tiers.iter() {
+                    let mut outs: Vec<Vec<u8>> =
+                        sels.iter().map(|s| vec![0xAA; s.len() * row]).collect();
+                    let mut reqs: Vec<(usize, &[u32], &mut [u8])> = sels
+                        .iter()
+                        .zip(outs.iter_mut())
+                        .enumerate()
+                        .map(|(h, (s, o))| (h, s.as_slice(), o.as_mut_slice()))
+                        .collect();
+                    t.read_heads(layer, &mut reqs).unwrap();
+                    assert!(
+                        outs == wants,
+                        "{} read_heads differs: layer {layer}",
+                        t.describe()
+                    );
+                }
             }
             _ => {}
         }

@@ -122,8 +122,8 @@ impl DiskRows {
                 "disk rows: miss lists or staging too small".into(),
             ));
         }
-        let mut total = 0;
-        let mut slots = Vec::with_capacity(stride);
+        // Every head's misses in one batch of reads.
+        let mut slots = Vec::with_capacity(heads);
         for g in 0..heads {
             let n = usize::try_from(n_miss[g]).unwrap_or(usize::MAX);
             if n > stride {
@@ -132,17 +132,23 @@ impl DiskRows {
                     n_miss[g]
                 )));
             }
-            slots.clear();
-            for &t in &miss_tok[g * stride..][..n] {
-                slots.push(
+            let s = miss_tok[g * stride..][..n]
+                .iter()
+                .map(|&t| {
                     u32::try_from(t)
-                        .map_err(|_| KernelError::Shape(format!("disk rows: miss token {t}")))?,
-                );
-            }
-            self.tier
-                .read(layer, g, &slots, &mut out[g * stride * row..][..n * row])?;
-            total += n;
+                        .map_err(|_| KernelError::Shape(format!("disk rows: miss token {t}")))
+                })
+                .collect::<Result<Vec<u32>>>()?;
+            slots.push(s);
         }
+        let total = slots.iter().map(Vec::len).sum();
+        let mut reqs: Vec<(usize, &[u32], &mut [u8])> = slots
+            .iter()
+            .zip(out.chunks_mut(stride * row))
+            .enumerate()
+            .map(|(g, (s, o))| (g, s.as_slice(), &mut o[..s.len() * row]))
+            .collect();
+        self.tier.read_heads(layer, &mut reqs)?;
         Ok(total)
     }
 
