@@ -109,7 +109,7 @@ pub struct OffloadBenchArgs {
     #[arg(long, default_value = "16")]
     pub label_bits: LabelBits,
     /// Most blocks of the gathers from pinned host memory, one run each (comma-separated);
-    /// default: the backend's (`FARSIGHT_GATHER_BLOCKS`, else SMs / 8).
+    /// default: the backend's (`FARSIGHT_GATHER_BLOCKS`, else SMs / 4).
     #[arg(long, value_delimiter = ',')]
     pub gather_blocks: Vec<usize>,
     /// Extra steps with timing events around each layer-ahead chain and each wait of the
