@@ -9,7 +9,7 @@
 //! (64 blocks; 12.7 ms unpartitioned in the same call): sharing SMs is a small part of that
 //! slowdown; the host traffic itself is the rest (BENCHMARKS.md, fifth run).
 //!
-//! Status: measured once (above); the run crashed at process exit while streams were destroyed
+//! Status: measured once (above); the runs crashed (a segfault when a store was dropped) while streams were destroyed
 //! with buffers still holding them, and the fix (streams live as long as the process) has not
 //! run on a GPU yet, nor have the offload tests under a partition.
 //!
