@@ -9,9 +9,9 @@
 //! (64 blocks; 12.7 ms unpartitioned in the same call): sharing SMs is a small part of that
 //! slowdown; the host traffic itself is the rest (BENCHMARKS.md, fifth run).
 //!
-//! Status: measured once (above); the runs crashed (a segfault when a store was dropped) while streams were destroyed
-//! with buffers still holding them, and the fix (streams live as long as the process) has not
-//! run on a GPU yet, nor have the offload tests under a partition.
+//! Status: measured once (above); those runs crashed (a segfault when a store was dropped)
+//! because streams were destroyed while buffers still held them. The fix (streams live as long
+//! as the process) has not run on a GPU yet, nor have the offload tests under a partition.
 //!
 //! `FARSIGHT_GATHER_SMS=N` (a multiple of the device's partition size, 8 on Hopper) makes
 //! [`super::CudaBackend::new`] split the SMs: the compute stream and its siblings run on the
