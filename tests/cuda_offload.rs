@@ -160,20 +160,29 @@ fn decode(
     let mut tok = first;
     let mut out = Vec::new();
     for _ in 0..n {
-        let mut segs = [Segment {
-            tokens: std::slice::from_ref(&tok),
-            kv: &mut *kv,
-            logits: Logits::Last,
-        }];
-        let l = m
-            .forward(&mut ws, &mut segs)
-            .unwrap()
-            .swap_remove(0)
-            .into_logits();
+        let l = step_logits(m, &mut ws, kv, tok);
         tok = argmax(&l);
         out.push(l);
     }
     out
+}
+
+/// One decode step of `tok`: the logits of its position.
+fn step_logits(
+    m: &Model<CudaBackend>,
+    ws: &mut farsight_engine::model::Workspace<CudaBackend>,
+    kv: &mut dyn KvStore<CudaBackend>,
+    tok: u32,
+) -> Vec<f32> {
+    let mut segs = [Segment {
+        tokens: std::slice::from_ref(&tok),
+        kv,
+        logits: Logits::Last,
+    }];
+    m.forward(ws, &mut segs)
+        .unwrap()
+        .swap_remove(0)
+        .into_logits()
 }
 
 /// Teacher-forced decode of `toks`, one token a step (the queries change from step to step
@@ -184,21 +193,9 @@ fn decode_forced(
     toks: &[u32],
 ) -> Vec<Vec<f32>> {
     let mut ws = m.workspace(1, 1).unwrap();
-    let mut out = Vec::new();
-    for tok in toks {
-        let mut segs = [Segment {
-            tokens: std::slice::from_ref(tok),
-            kv: &mut *kv,
-            logits: Logits::Last,
-        }];
-        out.push(
-            m.forward(&mut ws, &mut segs)
-                .unwrap()
-                .swap_remove(0)
-                .into_logits(),
-        );
-    }
-    out
+    toks.iter()
+        .map(|&tok| step_logits(m, &mut ws, kv, tok))
+        .collect()
 }
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
