@@ -18,7 +18,7 @@ cd "$root"
 
 log=$(cargo test -p farsight-kernels --release --no-run 2>&1) || { echo "$log"; exit 1; }
 mkdir -p "$dest"
-for t in cuda_parity cuda_attention cuda_sample cuda_forward cuda_timing cuda_sparse cuda_labels; do
+for t in cuda_parity cuda_attention cuda_sample cuda_forward cuda_timing cuda_sparse cuda_labels cuda_residency; do
     bin=$(echo "$log" | grep -o "target/release/deps/$t-[0-9a-f]*" | tail -1)
     [ -n "$bin" ] || { echo "$log"; echo "no $t test binary found" >&2; exit 1; }
     cp "$bin" "$dest/$t"
@@ -62,6 +62,8 @@ done
 "$here/cuda_sparse" --nocapture 2>&1 | tee -a "$logf"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 "$here/cuda_labels" --nocapture 2>&1 | tee -a "$logf"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+"$here/cuda_residency" --nocapture 2>&1 | tee -a "$logf"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 "$here/cuda_offload" --nocapture --test-threads 1 2>&1 | tee -a "$logf"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1

@@ -168,6 +168,7 @@ fn bench_offload_flags() {
     assert_one_line_error(&run(&["--query-bias=nan"]), "--query-bias");
     assert_one_line_error(&run(&["--steps", "0"]), "--steps");
     assert_one_line_error(&run(&["--gather-blocks", "32,0"]), "--gather-blocks");
+    assert_one_line_error(&run(&["--row-cache", "1,0"]), "--row-cache");
     let out = run(&["--timing-steps", "-1"]);
     assert_eq!(out.status.code(), Some(2), "clap rejects a negative count");
     let out = run(&["--kv-store", "tape"]);
@@ -184,6 +185,8 @@ fn bench_offload_flags() {
         "16,32",
         "--timing-steps",
         "2",
+        "--row-cache",
+        "1,4",
     ]);
     assert_one_line_error(&out, "cuda");
 }

@@ -146,6 +146,7 @@ fn offload_cfg(
         capacity,
         home,
         measure_recall: false,
+        row_cache: 1,
     }
 }
 
@@ -655,4 +656,96 @@ fn full_budget_4bit_labels_matches_dense() {
         assert_eq!(argmax(a), argmax(b), "step {i}: greedy token differs");
     }
     println!("full budget, 4-bit labels: 8 steps match dense");
+}
+
+/// A row cache of 4x the top-k (`--row-cache 4`): offloaded and device-resident rows still give
+/// identical logits; against the plain cache (1x) the same decode fetches fewer rows, and its
+/// logits agree to the rounding of attention reading the same rows in another order.
+#[test]
+fn larger_row_cache_fetches_less_and_keeps_the_logits() {
+    let Some(be) = backend() else { return };
+    let mut m = small_model(be);
+    let d = m.cfg.head_dim;
+    let mut ch = offload_cfg(
+        &m,
+        TokenBudget::Fraction(16),
+        16,
+        Predict::LayerAhead,
+        RowHome::Host,
+        1,
+    )
+    .channels;
+    for l in ch.iter_mut() {
+        for h in l.iter_mut() {
+            *h = farsight_engine::synthetic::spread_channels(d, 8);
+        }
+    }
+    m.enable_layer_ahead(&ch).unwrap();
+    m.add_query_bias(2.0, 3).unwrap();
+    let run = |home: RowHome, row_cache: usize| {
+        let mut cfg = offload_cfg(
+            &m,
+            TokenBudget::Fraction(16),
+            16,
+            Predict::LayerAhead,
+            home,
+            4096,
+        );
+        cfg.channels = ch.clone();
+        cfg.row_cache = row_cache;
+        cfg.measure_recall = true;
+        let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
+        s.fill_random(&m.backend, 3000, 1.0, 99).unwrap();
+        let vocab = m.cfg.vocab_size as u64;
+        let toks: Vec<u32> = (0..16u64)
+            .map(|i| ((i * 7919 + 13) % vocab) as u32)
+            .collect();
+        let logits = decode_forced(&m, &mut s, &toks);
+        // A truncation empties the cache; decoding goes on.
+        let len = s.len();
+        KvStore::truncate(&mut s, len - 2);
+        let after = decode_forced(&m, &mut s, &toks[..4]);
+        (logits, after, s.stats(&m.backend).unwrap())
+    };
+    let (host, host_after, hs) = run(RowHome::Host, 4);
+    let (dev, dev_after, ds) = run(RowHome::Device, 4);
+    let (plain, plain_after, ps) = run(RowHome::Host, 1);
+    assert_eq!((hs.misses, hs.hits), (ds.misses, ds.hits));
+    assert!(
+        host == dev && host_after == dev_after,
+        "offloaded logits differ from device-resident ones"
+    );
+    assert_eq!(
+        hs.misses + hs.hits,
+        ps.misses + ps.hits,
+        "the same selections' sizes"
+    );
+    assert!(
+        hs.misses < ps.misses,
+        "4x cache fetched {} rows, the 1x cache {}",
+        hs.misses,
+        ps.misses
+    );
+    for (i, (a, b)) in host
+        .iter()
+        .chain(&host_after)
+        .zip(plain.iter().chain(&plain_after))
+        .enumerate()
+    {
+        let e = rel_l2(a, b);
+        assert!(e < 1e-2, "step {i}: 4x vs 1x cache logits rel L2 {e:.2e}");
+    }
+    assert!(
+        (hs.recall() - ps.recall()).abs() < 0.05,
+        "recall {:.3} vs {:.3}",
+        hs.recall(),
+        ps.recall()
+    );
+    println!(
+        "row cache 1x -> 4x: hit rate {:.3} -> {:.3} ({} -> {} rows fetched), logits bit-identical host vs device",
+        ps.hit_rate(),
+        hs.hit_rate(),
+        ps.misses,
+        hs.misses
+    );
 }

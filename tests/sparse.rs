@@ -80,6 +80,7 @@ fn setup(cfg: SparseConfig, store: KvStoreSpec, ranking: ChannelRanking) -> Spar
         ranking,
         store,
         capacity: None,
+        row_cache: 1,
     }
 }
 

@@ -38,6 +38,10 @@ pub struct OffloadConfig {
     /// Also select with the true query under layer-ahead and count the overlap (costs a
     /// second selection per layer).
     pub measure_recall: bool,
+    /// GPU row cache per (layer, KV head) in multiples of the largest top-k (`--row-cache`):
+    /// 1 keeps exactly the current selection; more also keep rows that recent steps selected,
+    /// evicting the least recently selected, so rows that come back are not fetched again.
+    pub row_cache: usize,
 }
 
 impl OffloadConfig {
@@ -62,6 +66,11 @@ impl OffloadConfig {
             .tokens(self.capacity)
             .saturating_sub(self.sink + self.recent)
             .max(1)
+    }
+
+    /// Rows the GPU row cache holds per (layer, KV head): `row_cache` times [`Self::cache_rows`].
+    pub fn resident_rows(&self) -> usize {
+        self.cache_rows() * self.row_cache.max(1)
     }
 
     /// Top-k size for a query that sees `visible` tokens (0 when everything is in the window).

@@ -88,13 +88,14 @@ struct Select {
 }
 
 impl Select {
-    /// Scratch on `b`'s stream for `n_kv` heads of `cap` scores and `kc` selected rows of
-    /// `stage_row` bytes staged (0: no staging).
+    /// Scratch on `b`'s stream for `n_kv` heads of `cap` scores and `kc` selected rows, and
+    /// staging for the misses of a row cache of `rc` rows of `stage_row` bytes (0: none).
     fn new(
         b: &CudaBackend,
         n_kv: usize,
         cap: usize,
         kc: usize,
+        rc: usize,
         stage_row: usize,
     ) -> Result<Select> {
         Ok(Select {
@@ -102,7 +103,7 @@ impl Select {
             sel: b.dev_zeros(n_kv * kc)?,
             topk: b.ds_topk_scratch(n_kv, cap)?,
             stage: if stage_row > 0 {
-                Some(b.pinned(n_kv * kc * stage_row)?)
+                Some(b.pinned(n_kv * rc * stage_row)?)
             } else {
                 None
             },
@@ -193,8 +194,10 @@ pub struct OffloadKvStore {
     layers: Vec<LayerRows>,
     /// The prefetch stream (a sibling backend of the model's).
     prefetch: CudaBackend,
-    /// Rows of the row cache per (layer, KV head), as allocated.
+    /// Rows of the largest selection per (layer, KV head).
     kc: usize,
+    /// Rows of the row cache per (layer, KV head), as allocated (`kc` x `cfg.row_cache`).
+    rc: usize,
     len: usize,
     st: Mutex<State>,
     disk: Option<DiskTier>,
@@ -224,7 +227,7 @@ impl OffloadKvStore {
     }
 
     fn window_rows(&self) -> usize {
-        self.cfg.sink + self.cfg.recent + self.kc
+        self.cfg.sink + self.cfg.recent + self.rc
     }
 
     /// Top-k size for a query that sees `visible` tokens.
@@ -344,7 +347,17 @@ impl OffloadKvStore {
             host += sel.stage.as_ref().map_or(0, |p| p.len());
         }
         host += st.past_rows.as_ref().map_or(0, |p| p.len());
-        gpu += st.res.iter().map(|r| 5 * r.tok.len * 4).sum::<usize>();
+        gpu += st
+            .res
+            .iter()
+            .map(|r| {
+                let lru = r
+                    .lru
+                    .as_ref()
+                    .map_or(0, |l| 4 * r.tok.len * 4 + l.idx.len * 4);
+                5 * r.tok.len * 4 + lru
+            })
+            .sum::<usize>();
         gpu += 2 * (st.compute.scores.len * 4 + st.compute.sel.len * 4);
         if let Some(s) = &st.staging {
             gpu += s
@@ -470,8 +483,13 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         self.len = len;
         // The ring may hold later tokens: refill it from the slabs; forget the row caches.
         let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
+        let be = &self.prefetch;
         for (l, res) in st.res.iter_mut().enumerate() {
-            res.k = 0;
+            if let Err(e) = be.ds_residency_clear(res) {
+                tracing::warn!(
+                    "offloaded store: clearing the row cache after truncate failed: {e}"
+                );
+            }
             st.ready[l] = None;
         }
         st.staged = None;
@@ -480,7 +498,6 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         if toks.is_empty() {
             return;
         }
-        let be = &self.prefetch;
         let refill = || -> Result<()> {
             // The rows were written on the compute stream: wait for the whole device.
             be.device_synchronize()?;

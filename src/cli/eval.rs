@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use farsight_engine::eval::{agreement, perplexity_with, Perplexity};
 use farsight_engine::kv::{new_sparse_store, new_store, Attention};
 use farsight_engine::passkey::passkey_trial;
-use farsight_offload::sparse::{LabelBits, SparseStats, TokenBudget};
+use farsight_offload::sparse::{LabelBits, SparseStats, TokenBudget, CACHE_FACTORS};
 use farsight_offload::{KvMemory, KvStore};
 
 use super::common::{read_text, token_progress, with_model, AnyModel, CliError, ModelArgs};
@@ -204,6 +204,13 @@ fn recall_json(st: &Option<SparseStats>) -> serde_json::Value {
             "step_reuse_per_layer": s.reuse_per_layer(),
             "layer_ahead_step_reuse": s.ahead_step_reuse(),
             "layer_ahead_step_reuse_per_layer": s.ahead_reuse_per_layer(),
+            "row_cache_hit_rate": CACHE_FACTORS.iter().enumerate().map(|(i, f)| {
+                serde_json::json!({
+                    "factor": f,
+                    "hit_rate": s.cache_hit_rate(i),
+                    "per_layer": s.cache_hit_rate_per_layer(i),
+                })
+            }).collect::<Vec<_>>(),
             "counters": s,
         }),
         None => serde_json::Value::Null,
@@ -400,6 +407,15 @@ fn ppl(a: PplArgs) -> Result<(), CliError> {
                 r,
                 per(s.ahead_reuse_per_layer())
             ))?;
+        }
+        for (i, f) in CACHE_FACTORS.iter().enumerate() {
+            if let Some(r) = s.cache_hit_rate(i) {
+                out_line(&format!(
+                    "hit rate of an LRU row cache of {f}x the top-k (rows read) {:.4}; per layer: {}",
+                    r,
+                    per(s.cache_hit_rate_per_layer(i))
+                ))?;
+            }
         }
     }
     Ok(())

@@ -27,6 +27,8 @@ pub(crate) fn source() -> String {
     s.push('\n');
     s.push_str(include_str!("kernels/offload.cu"));
     s.push('\n');
+    s.push_str(include_str!("kernels/residency.cu"));
+    s.push('\n');
     s.push_str(include_str!("kernels/sample.cu"));
     s
 }
@@ -110,6 +112,63 @@ fn write_cached(src: &str, arch: &str, ptx: &str) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where no GPU (so no NVRTC) is at hand, a host C++ compiler checks the kernel sources'
+    /// syntax and types against stand-ins for the CUDA built-ins (`kernels/host_check.h`), and
+    /// that every kernel the backend loads is defined: a typo in a kernel otherwise shows only
+    /// on the GPU machine, where it breaks every kernel (one translation unit). Skipped when no
+    /// `g++` is installed.
+    #[test]
+    fn kernel_sources_pass_a_host_syntax_check() {
+        if std::process::Command::new("g++")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("no g++: host syntax check of the CUDA sources skipped");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("farsight-cu-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kernels.cpp");
+        let text = format!("{}\n{}", include_str!("kernels/host_check.h"), source());
+        std::fs::write(&file, text).unwrap();
+        let run = |args: &[&str]| {
+            std::process::Command::new("g++")
+                .args(["-std=c++17", "-w"])
+                .args(args)
+                .arg(&file)
+                .output()
+                .unwrap()
+        };
+        let out = run(&["-fsyntax-only"]);
+        assert!(
+            out.status.success(),
+            "the kernel sources do not compile:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pre = run(&["-E", "-P"]);
+        assert!(pre.status.success());
+        let pre = String::from_utf8_lossy(&pre.stdout);
+        let words: Vec<&str> = pre
+            .split(|c: char| c == '(' || c.is_whitespace())
+            .filter(|w| !w.is_empty())
+            .collect();
+        let defined: std::collections::HashSet<&str> = words
+            .windows(2)
+            .filter(|w| w[0] == "void")
+            .map(|w| w[1])
+            .collect();
+        let missing: Vec<&&str> = super::super::KERNELS
+            .iter()
+            .filter(|k| !defined.contains(**k))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "kernels loaded but not defined: {missing:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn key_depends_on_source_and_arch() {

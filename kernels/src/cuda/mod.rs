@@ -15,6 +15,7 @@ mod matmul;
 mod offload;
 mod ops;
 mod pinned;
+mod residency;
 mod sample;
 mod sparse;
 
@@ -36,6 +37,7 @@ pub use labels::{Labels4, LabelsOut};
 pub use matmul::GEMV_MAX_ROWS;
 pub use offload::{Residency, RowSlab, StreamEvent};
 pub use pinned::{HostPages, PinnedBuf, PinnedKind};
+pub use residency::LruResidency;
 pub use sparse::{DevBuf, KvRows, TopkScratch, DS_MAX_R};
 
 const KERNELS: &[&str] = &[
@@ -112,6 +114,7 @@ const KERNELS: &[&str] = &[
     "ds_put_rows_f16",
     "ds_put_rows_bf16",
     "ds_residency",
+    "ds_residency_lru",
     "ds_gather_misses",
     "ds_unpack_rows",
     "ds_ahead_labels",

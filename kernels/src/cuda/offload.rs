@@ -52,12 +52,15 @@ pub struct Residency {
     pub tok: DevBuf<i32>,
     pub slot: DevBuf<i32>,
     /// Scratch: the new slots, the misses (token, slot) and their count per head.
-    new_slot: DevBuf<i32>,
+    pub(crate) new_slot: DevBuf<i32>,
     pub miss_tok: DevBuf<i32>,
     pub miss_slot: DevBuf<i32>,
     pub n_miss: DevBuf<i32>,
-    /// Resident entries per head.
+    /// Rows of the current selection per head (with `lru` none, also the resident rows).
     pub k: usize,
+    /// A cache of more rows than one selection (`ds_residency_lru_state`), or none: the cache
+    /// holds exactly the current selection, sorted, in slots `0..k`.
+    pub lru: Option<super::residency::LruResidency>,
 }
 
 impl CudaBackend {
@@ -291,6 +294,7 @@ impl CudaBackend {
             miss_slot: self.dev_zeros(n)?,
             n_miss: self.dev_zeros(heads)?,
             k: 0,
+            lru: None,
         })
     }
 
@@ -306,6 +310,11 @@ impl CudaBackend {
         res: &mut Residency,
         stats: &mut DevBuf<u64>,
     ) -> Result<()> {
+        if res.lru.is_some() {
+            return Err(shape_err(
+                "ds_residency: an LRU state takes ds_residency_lru".into(),
+            ));
+        }
         if k_new < res.k
             || k_new > res.cap
             || sel.len < (heads - 1) * sel_stride + k_new
@@ -449,15 +458,18 @@ impl CudaBackend {
             .arg(&hs)
             .arg(&src_idx.data)
             .arg(&res.miss_slot.data);
+        let walk = int(res.k, "k")?;
         b.arg(&res.n_miss.data)
             .arg(&rs)
+            .arg(&walk)
             .arg(&hh)
             .arg(&ru)
             .arg(&dst)
             .arg(&dh)
             .arg(&s0);
-        // The kernel walks heads x cap x row units; rows past n_miss are skipped.
-        let all = heads * res.cap * row_bytes / 16;
+        // The kernel walks heads x k x row units (no more misses than selected rows); rows
+        // past n_miss are skipped.
+        let all = units;
         let threads = 256usize;
         // Few blocks: 8 x 16 B in flight per thread is 32 KB per block, and PCIe needs only
         // ~100 KB outstanding (54.8 GB/s x ~2 us); loads held for microseconds on every SM

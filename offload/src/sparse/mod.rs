@@ -7,6 +7,7 @@
 //! - [`attend`]: exact attention over gathered rows.
 
 pub mod attend;
+mod cache_sim;
 pub mod config;
 pub mod evict;
 pub mod labels;
@@ -18,6 +19,7 @@ mod evict_tests;
 #[cfg(test)]
 mod tests;
 
+pub use cache_sim::CACHE_FACTORS;
 pub use config::{LabelBits, Predict, SparseConfig, TokenBudget};
 pub use evict::{EvictConfig, HostKvBudget};
 pub use stats::SparseStats;

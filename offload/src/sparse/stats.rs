@@ -2,6 +2,8 @@
 //! prediction recalled the true selection, and how much of one decode step's selection the next
 //! step reused.
 
+use super::cache_sim::CACHE_FACTORS;
+
 /// Counters since the store was made (or reset).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct SparseStats {
@@ -30,6 +32,12 @@ pub struct SparseStats {
     /// when `--predict layer-ahead` is on).
     pub ahead_reuse_hits: Vec<u64>,
     pub ahead_reuse_total: Vec<u64>,
+    /// Per [`CACHE_FACTORS`] entry and layer: hits of a simulated LRU row cache of that many
+    /// times the top-k, in front of the rows read (the guess under layer-ahead prediction, else
+    /// the true selection), over consecutive sparse queries (`cache_sim.rs`).
+    pub cache_hits: Vec<Vec<u64>>,
+    /// Per layer: rows read by the queries counted in `cache_hits`.
+    pub cache_total: Vec<u64>,
     /// Eviction batches run.
     pub evictions: u64,
     /// Tokens evicted.
@@ -47,6 +55,8 @@ impl SparseStats {
             reuse_total: vec![0; layers],
             ahead_reuse_hits: vec![0; layers],
             ahead_reuse_total: vec![0; layers],
+            cache_hits: vec![vec![0; layers]; CACHE_FACTORS.len()],
+            cache_total: vec![0; layers],
             ..Default::default()
         }
     }
@@ -75,6 +85,24 @@ impl SparseStats {
     pub(crate) fn add_ahead_reuse(&mut self, layer: usize, hits: usize, total: usize) {
         self.ahead_reuse_hits[layer] += hits as u64;
         self.ahead_reuse_total[layer] += total as u64;
+    }
+
+    pub(crate) fn add_cache(&mut self, layer: usize, hits: &[usize], total: usize) {
+        for (h, c) in hits.iter().zip(self.cache_hits.iter_mut()) {
+            c[layer] += *h as u64;
+        }
+        self.cache_total[layer] += total as u64;
+    }
+
+    /// Hit rate of the simulated row cache of `CACHE_FACTORS[i]` times the top-k, over every
+    /// layer (`None` where nothing was counted).
+    pub fn cache_hit_rate(&self, i: usize) -> Option<f64> {
+        ratio(&self.cache_hits[i], &self.cache_total)
+    }
+
+    /// The same per layer.
+    pub fn cache_hit_rate_per_layer(&self, i: usize) -> Vec<Option<f64>> {
+        ratios(&self.cache_hits[i], &self.cache_total)
     }
 
     /// Step-to-step reuse of the true top-k selection per layer (`None` where no pair of

@@ -21,6 +21,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::attend::attend_rows;
+use super::cache_sim::CacheSim;
 use super::config::{Predict, SparseConfig};
 use super::evict::{victims, Unimportance, TALLY_QUERIES};
 use super::labels::LabelCache;
@@ -57,6 +58,8 @@ pub struct SparseKvStore {
     /// Per `layer * n_kv_heads + g`: the top-k rows of the last query attended (for
     /// step-to-step reuse), or `None` when it attended densely.
     last_chosen: Mutex<Vec<Option<Chosen>>>,
+    /// Per `layer * n_kv_heads + g`: simulated larger row caches (`cache_sim.rs`).
+    cache_sim: Mutex<Vec<CacheSim>>,
 }
 
 /// The rows one (query, KV head) chose by top-k (neither sinks nor recent), in increasing
@@ -142,6 +145,7 @@ impl SparseKvStore {
             slot_cap,
             stats: Mutex::new(SparseStats::new(layers)),
             last_chosen: Mutex::new(vec![None; layers * shape.n_kv_heads]),
+            cache_sim: Mutex::new(vec![CacheSim::default(); layers * shape.n_kv_heads]),
             ahead: vec![None; layers],
             cfg,
             shape,
@@ -401,8 +405,21 @@ impl SparseKvStore {
     fn count_reuse(&self, layer: usize, chosen: Vec<Option<Chosen>>) {
         let kv = self.shape.n_kv_heads;
         let mut last = self.last_chosen.lock().expect("reuse lock");
+        let mut sims = self.cache_sim.lock().expect("reuse lock");
         let mut st = self.stats.lock().expect("stats lock");
         for (t, c) in chosen.into_iter().enumerate() {
+            let sim = &mut sims[layer * kv + t % kv];
+            match c
+                .as_ref()
+                .map(|c| (c.end, c.guess.as_ref().unwrap_or(&c.truth)))
+            {
+                Some((end, read)) if !read.is_empty() => {
+                    if let Some(hits) = sim.feed(end, read) {
+                        st.add_cache(layer, &hits, read.len());
+                    }
+                }
+                _ => sim.clear(),
+            }
             let prev = &mut last[layer * kv + t % kv];
             if let (Some(p), Some(c)) = (prev.as_ref(), c.as_ref()) {
                 if p.end + 1 == c.end && !p.truth.is_empty() && !c.truth.is_empty() {

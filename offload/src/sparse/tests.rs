@@ -376,6 +376,23 @@ mod reuse {
     }
 
     #[test]
+    fn simulated_larger_caches_keep_alternating_selections() {
+        // Y, X, X, Y, X, Y: the 1x cache is the previous selection (its hits are the reuse);
+        // a 2x cache (8 rows) holds X and Y together ({3, 4, 5, 6, 10, 11}), so after the
+        // first Y every selection hits in full: 2 + 4 x 5 hits of 6 x 4 (the 24 X queries
+        // before the first Y left X cached).
+        let calls: &[&[Q]] = &[&[Q::Y], &[Q::X, Q::X], &[Q::Y, Q::X, Q::Y]];
+        let st = run(calls, false);
+        let heads = SHAPE.n_kv_heads as u64;
+        assert_eq!(CACHE_FACTORS[..2], [1, 2]);
+        assert_eq!(st.cache_total, st.reuse_total);
+        assert_eq!(st.cache_hits[0], st.reuse_hits);
+        assert_eq!(st.cache_hits[1], vec![22 * heads; LAYERS]);
+        assert_eq!(st.cache_hit_rate(1), Some(22.0 / 24.0));
+        assert_eq!(st.cache_hits[2], st.cache_hits[1]);
+    }
+
+    #[test]
     fn layer_ahead_guess_reuse_is_counted() {
         // Layer 1's guess is its true query: guess and truth reuse agree there.
         let calls: &[&[Q]] = &[&[Q::Y], &[Q::X, Q::X], &[Q::Y, Q::X, Q::Y]];

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use farsight_kernels::cuda::CudaBackend;
+use farsight_kernels::cuda::{CudaBackend, Residency};
 use farsight_kernels::{AttnShape, Backend, DType, Result};
 use farsight_offload::sparse::LabelBits;
 
@@ -87,7 +87,8 @@ impl OffloadKvStore {
         let es = cfg.dtype.size();
         let cap = cfg.capacity.max(1);
         let cache_rows = cfg.cache_rows();
-        let w = cfg.sink + cfg.recent + cache_rows;
+        let rc = cfg.resident_rows();
+        let w = cfg.sink + cfg.recent + rc;
         let slab_bytes = cap * n_kv * 2 * d * es;
         let row = 2 * d * es;
         // The file first: a disk too small fails before any large allocation.
@@ -96,7 +97,7 @@ impl OffloadKvStore {
                 rows: DiskRows::create(p, layers, n_kv, row, cap)?,
                 pending_cap: 1,
                 pending_t0: 0,
-                ordinal: be.dev_upload(&ordinals(n_kv, cache_rows))?,
+                ordinal: be.dev_upload(&ordinals(n_kv, rc))?,
                 failed: None,
             }),
             None => None,
@@ -137,7 +138,7 @@ impl OffloadKvStore {
             });
         }
         let stage_row = if disk.is_some() { row } else { 0 };
-        let select = |b: &CudaBackend| Select::new(b, n_kv, cap, cache_rows, stage_row);
+        let select = |b: &CudaBackend| Select::new(b, n_kv, cap, cache_rows, rc, stage_row);
         // The compute stream waits on the prefetch chain (scores, top-k, residency, gather) of
         // the next layer, so its stream gets the higher priority (`FARSIGHT_PREFETCH_PRIORITY=
         // normal` for comparisons).
@@ -145,7 +146,7 @@ impl OffloadKvStore {
         let prefetch = be.sibling_with_priority(high)?;
         let st = State {
             res: (0..layers)
-                .map(|_| be.ds_residency_state(n_kv, cache_rows))
+                .map(|_| residency(be, &cfg, n_kv))
                 .collect::<Result<_>>()?,
             ready: (0..layers).map(|_| None).collect(),
             compute: select(be)?,
@@ -171,6 +172,7 @@ impl OffloadKvStore {
             layers: rows,
             prefetch,
             kc: cache_rows,
+            rc,
             len: 0,
             st: Mutex::new(st),
             disk,
@@ -184,17 +186,33 @@ impl OffloadKvStore {
         be: &CudaBackend,
         budget: farsight_offload::sparse::TokenBudget,
     ) -> Result<()> {
+        self.set_budget_and_cache(be, budget, self.cfg.row_cache)
+    }
+
+    /// [`Self::set_budget`] with a row cache of `row_cache` times the largest top-k
+    /// ([`OffloadConfig::row_cache`]).
+    pub fn set_budget_and_cache(
+        &mut self,
+        be: &CudaBackend,
+        budget: farsight_offload::sparse::TokenBudget,
+        row_cache: usize,
+    ) -> Result<()> {
+        if row_cache == 0 {
+            return Err(bad("a row cache of 0 times the top-k".into()));
+        }
         self.prefetch.synchronize()?;
         be.synchronize()?;
         self.cfg.budget = budget;
+        self.cfg.row_cache = row_cache;
         let kc = self.cfg.cache_rows();
+        let rc = self.cfg.resident_rows();
         let (n_kv, d, es) = (
             self.shape.n_kv_heads,
             self.shape.head_dim,
             self.cfg.dtype.size(),
         );
         let fixed = self.cfg.sink + self.cfg.recent;
-        let (old_w, new_w) = (fixed + self.kc, fixed + kc);
+        let (old_w, new_w) = (fixed + self.rc, fixed + rc);
         let row = 2 * d * es;
         for lay in self.layers.iter_mut() {
             let window = be.dev_zeros::<u8>(n_kv * new_w * row)?;
@@ -212,20 +230,36 @@ impl OffloadKvStore {
         }
         let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
         for res in st.res.iter_mut() {
-            *res = be.ds_residency_state(n_kv, kc)?;
+            *res = residency(be, &self.cfg, n_kv)?;
         }
         for r in st.ready.iter_mut() {
             *r = None;
         }
         let cap = self.cfg.capacity.max(1);
         let stage_row = if self.disk.is_some() { row } else { 0 };
-        st.compute = Select::new(be, n_kv, cap, kc, stage_row)?;
-        st.ahead = Select::new(&self.prefetch, n_kv, cap, kc, stage_row)?;
+        st.compute = Select::new(be, n_kv, cap, kc, rc, stage_row)?;
+        st.ahead = Select::new(&self.prefetch, n_kv, cap, kc, rc, stage_row)?;
         if let Some(disk) = &mut self.disk {
-            disk.ordinal = be.dev_upload(&ordinals(n_kv, kc))?;
+            disk.ordinal = be.dev_upload(&ordinals(n_kv, rc))?;
         }
         self.kc = kc;
+        self.rc = rc;
         be.synchronize()?;
         self.prefetch.synchronize()
+    }
+}
+
+/// One layer's residency state: the row cache holds exactly the current selection
+/// (`row_cache` 1), or `row_cache` times as many rows, least recently selected evicted first.
+fn residency(be: &CudaBackend, cfg: &OffloadConfig, n_kv: usize) -> Result<Residency> {
+    if cfg.row_cache <= 1 {
+        be.ds_residency_state(n_kv, cfg.cache_rows())
+    } else {
+        be.ds_residency_lru_state(
+            n_kv,
+            cfg.resident_rows(),
+            cfg.cache_rows(),
+            cfg.sink + cfg.recent,
+        )
     }
 }

@@ -153,8 +153,9 @@ impl OffloadKvStore {
         be.synchronize()?;
         let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
         for res in st.res.iter_mut() {
-            res.k = 0;
+            be.ds_residency_clear(res)?;
         }
+        be.synchronize()?;
         self.len = n;
         Ok(())
     }
@@ -174,6 +175,14 @@ impl OffloadKvStore {
             ));
         }
         self.prefetch.device_synchronize()?;
+        {
+            // A larger row cache would soon hold both query buffers' selections: start it empty,
+            // so that every selected row is fetched.
+            let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
+            for r in st.res.iter_mut().filter(|r| r.lru.is_some()) {
+                self.prefetch.ds_residency_clear(r)?;
+            }
+        }
         let t = std::time::Instant::now();
         for l in 0..self.layers.len() {
             self.launch_ahead_with(l, None, (l + usize::from(flip)) % 2, gather)?;
@@ -184,7 +193,10 @@ impl OffloadKvStore {
         st.ready.iter_mut().for_each(|r| *r = None);
         if !gather {
             // The caches did not receive the rows the residency lists hold: forget them.
-            st.res.iter_mut().for_each(|r| r.k = 0);
+            for r in st.res.iter_mut() {
+                self.prefetch.ds_residency_clear(r)?;
+            }
+            self.prefetch.synchronize()?;
         }
         Ok(ms)
     }

@@ -27,7 +27,11 @@ impl OffloadKvStore {
         gather: bool,
     ) -> Result<usize> {
         let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
-        let k = self.top_k(visible).max(res.k).min(self.kc);
+        // The plain cache never shrinks its selection (its slots 0..k stay in use).
+        let k = match res.lru {
+            Some(_) => self.top_k(visible),
+            None => self.top_k(visible).max(res.k).min(self.kc),
+        };
         if k == 0 {
             return Ok(0);
         }
@@ -56,7 +60,11 @@ impl OffloadKvStore {
             0,
             &mut sel.topk,
         )?;
-        be.ds_residency(&sel.sel, kc, n_kv, k, res, stats)?;
+        if res.lru.is_some() {
+            be.ds_residency_lru(&sel.sel, kc, n_kv, k, res, stats)?;
+        } else {
+            be.ds_residency(&sel.sel, kc, n_kv, k, res, stats)?;
+        }
         if !gather {
             return Ok(k);
         }
@@ -179,7 +187,7 @@ impl OffloadKvStore {
                     &mut st.compute.topk,
                 )?;
                 be.ds_overlap(
-                    &st.res[layer].tok,
+                    st.res[layer].selected(),
                     &st.compute.sel,
                     kc,
                     n_kv,
@@ -218,12 +226,18 @@ impl OffloadKvStore {
             head_stride: w.head_stride,
             dtype: self.cfg.dtype,
         };
+        // A larger row cache: attention reads the sinks, the ring and the selected slots.
+        let idx = st.res[layer]
+            .lru
+            .as_ref()
+            .filter(|_| k > 0)
+            .map(|l| (&l.idx, l.idx_stride));
         be.sparse_attention_at(
             q,
             args.q_row0,
             &kv,
-            None,
-            0,
+            idx.map(|i| i.0),
+            idx.map_or(0, |i| i.1),
             n_sel,
             self.shape.n_heads,
             self.shape.n_kv_heads,

@@ -113,6 +113,11 @@ pub struct OffloadBenchArgs {
     /// default: the backend's (`FARSIGHT_GATHER_BLOCKS`, else SMs / 4).
     #[arg(long, value_delimiter = ',')]
     pub gather_blocks: Vec<usize>,
+    /// GPU row cache per (layer, KV head) in multiples of the top-k, one run each
+    /// (comma-separated): 1 holds exactly the current selection, more also keep rows recent
+    /// steps selected (least recently selected evicted first), so fewer rows cross PCIe.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    pub row_cache: Vec<usize>,
     /// Extra steps with timing events around each layer-ahead chain and each wait of the
     /// compute stream for one: the stall and chain time per step (0: none).
     #[arg(long, default_value_t = 3)]
@@ -145,6 +150,11 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
     if a.steps == 0 || a.batch.contains(&0) || a.token_budget.is_empty() {
         return Err(CliError::Usage(
             "--steps and every --batch must be at least 1, and give a --token-budget".into(),
+        ));
+    }
+    if a.row_cache.is_empty() || a.row_cache.contains(&0) {
+        return Err(CliError::Usage(
+            "--row-cache: every value at least 1 (times the top-k)".into(),
         ));
     }
     if a.gather_blocks.contains(&0) {
@@ -233,6 +243,7 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
                 capacity: ctx + a.warmup + a.steps + a.recall_steps + a.timing_steps + 2,
                 home: RowHome::Host,
                 measure_recall: false,
+                row_cache: a.row_cache[0],
             };
             match offloaded(&model, &a, &base, ctx, batch, &budgets) {
                 Ok(mut r) => rows.append(&mut r),
@@ -337,16 +348,21 @@ fn offloaded(
         a.gather_blocks.iter().map(|&g| Some(g)).collect()
     };
     let default_blocks = be.gather_blocks();
-    for (&budget, gb) in budgets
-        .iter()
-        .flat_map(|b| gather_runs.iter().map(move |g| (b, *g)))
-    {
+    let mut runs = Vec::new();
+    for &b in budgets {
+        for &rc in &a.row_cache {
+            for &g in &gather_runs {
+                runs.push((b, rc, g));
+            }
+        }
+    }
+    for (budget, row_cache, gb) in runs {
         let blocks = gb.unwrap_or(default_blocks);
         be.set_gather_blocks(blocks);
         for s in stores.iter_mut() {
             s.set_gather_blocks(blocks);
             s.truncate(ctx - 1);
-            s.set_budget(be, budget)?;
+            s.set_budget_and_cache(be, budget, row_cache)?;
             s.set_measure_recall(false);
         }
         let (gpu_used, _) = be.mem_info()?;
@@ -391,7 +407,7 @@ fn offloaded(
             None => (None, None),
         };
         eprintln!(
-            "  budget {budget}, {blocks} gather blocks: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
+            "  budget {budget}, row cache {row_cache}x, {blocks} gather blocks: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
             st.median,
             st.min,
             st.max,
@@ -429,6 +445,7 @@ fn offloaded(
             "disk_kv_bytes": disk_bytes,
             "kv_store": a.kv_store.to_string(),
             "gather_blocks": blocks,
+            "row_cache": row_cache,
             "stall_ms_per_step": r.timing.map(|t| t.stall_ms),
             "chain_ms_per_step": r.timing.map(|t| t.chain_ms),
         }));
@@ -512,6 +529,7 @@ impl OffloadBenchArgs {
             warmup: self.warmup,
             recall_steps: self.recall_steps,
             gather_blocks: self.gather_blocks.clone(),
+            row_cache: self.row_cache.clone(),
             timing_steps: self.timing_steps,
             no_reference: self.no_reference,
             hbm_gbs: self.hbm_gbs,

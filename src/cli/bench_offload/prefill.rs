@@ -31,6 +31,7 @@ pub(super) fn prefill_host(
         capacity: n + 1,
         home: RowHome::Host,
         measure_recall: false,
+        row_cache: 1,
     };
     let mut s = new_store(m, &a.kv_store, cfg)?;
     let v = m.cfg.vocab_size as u64;

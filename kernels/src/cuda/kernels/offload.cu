@@ -152,14 +152,15 @@ ds_residency(const int* sel, long sel_stride, int k_new, int* res_tok, int* res_
 
 // Copies the misses' rows: for head g and m < n_miss[g], the row of token miss_tok[g][m]
 // (src + tok*tok_stride + g*head_stride bytes; pinned host memory or device) to the cache slot
-// dst + (g*dst_head_rows + slot0 + miss_slot[g][m]) * row_bytes. 16-byte units, several
+// dst + (g*dst_head_rows + slot0 + miss_slot[g][m]) * row_bytes. The lists have `res_stride`
+// entries per head; at most `walk` misses per head are looked at. 16-byte units, several
 // independent loads in flight per thread (as ds_gather_rows).
 extern "C" __global__ void ds_gather_misses(u64 src, long tok_stride, long head_stride,
                                             const int* miss_tok, const int* miss_slot,
-                                            const int* n_miss, long res_stride, int heads,
-                                            int row_u4, uint4* dst, long dst_head_rows,
-                                            int slot0) {
-    long units = (long)heads * res_stride * row_u4;
+                                            const int* n_miss, long res_stride, int walk,
+                                            int heads, int row_u4, uint4* dst,
+                                            long dst_head_rows, int slot0) {
+    long units = (long)heads * walk * row_u4;
     long stride = (long)gridDim.x * blockDim.x;
     for (long base = (long)blockIdx.x * blockDim.x + threadIdx.x; base < units;
          base += stride * DS_INFLIGHT) {
@@ -172,7 +173,7 @@ extern "C" __global__ void ds_gather_misses(u64 src, long tok_stride, long head_
             if (e < units) {
                 long rr = e / row_u4;
                 int c = (int)(e - rr * row_u4);
-                int g = (int)(rr / res_stride), m = (int)(rr - (long)g * res_stride);
+                int g = (int)(rr / walk), m = (int)(rr - (long)g * walk);
                 if (m < n_miss[g]) {
                     long t = miss_tok[g * res_stride + m];
                     const uint4* p = (const uint4*)(src + t * tok_stride + (long)g * head_stride);

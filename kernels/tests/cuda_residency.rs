@@ -1,0 +1,256 @@
+//! The larger row cache's residency kernel (`ds_residency_lru`, `--row-cache F`) against a
+//! host model of the same policy: per step and KV head the same misses (tokens and slots), the
+//! same residents, and attention's index list pointing at rows that hold the selected tokens
+//! (misses gathered from a device slab whose row `t` holds `t`). Also: rows dropped from the
+//! selection stay cached and hit when they come back, and a full cache evicts the least recently
+//! selected first. Skipped without a CUDA device.
+
+use farsight_kernels::cuda::CudaBackend;
+
+fn backend() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(be) => Some(be),
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `DS_LRU_AGES`: ages are bucketed up to this many steps.
+const AGES: u32 = 1024;
+
+/// One head's cache as the kernel keeps it: residents (token, slot, step last selected) in
+/// order.
+#[derive(Default)]
+struct Model {
+    res: Vec<(i32, i32, u32)>,
+}
+
+struct Step {
+    misses: Vec<(i32, i32)>,
+    /// The slot of each selected token.
+    slots: Vec<i32>,
+}
+
+impl Model {
+    /// The kernel's policy, step `now`, selection `sel` (sorted), `cap` slots.
+    fn step(&mut self, sel: &[i32], now: u32, cap: usize) -> Step {
+        let bucket = |age: u32| (now - age).min(AGES - 1);
+        let selected = |t: i32| sel.binary_search(&t).is_ok();
+        let mut hist = vec![0usize; AGES as usize];
+        for &(t, _, a) in &self.res {
+            if !selected(t) {
+                hist[bucket(a) as usize] += 1;
+            }
+        }
+        let miss_tok: Vec<i32> = sel
+            .iter()
+            .copied()
+            .filter(|t| !self.res.iter().any(|r| r.0 == *t))
+            .collect();
+        let n = self.res.len();
+        let fresh = miss_tok.len().min(cap - n);
+        let evict = miss_tok.len() - fresh;
+        let (mut cut, mut take) = (AGES, 0);
+        if evict > 0 {
+            let mut seen = 0;
+            cut = AGES - 1;
+            while cut > 0 && seen + hist[cut as usize] < evict {
+                seen += hist[cut as usize];
+                cut -= 1;
+            }
+            take = evict - seen;
+        }
+        let (mut free, mut kept, mut at_cut) = (Vec::new(), Vec::new(), 0);
+        for &(t, s, a) in &self.res {
+            let sel_now = selected(t);
+            let b = if sel_now { None } else { Some(bucket(a)) };
+            let gone = match b {
+                Some(b) if b > cut => true,
+                Some(b) if b == cut => {
+                    at_cut += 1;
+                    at_cut <= take
+                }
+                _ => false,
+            };
+            if gone {
+                free.push(s);
+            } else {
+                kept.push((t, s, if sel_now { now } else { a }));
+            }
+        }
+        let misses: Vec<(i32, i32)> = miss_tok
+            .iter()
+            .enumerate()
+            .map(|(m, &t)| {
+                let slot = if m < free.len() {
+                    free[m]
+                } else {
+                    (n + m - free.len()) as i32
+                };
+                (t, slot)
+            })
+            .collect();
+        kept.extend(misses.iter().map(|&(t, s)| (t, s, now)));
+        self.res = kept;
+        let slots = sel
+            .iter()
+            .map(|t| {
+                self.res
+                    .iter()
+                    .find(|r| r.0 == *t)
+                    .expect("selected is resident")
+                    .1
+            })
+            .collect();
+        Step { misses, slots }
+    }
+}
+
+#[test]
+fn lru_residency_matches_the_host_model_and_rows_land_where_attention_reads() {
+    let Some(be) = backend() else { return };
+    let (heads, k_max, cap, idx0) = (3usize, 40usize, 100usize, 5usize);
+    let mut res = be.ds_residency_lru_state(heads, cap, k_max, idx0).unwrap();
+    let mut stats = be.dev_zeros::<u64>(2).unwrap();
+    // The slab: token t's 16-byte row holds [t, t, t, t]; the window: idx0 fixed rows, then
+    // the cache's slots.
+    let tokens = 2000usize;
+    let slab: Vec<i32> = (0..tokens as i32).flat_map(|t| [t; 4]).collect();
+    let slab = be.dev_upload(&slab).unwrap();
+    let rows = idx0 + cap;
+    let window = be.dev_zeros::<i32>(heads * rows * 4).unwrap();
+    let mut models: Vec<Model> = (0..heads).map(|_| Model::default()).collect();
+    let mut rng = Rng(0x9e37_79b9);
+    let (mut want_miss, mut want_hit) = (0u64, 0u64);
+    for round in 0..120u32 {
+        let k = 20 + (rng.next() % (k_max as u64 - 19)) as usize;
+        // Two groups of tokens that alternate, plus drift: rows come back after a few steps.
+        let lo = (round / 3) as usize * 11 + if round % 2 == 0 { 0 } else { 500 };
+        let mut sel = vec![0i32; heads * k_max];
+        let mut sels = Vec::new();
+        for g in 0..heads {
+            let mut s: Vec<i32> = Vec::new();
+            while s.len() < k {
+                let t = (lo + (rng.next() % 90) as usize) as i32;
+                if !s.contains(&t) {
+                    s.push(t);
+                }
+            }
+            s.sort();
+            sel[g * k_max..g * k_max + k].copy_from_slice(&s);
+            sels.push(s);
+        }
+        let sel_dev = be.dev_upload(&sel).unwrap();
+        be.ds_residency_lru(&sel_dev, k_max, heads, k, &mut res, &mut stats)
+            .unwrap();
+        be.ds_gather_misses(
+            false,
+            be.dev_ptr(&slab),
+            16,
+            0,
+            &res,
+            heads,
+            16,
+            be.dev_ptr(&window),
+            rows,
+            idx0,
+        )
+        .unwrap();
+        let n_res = be.ds_residents(&res).unwrap().unwrap();
+        let tok = be.dev_read(&res.tok).unwrap();
+        let slot = be.dev_read(&res.slot).unwrap();
+        let mtok = be.dev_read(&res.miss_tok).unwrap();
+        let mslot = be.dev_read(&res.miss_slot).unwrap();
+        let nmiss = be.dev_read(&res.n_miss).unwrap();
+        let lru = res.lru.as_ref().unwrap();
+        let idx = be.dev_read(&lru.idx).unwrap();
+        let win = be.dev_read(&window).unwrap();
+        for g in 0..heads {
+            let s = &sels[g];
+            let want = models[g].step(s, round + 1, cap);
+            let n = nmiss[g] as usize;
+            let got: Vec<(i32, i32)> = (0..n)
+                .map(|m| (mtok[g * cap + m], mslot[g * cap + m]))
+                .collect();
+            assert_eq!(
+                got, want.misses,
+                "round {round} head {g}: misses and their slots"
+            );
+            want_miss += n as u64;
+            want_hit += (k - n) as u64;
+            let m = &models[g];
+            assert_eq!(
+                n_res[g] as usize,
+                m.res.len(),
+                "round {round} head {g}: residents"
+            );
+            let res_got: Vec<(i32, i32)> = (0..m.res.len())
+                .map(|j| (tok[g * cap + j], slot[g * cap + j]))
+                .collect();
+            let res_want: Vec<(i32, i32)> = m.res.iter().map(|r| (r.0, r.1)).collect();
+            assert_eq!(res_got, res_want, "round {round} head {g}: resident list");
+            assert!(m.res.len() <= cap);
+            let stride = lru.idx_stride;
+            for j in 0..idx0 {
+                assert_eq!(idx[g * stride + j], j as i32, "fixed window rows");
+            }
+            for (i, &t) in s.iter().enumerate() {
+                let row = idx[g * stride + idx0 + i];
+                assert_eq!(
+                    row,
+                    idx0 as i32 + want.slots[i],
+                    "round {round} head {g}: index"
+                );
+                let at = (g * rows + row as usize) * 4;
+                assert_eq!(
+                    win[at..at + 4],
+                    [t; 4],
+                    "round {round} head {g}: window row {row} holds token {t}"
+                );
+            }
+        }
+    }
+    let st = be.dev_read(&stats).unwrap();
+    assert_eq!((st[0], st[1]), (want_miss, want_hit));
+    assert!(
+        want_hit > want_miss,
+        "alternating selections mostly hit: {want_hit} / {want_miss}"
+    );
+    println!("lru residency: {want_miss} misses, {want_hit} hits over 120 rounds");
+}
+
+#[test]
+fn dropped_rows_stay_cached_and_the_oldest_go_first() {
+    let Some(be) = backend() else { return };
+    let (heads, k, cap) = (1usize, 4usize, 8usize);
+    let mut res = be.ds_residency_lru_state(heads, cap, k, 2).unwrap();
+    let mut stats = be.dev_zeros::<u64>(2).unwrap();
+    let mut step = |sel: [i32; 4]| -> u64 {
+        let before = be.dev_read(&stats).unwrap()[0];
+        let d = be.dev_upload(&sel).unwrap();
+        be.ds_residency_lru(&d, k, heads, k, &mut res, &mut stats)
+            .unwrap();
+        be.dev_read(&stats).unwrap()[0] - before
+    };
+    assert_eq!(step([1, 2, 3, 4]), 4);
+    assert_eq!(step([5, 6, 7, 8]), 4);
+    // Both sets fit in 8 rows: all hits.
+    assert_eq!(step([1, 2, 3, 4]), 0);
+    assert_eq!(step([5, 6, 7, 8]), 0);
+    // Full: 9..12 evict the least recently selected, 1..4.
+    assert_eq!(step([9, 10, 11, 12]), 4);
+    assert_eq!(step([5, 6, 7, 8]), 0);
+    assert_eq!(step([1, 2, 3, 4]), 4);
+}
