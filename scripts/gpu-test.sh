@@ -10,7 +10,8 @@
 # `bash .gpu/run-tests.sh --timing` for the rough kernel timings (cuda_timing.rs). Also staged:
 # the stripped release `farsight` (e.g. `.gpu/farsight bench dense --shape llama-3.1-8b --device
 # cuda ...`) and scripts/gpu-parity.py (`python3 .gpu/gpu-parity.py --bin .gpu/farsight ...`);
-# see BENCHMARKS.md for the exact commands behind each figure.
+# see BENCHMARKS.md for the exact commands behind each figure. `bash .gpu/run-row-cache.sh`: the
+# row cache's tests and its 256K bench (issue 5).
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 dest=${1:-$root/.gpu}
@@ -73,6 +74,27 @@ ls "$XDG_CACHE_HOME/farsight/ptx" 2>/dev/null | sed 's/^/ptx cache: /'
 exit $rc
 RUN
 chmod +x "$dest/run-tests.sh"
+# The row-cache measurement (issue 5): its tests first, then 256K at 1/64 with row caches of
+# 1, 2 and 4 times the top-k in one bench run (same machine, same filled context).
+cat > "$dest/run-row-cache.sh" <<'RUN'
+#!/usr/bin/env bash
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/farsight-cache}
+out=${OUT:-/tmp}
+rc=0
+"$here/cuda_residency" --nocapture 2>&1 | tee "$out/row-cache-tests.log"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+"$here/cuda_offload" --nocapture --test-threads 1 2>&1 | tee -a "$out/row-cache-tests.log"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+[ $rc = 0 ] || { echo "row-cache tests failed: bench skipped"; exit 1; }
+"$here/farsight" bench offload --context 256k --token-budget 1/64 --query-bias 6 --label-bits 4 \
+    --row-cache 1,2,4 --gather-blocks 32 --steps 12 --warmup 4 --recall-steps 2 \
+    --json "$out/row-cache.json" 2>&1 | tee "$out/row-cache.log"
+exit "${PIPESTATUS[0]}"
+RUN
+chmod +x "$dest/run-row-cache.sh"
 du -sh "$dest"
 rel=$(realpath --relative-to="$(dirname "$dest")" "$dest")
 echo

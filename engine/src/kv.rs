@@ -110,6 +110,9 @@ pub fn new_offload_store<B: Backend>(
     if s.cfg.evict.is_some() {
         return refuse("--host-kv-budget");
     }
+    if s.cfg.page_tokens > 1 {
+        return refuse("--page-tokens");
+    }
     if s.cfg.sparse_prefill {
         return refuse("per-position sparse evaluation (eval ppl/sweep)");
     }

@@ -54,6 +54,11 @@ pub struct SparseArgs {
     /// recently selected evicted first), so fewer rows are fetched from host memory or disk.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub row_cache: u32,
+    /// Tokens per selection unit: 1 selects single tokens; P > 1 selects aligned pages of P
+    /// positions by their best label score, as many rows as the budget either way (CPU only for
+    /// now; fetch units of P rows are what the GPU's host gathers and disk reads need).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub page_tokens: u32,
     /// Calibration file (default: farsight-calibration.json in the model directory).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
@@ -94,6 +99,7 @@ impl SparseArgs {
             predict: self.predict,
             sparse_prefill: false,
             evict: None,
+            page_tokens: self.page_tokens as usize,
         }
     }
 

@@ -136,6 +136,10 @@ pub struct SparseConfig {
     pub sparse_prefill: bool,
     /// A byte budget on rows and labels, enforced by eviction (none: the store only grows).
     pub evict: Option<EvictConfig>,
+    /// Tokens per selection unit (`--page-tokens`): 1 selects tokens; P > 1 selects aligned
+    /// pages of P positions by their best label score (the same number of rows), so that the
+    /// rows to fetch come in runs of P (units of P x 512 bytes per KV head for Llama-3.1-8B).
+    pub page_tokens: usize,
 }
 
 impl Default for SparseConfig {
@@ -150,6 +154,7 @@ impl Default for SparseConfig {
             predict: Predict::SameLayer,
             sparse_prefill: false,
             evict: None,
+            page_tokens: 1,
         }
     }
 }
@@ -163,6 +168,9 @@ impl fmt::Display for SparseConfig {
         )?;
         if !self.dense_layers.is_empty() {
             write!(f, " dense-layers {:?}", self.dense_layers)?;
+        }
+        if self.page_tokens > 1 {
+            write!(f, " page-tokens {}", self.page_tokens)?;
         }
         if let Some(e) = &self.evict {
             write!(f, " {e}")?;

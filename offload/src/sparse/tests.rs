@@ -186,6 +186,37 @@ fn selection_with_all_channels_is_the_true_top_k() {
 }
 
 #[test]
+fn page_selection_takes_whole_pages_by_their_best_score() {
+    use super::store::select_pages;
+    // Positions 5..21 (pages of 4: 4..8 partial, 8..12, 12..16, 16..20, 20..24 partial).
+    let middle: Vec<usize> = (5..21).collect();
+    let mut scores = vec![0.0f32; middle.len()];
+    let at = |p: usize| p - 5;
+    scores[at(13)] = 9.0; // page 12..16 is best
+    scores[at(9)] = 5.0; // then 8..12
+    scores[at(20)] = 4.0; // then the partial page 20..21 (one position)
+    scores[at(6)] = 3.0; // then 5..8 (three positions)
+    scores[at(17)] = 1.0; // 16..20 last
+    scores[at(7)] = 2.0;
+    let pick = |k: usize| {
+        let mut v = select_pages(&middle, &scores, k, 4);
+        assert_eq!(v.len(), k, "exactly k rows");
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(pick(4), vec![12, 13, 14, 15]);
+    assert_eq!(pick(8), (8..16).collect::<Vec<_>>());
+    assert_eq!(pick(9), vec![8, 9, 10, 11, 12, 13, 14, 15, 20]);
+    // The next page does not fit whole: its best two positions.
+    assert_eq!(pick(11), vec![6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 20]);
+    assert_eq!(pick(16), middle);
+    // One-token pages are the plain top-k (ties: the earlier position).
+    let mut one = select_pages(&middle, &scores, 5, 1);
+    one.sort_unstable();
+    assert_eq!(one, vec![6, 7, 9, 13, 20]);
+}
+
+#[test]
 fn layer_ahead_with_the_true_query_has_full_recall() {
     let be = CpuBackend::new(1).unwrap();
     let cfg = SparseConfig {
