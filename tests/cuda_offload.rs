@@ -208,6 +208,44 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
+/// Label channels at slow RoPE frequencies (8 per KV head, `spread_channels`) in every layer:
+/// a query bias's share of the query then turns slowly from step to step.
+fn slow_channels(m: &Model<CudaBackend>) -> Vec<Vec<Vec<usize>>> {
+    let c = &m.cfg;
+    let ch = farsight_engine::synthetic::spread_channels(c.head_dim, 8);
+    vec![vec![ch; c.num_kv_heads]; c.num_layers]
+}
+
+/// A layer-ahead store (1/16, recent 16, recall counted) with channels `ch` and a row cache of
+/// `row_cache` times the top-k over 3000 random rows.
+fn ahead_store(
+    m: &Model<CudaBackend>,
+    ch: &[Vec<Vec<usize>>],
+    home: RowHome,
+    row_cache: usize,
+) -> OffloadKvStore {
+    let mut cfg = offload_cfg(
+        m,
+        TokenBudget::Fraction(16),
+        16,
+        Predict::LayerAhead,
+        home,
+        4096,
+    );
+    cfg.channels = ch.to_vec();
+    cfg.row_cache = row_cache;
+    cfg.measure_recall = true;
+    let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
+    s.fill_random(&m.backend, 3000, 1.0, 99).unwrap();
+    s
+}
+
+/// `n` distinct tokens: without a query bias, consecutive queries are unrelated.
+fn distinct_tokens(m: &Model<CudaBackend>, n: u64) -> Vec<u32> {
+    let vocab = m.cfg.vocab_size as u64;
+    (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
 #[test]
 fn offloaded_rows_equal_device_rows() {
     let Some(be) = backend() else { return };
@@ -312,42 +350,11 @@ fn offloaded_rows_equal_device_rows_layer_ahead() {
 fn query_bias_raises_reuse_and_layer_ahead_keeps_it() {
     let Some(be) = backend() else { return };
     let mut m = small_model(be);
-    let mut ch = offload_cfg(
-        &m,
-        TokenBudget::Fraction(16),
-        16,
-        Predict::LayerAhead,
-        RowHome::Host,
-        1,
-    )
-    .channels;
-    // Slow RoPE frequencies: the bias's share of the query turns slowly from step to step.
-    let d = m.cfg.head_dim;
-    for l in ch.iter_mut() {
-        for h in l.iter_mut() {
-            *h = farsight_engine::synthetic::spread_channels(d, 8);
-        }
-    }
+    let ch = slow_channels(&m);
     m.enable_layer_ahead(&ch).unwrap();
     let run = |m: &Model<CudaBackend>, home: RowHome| {
-        let mut cfg = offload_cfg(
-            m,
-            TokenBudget::Fraction(16),
-            16,
-            Predict::LayerAhead,
-            home,
-            4096,
-        );
-        cfg.channels = ch.clone();
-        cfg.measure_recall = true;
-        let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
-        s.fill_random(&m.backend, 3000, 1.0, 99).unwrap();
-        // Distinct tokens: without the bias, consecutive queries are unrelated.
-        let vocab = m.cfg.vocab_size as u64;
-        let toks: Vec<u32> = (0..12u64)
-            .map(|i| ((i * 7919 + 13) % vocab) as u32)
-            .collect();
-        let logits = decode_forced(m, &mut s, &toks);
+        let mut s = ahead_store(m, &ch, home, 1);
+        let logits = decode_forced(m, &mut s, &distinct_tokens(m, 12));
         (logits, s.stats(&m.backend).unwrap())
     };
     let (_, plain) = run(&m, RowHome::Host);
@@ -665,41 +672,12 @@ fn full_budget_4bit_labels_matches_dense() {
 fn larger_row_cache_fetches_less_and_keeps_the_logits() {
     let Some(be) = backend() else { return };
     let mut m = small_model(be);
-    let d = m.cfg.head_dim;
-    let mut ch = offload_cfg(
-        &m,
-        TokenBudget::Fraction(16),
-        16,
-        Predict::LayerAhead,
-        RowHome::Host,
-        1,
-    )
-    .channels;
-    for l in ch.iter_mut() {
-        for h in l.iter_mut() {
-            *h = farsight_engine::synthetic::spread_channels(d, 8);
-        }
-    }
+    let ch = slow_channels(&m);
     m.enable_layer_ahead(&ch).unwrap();
     m.add_query_bias(2.0, 3).unwrap();
+    let toks = distinct_tokens(&m, 16);
     let run = |home: RowHome, row_cache: usize| {
-        let mut cfg = offload_cfg(
-            &m,
-            TokenBudget::Fraction(16),
-            16,
-            Predict::LayerAhead,
-            home,
-            4096,
-        );
-        cfg.channels = ch.clone();
-        cfg.row_cache = row_cache;
-        cfg.measure_recall = true;
-        let mut s = OffloadKvStore::new(&m.backend, cfg, m.attn_shape(), m.cfg.num_layers).unwrap();
-        s.fill_random(&m.backend, 3000, 1.0, 99).unwrap();
-        let vocab = m.cfg.vocab_size as u64;
-        let toks: Vec<u32> = (0..16u64)
-            .map(|i| ((i * 7919 + 13) % vocab) as u32)
-            .collect();
+        let mut s = ahead_store(&m, &ch, home, row_cache);
         let logits = decode_forced(&m, &mut s, &toks);
         // A truncation empties the cache; decoding goes on.
         let len = s.len();

@@ -80,7 +80,6 @@ fn setup(cfg: SparseConfig, store: KvStoreSpec, ranking: ChannelRanking) -> Spar
         ranking,
         store,
         capacity: None,
-        row_cache: 1,
     }
 }
 
@@ -131,7 +130,12 @@ fn full_budget_sparse_equals_dense_and_disk_equals_host() {
     )
     .unwrap();
     let disk_spec = KvStoreSpec::Disk(dir.path().to_path_buf());
-    let mut disk = new_sparse_store(&model, DType::F16, &setup(small, disk_spec, natural)).unwrap();
+    let mut disk = new_sparse_store(
+        &model,
+        DType::F16,
+        &setup(small.clone(), disk_spec, natural.clone()),
+    )
+    .unwrap();
     assert!(
         disk.tier_name().starts_with("disk:"),
         "{}",
@@ -140,6 +144,35 @@ fn full_budget_sparse_equals_dense_and_disk_equals_host() {
     let a = logits(&model, &ids, &mut host);
     let b = logits(&model, &ids, &mut disk);
     assert_eq!(a, b, "disk tier differs from host tier");
+    // The same behind an in-memory row cache of 4x the rows read: the same logits, most rows
+    // served from memory.
+    let cached_cfg = SparseConfig {
+        row_cache: 4,
+        ..small.clone()
+    };
+    let cached_spec = KvStoreSpec::Disk(dir.path().to_path_buf());
+    let mut cached = new_sparse_store(
+        &model,
+        DType::F16,
+        &setup(cached_cfg, cached_spec, natural.clone()),
+    )
+    .unwrap();
+    let c4 = logits(&model, &ids, &mut cached);
+    assert_eq!(
+        a, c4,
+        "disk tier behind the row cache differs from host tier"
+    );
+    let rc = cached
+        .row_cache_stats()
+        .expect("a row cache in front of the disk");
+    assert!(
+        rc.hit_rate().unwrap() > 0.5,
+        "consecutive positions reuse rows: {rc:?}"
+    );
+    assert!(
+        host.row_cache_stats().is_none(),
+        "no cache in front of host memory"
+    );
     assert!(
         rel_l2(&a, &want) > 1e-4,
         "a 1/8 budget should change the logits"

@@ -20,9 +20,6 @@ pub struct SparseSetup {
     /// Most tokens a sequence will hold, when the run knows it (prompt + new tokens); the
     /// offloaded store sizes its pinned slabs by it (default: the model's context).
     pub capacity: Option<usize>,
-    /// The offloaded store's GPU row cache, in multiples of the top-k (see
-    /// `OffloadConfig::row_cache`; 1: exactly the current selection).
-    pub row_cache: usize,
 }
 
 /// The attention a run uses.
@@ -133,7 +130,7 @@ pub fn new_offload_store<B: Backend>(
         capacity: s.capacity.unwrap_or_else(|| c.context_length()),
         home: RowHome::Host,
         measure_recall: false,
-        row_cache: s.row_cache.max(1),
+        row_cache: s.cfg.row_cache.max(1),
     };
     Ok(match &s.store {
         KvStoreSpec::Host => OffloadKvStore::new(cuda, cfg, model.attn_shape(), c.num_layers)?,

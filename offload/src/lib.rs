@@ -44,6 +44,12 @@ pub struct KvMemory {
     /// chosen rows that the previous position also chose; a row cache's hit rate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub selection_reuse: Option<f64>,
+    /// Sparse stores over the disk with `--row-cache F`: the in-memory row cache's bytes and
+    /// hit rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub row_cache_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub row_cache_hit_rate: Option<f64>,
 }
 
 /// A sequence's KV rows, for every layer.

@@ -195,6 +195,12 @@ pub fn run(a: GenerateArgs) -> Result<(), CliError> {
         if let Some(r) = g.kv_memory.selection_reuse {
             eprintln!("[step-to-step selection reuse {r:.4}]");
         }
+        if let (Some(r), Some(b)) = (g.kv_memory.row_cache_hit_rate, g.kv_memory.row_cache_bytes) {
+            eprintln!(
+                "[row cache in memory: hit rate {r:.4}, {:.1} MiB]",
+                b as f64 / (1 << 20) as f64
+            );
+        }
     }
     Ok(())
 }

@@ -49,8 +49,9 @@ pub struct SparseArgs {
     /// Where sparse attention keeps KV rows: host (memory) or disk:PATH (a file, O_DIRECT).
     #[arg(long, default_value = "host")]
     pub kv_store: KvStoreSpec,
-    /// With --device cuda: the GPU row cache per (layer, KV head) in multiples of the top-k. 1
-    /// holds exactly the current selection; more also keep rows recent steps selected (least
+    /// Row cache per (layer, KV head) in multiples of the rows a query selects: with --device
+    /// cuda the GPU's (1 holds exactly the current selection), on the CPU one in memory in front
+    /// of --kv-store disk (1: none). Larger caches also keep rows recent steps selected (least
     /// recently selected evicted first), so fewer rows are fetched from host memory or disk.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub row_cache: u32,
@@ -100,6 +101,7 @@ impl SparseArgs {
             sparse_prefill: false,
             evict: None,
             page_tokens: self.page_tokens as usize,
+            row_cache: self.row_cache as usize,
         }
     }
 
@@ -257,7 +259,6 @@ impl SparseArgs {
             ranking,
             store: self.kv_store.clone(),
             capacity: Some(planned),
-            row_cache: self.row_cache as usize,
         })))
     }
 }

@@ -140,6 +140,10 @@ pub struct SparseConfig {
     /// pages of P positions by their best label score (the same number of rows), so that the
     /// rows to fetch come in runs of P (units of P x 512 bytes per KV head for Llama-3.1-8B).
     pub page_tokens: usize,
+    /// Row cache per (layer, KV head) in front of a tier that is not in memory (the disk), in
+    /// multiples of the rows a sparse query reads (`--row-cache`; 1: none). The offloaded GPU
+    /// store takes the same setting for its GPU row cache.
+    pub row_cache: usize,
 }
 
 impl Default for SparseConfig {
@@ -155,6 +159,7 @@ impl Default for SparseConfig {
             sparse_prefill: false,
             evict: None,
             page_tokens: 1,
+            row_cache: 1,
         }
     }
 }
@@ -171,6 +176,9 @@ impl fmt::Display for SparseConfig {
         }
         if self.page_tokens > 1 {
             write!(f, " page-tokens {}", self.page_tokens)?;
+        }
+        if self.row_cache > 1 {
+            write!(f, " row-cache {}", self.row_cache)?;
         }
         if let Some(e) = &self.evict {
             write!(f, " {e}")?;

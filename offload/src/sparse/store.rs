@@ -25,6 +25,7 @@ use super::cache_sim::CacheSim;
 use super::config::{Predict, SparseConfig};
 use super::evict::{victims, Unimportance, TALLY_QUERIES};
 use super::labels::LabelCache;
+use super::row_cache::{RowCache, RowCacheStats};
 use super::stats::SparseStats;
 use super::ChannelRanking;
 use crate::tier::{KvTier, RowLayout};
@@ -60,6 +61,8 @@ pub struct SparseKvStore {
     last_chosen: Mutex<Vec<Option<Chosen>>>,
     /// Per `layer * n_kv_heads + g`: simulated larger row caches (`cache_sim.rs`).
     cache_sim: Mutex<Vec<CacheSim>>,
+    /// Rows of sparse reads cached in memory in front of a tier that is not (`row_cache.rs`).
+    row_cache: Option<RowCache>,
 }
 
 /// The rows one (query, KV head) chose by top-k (neither sinks nor recent), in increasing
@@ -146,6 +149,8 @@ impl SparseKvStore {
             stats: Mutex::new(SparseStats::new(layers)),
             last_chosen: Mutex::new(vec![None; layers * shape.n_kv_heads]),
             cache_sim: Mutex::new(vec![CacheSim::default(); layers * shape.n_kv_heads]),
+            row_cache: (cfg.row_cache > 1 && !tier.in_memory())
+                .then(|| RowCache::new(layers, shape.n_kv_heads, got.row_bytes, cfg.row_cache)),
             ahead: vec![None; layers],
             cfg,
             shape,
@@ -277,7 +282,7 @@ impl SparseKvStore {
         &self,
         layer: usize,
         g: usize,
-        positions: &[usize],
+        (positions, sparse): (&[usize], bool),
         q: &[f32],
         scale: f32,
         out: &mut [f32],
@@ -290,8 +295,12 @@ impl SparseKvStore {
             "attention over an evicted position"
         );
         let mut rows = vec![E::default(); slots.len() * 2 * d];
-        self.tier
-            .read(layer, g, &slots, bytemuck::cast_slice_mut(&mut rows))?;
+        let bytes = bytemuck::cast_slice_mut(&mut rows);
+        // Sparse reads go through the row cache (dense ones would flush it).
+        match (&self.row_cache, sparse) {
+            (Some(c), true) => c.read(self.tier.as_ref(), layer, g, &slots, bytes)?,
+            _ => self.tier.read(layer, g, &slots, bytes)?,
+        }
         let mut scores = Vec::new();
         let group = self.shape.group();
         // Tallied queries: `tally` is the live tokens seen; a row is important when some head of
@@ -348,7 +357,7 @@ impl SparseKvStore {
             let pos = self.live(start..end);
             self.stats.lock().expect("stats lock").dense(pos.len());
             let tally = tallied.then_some(pos.len());
-            self.attend_positions::<E>(layer, g, &pos, q, a.scale, out, tally)?;
+            self.attend_positions::<E>(layer, g, (&pos, false), q, a.scale, out, tally)?;
             return Ok(None);
         }
         let qlab = self.group_label_query(layer, g, q);
@@ -399,7 +408,7 @@ impl SparseKvStore {
         } else {
             None
         };
-        self.attend_positions::<E>(layer, g, &pos, q, a.scale, out, tally)?;
+        self.attend_positions::<E>(layer, g, (&pos, true), q, a.scale, out, tally)?;
         Ok(Some(chosen))
     }
 
@@ -554,6 +563,11 @@ impl SparseKvStore {
     }
 
     /// Slots owned now (tokens stored, committed or reserved).
+    /// Hits and misses of the in-memory row cache (`None` without one).
+    pub fn row_cache_stats(&self) -> Option<RowCacheStats> {
+        self.row_cache.as_ref().map(|c| c.stats())
+    }
+
     pub fn slots_in_use(&self) -> usize {
         self.pool.in_use()
     }
@@ -658,6 +672,9 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
                 self.labels.write(layer, h, slot, &lab);
             }
             self.tier.write(layer, slot, &buf)?;
+            if let Some(c) = &self.row_cache {
+                c.invalidate(layer, slot);
+            }
         }
         Ok(())
     }
@@ -708,7 +725,7 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
     }
 
     fn bytes(&self) -> usize {
-        self.tier.bytes() + self.labels.bytes()
+        self.tier.bytes() + self.labels.bytes() + self.row_cache.as_ref().map_or(0, |c| c.bytes())
     }
 
     fn memory(&self) -> crate::KvMemory {
@@ -725,6 +742,8 @@ impl<B: Backend> KvStore<B> for SparseKvStore {
             evicted_tokens: st.evicted_tokens,
             bytes_freed: st.bytes_freed,
             selection_reuse: st.step_reuse(),
+            row_cache_bytes: self.row_cache.as_ref().map(|c| c.bytes()),
+            row_cache_hit_rate: self.row_cache.as_ref().and_then(|c| c.stats().hit_rate()),
         }
     }
 

@@ -538,6 +538,10 @@ impl KvTier for DiskKvTier {
         self.file_len as usize
     }
 
+    fn in_memory(&self) -> bool {
+        false
+    }
+
     fn describe(&self) -> String {
         let buffered = if self.direct { "" } else { ", buffered" };
         format!(

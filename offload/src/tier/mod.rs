@@ -111,6 +111,10 @@ pub trait KvTier: Send + Sync {
     fn bytes(&self) -> usize;
     /// Short description for reports (`host`, `disk:/path (io_uring)`).
     fn describe(&self) -> String;
+    /// Whether reads are memory copies (a row cache in front would only duplicate them).
+    fn in_memory(&self) -> bool {
+        true
+    }
 }
 
 /// Checks a [`KvTier::write`] call against the layout and the capacity.
