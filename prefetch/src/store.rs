@@ -492,6 +492,10 @@ impl KvStore<CudaBackend> for OffloadKvStore {
             }
             st.ready[l] = None;
         }
+        // The clears ran on the prefetch stream; the next selection may run on the compute one.
+        if let Err(e) = be.synchronize() {
+            tracing::warn!("offloaded store: clearing the row cache after truncate failed: {e}");
+        }
         st.staged = None;
         let (s, rr) = (self.cfg.sink, self.cfg.recent);
         let toks: Vec<usize> = (len.saturating_sub(rr).max(s)..len).collect();

@@ -11,6 +11,7 @@ mod cache_sim;
 pub mod config;
 pub mod evict;
 pub mod labels;
+mod pages;
 pub mod row_cache;
 pub mod stats;
 pub mod store;

@@ -187,7 +187,7 @@ fn selection_with_all_channels_is_the_true_top_k() {
 
 #[test]
 fn page_selection_takes_whole_pages_by_their_best_score() {
-    use super::store::select_pages;
+    use super::pages::select_pages;
     // Positions 5..21 (pages of 4: 4..8 partial, 8..12, 12..16, 16..20, 20..24 partial).
     let middle: Vec<usize> = (5..21).collect();
     let mut scores = vec![0.0f32; middle.len()];

@@ -101,8 +101,11 @@ ds_residency_lru(const int* sel, long sel_stride, int k_new, int* res_tok, int* 
         int gone = bucket > b_cut || (in_cut && at_cut + cut_pre < take);
         at_cut += cut_total;
         int free_total, free_pre = ds_block_scan(gone, &free_total);
+        // Every earlier thread of the chunk holds a resident: the kept ones before this one are
+        // the others.
         int keep = j < n && !gone;
-        int kept_total, kept_pre = ds_block_scan(keep, &kept_total);
+        int kept_pre = (int)threadIdx.x - free_pre;
+        int kept_total = min((int)blockDim.x, n - j0) - free_total;
         if (gone) ms[n_free + free_pre] = rs[j];
         if (keep) {
             kt[n_kept + kept_pre] = rt[j];
