@@ -12,6 +12,9 @@
 //! With a byte budget ([`super::evict`]) the store evicts tokens between forward calls: an
 //! evicted position keeps its place (positions, and so RoPE, never change) but owns no slot
 //! (`slot_of[p] == EVICTED`), and selection and attention skip it.
+//!
+//! Files: this one holds the store and the [`KvStore`] protocol; `store/select.rs` the choice
+//! of rows (query labels, top-k or pages), `store/reuse.rs` the step-to-step reuse counters.
 
 use std::sync::Mutex;
 
@@ -31,6 +34,9 @@ use super::stats::SparseStats;
 use super::ChannelRanking;
 use crate::tier::{KvTier, RowLayout};
 use crate::{KvStore, SlotPool};
+
+mod reuse;
+mod select;
 
 /// Double Sparsity KV store over a tier.
 pub struct SparseKvStore {
@@ -191,92 +197,6 @@ impl SparseKvStore {
         self.labels.bytes()
     }
 
-    /// Sum over the group of KV head `g` of the query heads' values at `g`'s label channels
-    /// (`q`: every head's full query, `head_dim` apart).
-    pub(crate) fn group_label_query(&self, layer: usize, g: usize, q: &[f32]) -> Vec<f32> {
-        let d = self.shape.head_dim;
-        let group = self.shape.group();
-        let ch = &self.channels[layer][g];
-        let mut out = vec![0.0f32; ch.len()];
-        for h in g * group..(g + 1) * group {
-            for (o, &c) in out.iter_mut().zip(ch) {
-                *o += q[h * d + c];
-            }
-        }
-        out
-    }
-
-    /// The same sum from a layer-ahead prediction (`q_hat`: `r` values per head).
-    fn group_predicted_query(&self, g: usize, q_hat: &[f32]) -> Vec<f32> {
-        let r = self.cfg.label_channels;
-        let group = self.shape.group();
-        let mut out = vec![0.0f32; r];
-        for h in g * group..(g + 1) * group {
-            for (o, &v) in out.iter_mut().zip(&q_hat[h * r..(h + 1) * r]) {
-                *o += v;
-            }
-        }
-        out
-    }
-
-    /// The positions attention reads for a query seeing `start..end`, in increasing order, and
-    /// how many of them were chosen by score.
-    pub(crate) fn select(
-        &self,
-        layer: usize,
-        g: usize,
-        qlab: &[f32],
-        start: usize,
-        end: usize,
-        budget: usize,
-    ) -> (Vec<usize>, usize) {
-        let (sink_end, recent_start) = self.windows(start, end);
-        let mut pos = self.live(start..sink_end);
-        let middle = self.live(sink_end..recent_start);
-        let recent = self.live(recent_start..end);
-        let fixed = pos.len() + recent.len();
-        let k = budget.saturating_sub(fixed).min(middle.len());
-        let mut chosen: Vec<usize> = if k == middle.len() {
-            middle
-        } else if k == 0 {
-            Vec::new()
-        } else {
-            let slots: Vec<u32> = middle.iter().map(|&p| self.slot_of[p]).collect();
-            let mut scores = Vec::new();
-            self.labels.score(layer, g, qlab, &slots, &mut scores);
-            if self.cfg.page_tokens > 1 {
-                select_pages(&middle, &scores, k, self.cfg.page_tokens)
-            } else {
-                let mut idx: Vec<u32> = (0..slots.len() as u32).collect();
-                let by_score = |a: &u32, b: &u32| {
-                    scores[*b as usize]
-                        .total_cmp(&scores[*a as usize])
-                        .then(a.cmp(b))
-                };
-                idx.select_nth_unstable_by(k - 1, by_score);
-                idx.truncate(k);
-                idx.iter().map(|&i| middle[i as usize]).collect()
-            }
-        };
-        chosen.sort_unstable();
-        pos.extend_from_slice(&chosen);
-        pos.extend_from_slice(&recent);
-        (pos, k)
-    }
-
-    /// For a query seeing `start..end`: where the sinks end and the recent window starts (the
-    /// top-k chooses among `sink_end..recent_start`).
-    fn windows(&self, start: usize, end: usize) -> (usize, usize) {
-        let sink_end = (start + self.cfg.sink).min(end);
-        let recent_start = end.saturating_sub(self.cfg.recent).max(sink_end);
-        (sink_end, recent_start)
-    }
-
-    /// The positions of `range` that own a slot (not evicted), in order.
-    pub(crate) fn live(&self, range: std::ops::Range<usize>) -> Vec<usize> {
-        range.filter(|&p| self.slot_of[p] != EVICTED).collect()
-    }
-
     /// Attention of query `i` (all heads of KV head `g`'s group) over `positions`.
     #[allow(clippy::too_many_arguments)]
     fn attend_positions<E: Elem + bytemuck::Pod>(
@@ -411,42 +331,6 @@ impl SparseKvStore {
         };
         self.attend_positions::<E>(layer, g, (&pos, true), q, a.scale, out, tally)?;
         Ok(Some(chosen))
-    }
-
-    /// Step-to-step reuse of one call's selections: per KV head, the top-k rows of each query
-    /// against those of the query one position earlier (the previous call's last query for the
-    /// first), counted where both selected sparsely. `chosen` is in task order (query-major).
-    fn count_reuse(&self, layer: usize, chosen: Vec<Option<Chosen>>) {
-        let kv = self.shape.n_kv_heads;
-        let mut last = self.last_chosen.lock().expect("reuse lock");
-        let mut sims = self.cache_sim.lock().expect("reuse lock");
-        let mut st = self.stats.lock().expect("stats lock");
-        for (t, c) in chosen.into_iter().enumerate() {
-            let sim = &mut sims[layer * kv + t % kv];
-            match c
-                .as_ref()
-                .map(|c| (c.end, c.guess.as_ref().unwrap_or(&c.truth)))
-            {
-                Some((end, read)) if !read.is_empty() => {
-                    if let Some(hits) = sim.feed(end, read) {
-                        st.add_cache(layer, &hits, read.len());
-                    }
-                }
-                _ => sim.clear(),
-            }
-            let prev = &mut last[layer * kv + t % kv];
-            if let (Some(p), Some(c)) = (prev.as_ref(), c.as_ref()) {
-                if p.end + 1 == c.end && !p.truth.is_empty() && !c.truth.is_empty() {
-                    st.add_reuse(layer, overlap(&c.truth, &p.truth), c.truth.len());
-                    if let (Some(pg), Some(cg)) = (&p.guess, &c.guess) {
-                        if !pg.is_empty() && !cg.is_empty() {
-                            st.add_ahead_reuse(layer, overlap(cg, pg), cg.len());
-                        }
-                    }
-                }
-            }
-            *prev = c;
-        }
     }
 
     fn attend_typed<E: Elem + bytemuck::Pod>(
