@@ -153,7 +153,7 @@ fn lru_residency_matches_the_host_model_and_rows_land_where_attention_reads() {
             sels.push(s);
         }
         let sel_dev = be.dev_upload(&sel).unwrap();
-        be.ds_residency_lru(&sel_dev, k_max, heads, k, &mut res, &mut stats)
+        be.ds_residency(&sel_dev, k_max, heads, k, &mut res, &mut stats)
             .unwrap();
         be.ds_gather_misses(
             false,
@@ -240,7 +240,7 @@ fn dropped_rows_stay_cached_and_the_oldest_go_first() {
     let mut step = |sel: [i32; 4]| -> u64 {
         let before = be.dev_read(&stats).unwrap()[0];
         let d = be.dev_upload(&sel).unwrap();
-        be.ds_residency_lru(&d, k, heads, k, &mut res, &mut stats)
+        be.ds_residency(&d, k, heads, k, &mut res, &mut stats)
             .unwrap();
         be.dev_read(&stats).unwrap()[0] - before
     };

@@ -196,8 +196,6 @@ pub struct OffloadKvStore {
     prefetch: CudaBackend,
     /// Rows of the largest selection per (layer, KV head).
     kc: usize,
-    /// Rows of the row cache per (layer, KV head), as allocated (`kc` x `cfg.row_cache`).
-    rc: usize,
     len: usize,
     st: Mutex<State>,
     disk: Option<DiskTier>,
@@ -227,7 +225,7 @@ impl OffloadKvStore {
     }
 
     fn window_rows(&self) -> usize {
-        self.cfg.sink + self.cfg.recent + self.rc
+        self.cfg.sink + self.cfg.recent + self.cfg.resident_rows()
     }
 
     /// Top-k size for a query that sees `visible` tokens.

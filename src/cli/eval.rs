@@ -187,6 +187,7 @@ fn run_ppl(
         }
         Attention::DoubleSparse(s) => {
             let mut kv = new_sparse_store(m, kv_dtype, &s)?;
+            kv.simulate_row_caches(true);
             perplexity_with(m, ids, chunk, &mut kv, &mut progress).map(|p| (p, Some(kv.stats()), KvStore::<farsight_kernels::cpu::CpuBackend>::memory(&kv)))
         }
     })?;

@@ -38,13 +38,13 @@ pub use matmul::GEMV_MAX_ROWS;
 pub use offload::{Residency, RowSlab, StreamEvent};
 pub use pinned::{HostPages, PinnedBuf, PinnedKind};
 pub use residency::LruResidency;
+pub use sparse::{DevBuf, KvRows, TopkScratch, DS_MAX_R};
 
 /// The CUDA C++ source NVRTC compiles (every kernel file, one translation unit): for host-side
 /// checks and emulation tests.
 pub fn kernel_source() -> String {
     compile::source()
 }
-pub use sparse::{DevBuf, KvRows, TopkScratch, DS_MAX_R};
 
 const KERNELS: &[&str] = &[
     "embedding_f32",

@@ -300,7 +300,9 @@ impl CudaBackend {
 
     /// Differential residency: `sel[g * sel_stride ..][..k_new]` (sorted) becomes the resident
     /// set; selected tokens already resident keep their slot, the misses get free slots and are
-    /// listed for [`Self::ds_gather_misses`]. `stats[0] += misses`, `stats[1] += hits`.
+    /// listed for [`Self::ds_gather_misses`]. `stats[0] += misses`, `stats[1] += hits`. A state
+    /// with a larger cache (`res.lru`) goes to `ds_residency_lru` (`residency.rs`); see
+    /// [`Residency::min_k`] for the selection sizes each takes.
     pub fn ds_residency(
         &self,
         sel: &DevBuf<i32>,
@@ -311,9 +313,7 @@ impl CudaBackend {
         stats: &mut DevBuf<u64>,
     ) -> Result<()> {
         if res.lru.is_some() {
-            return Err(shape_err(
-                "ds_residency: an LRU state takes ds_residency_lru".into(),
-            ));
+            return self.ds_residency_lru(sel, sel_stride, heads, k_new, res, stats);
         }
         if k_new < res.k
             || k_new > res.cap
@@ -469,7 +469,6 @@ impl CudaBackend {
             .arg(&s0);
         // The kernel walks heads x k x row units (no more misses than selected rows); rows
         // past n_miss are skipped.
-        let all = units;
         let threads = 256usize;
         // Few blocks: 8 x 16 B in flight per thread is 32 KB per block, and PCIe needs only
         // ~100 KB outstanding (54.8 GB/s x ~2 us); loads held for microseconds on every SM
@@ -480,7 +479,7 @@ impl CudaBackend {
         } else {
             4 * self.sm_count
         };
-        let blocks = all.div_ceil(threads * 8).clamp(1, cap.max(1));
+        let blocks = units.div_ceil(threads * 8).clamp(1, cap.max(1));
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (threads as u32, 1, 1),

@@ -29,7 +29,7 @@ pub struct LruResidency {
     pub idx: DevBuf<i32>,
     pub idx_stride: usize,
     pub idx0: usize,
-    /// A copy of the last selection (`[g][k_max]`, sorted).
+    /// The last selection (`[g][k_max]`, sorted), written by the kernel.
     sel: DevBuf<i32>,
     /// The ages' clock: selections made so far.
     now: u32,
@@ -40,6 +40,16 @@ impl Residency {
     /// is the selection buffer's (the plain cache's resident list is the selection itself).
     pub fn selected(&self) -> &DevBuf<i32> {
         self.lru.as_ref().map_or(&self.tok, |l| &l.sel)
+    }
+
+    /// The smallest selection the next [`CudaBackend::ds_residency`] takes: the plain cache
+    /// keeps its slots `0..k` in use, so its selections never shrink; a larger cache takes any.
+    pub fn min_k(&self) -> usize {
+        if self.lru.is_some() {
+            0
+        } else {
+            self.k
+        }
     }
 }
 
@@ -77,12 +87,12 @@ impl CudaBackend {
         Ok(res)
     }
 
-    /// [`Self::ds_residency`] for a state made by [`Self::ds_residency_lru_state`]: the
+    /// [`Self::ds_residency`] of a state made by [`Self::ds_residency_lru_state`]: the
     /// selection `sel[g * sel_stride ..][..k_new]` (sorted) is made resident, misses listed for
     /// [`Self::ds_gather_misses`] (at most `k_new` per head), rows not selected stay cached
-    /// until the least recently selected ones must make room; the attention index list is
-    /// updated. `stats[0] += misses`, `stats[1] += hits`.
-    pub fn ds_residency_lru(
+    /// until the least recently selected ones must make room; the attention index list and
+    /// [`Residency::selected`] are updated. `stats[0] += misses`, `stats[1] += hits`.
+    pub(super) fn ds_residency_lru(
         &self,
         sel: &DevBuf<i32>,
         sel_stride: usize,
@@ -97,7 +107,7 @@ impl CudaBackend {
             .as_mut()
             .ok_or_else(|| shape_err("ds_residency_lru: not an LRU residency state".into()))?;
         if k_new == 0
-            || sel_stride * heads != lru.sel.len
+            || sel_stride * heads > lru.sel.len
             || k_new > cap
             || lru.idx0 + k_new > lru.idx_stride
             || heads * cap > res.tok.len
@@ -141,6 +151,7 @@ impl CudaBackend {
         b.arg(&mut lru.idx.data)
             .arg(&is)
             .arg(&i0)
+            .arg(&mut lru.sel.data)
             .arg(&mut stats.data)
             .arg(&use_smem);
         let cfg = LaunchConfig {
@@ -149,10 +160,6 @@ impl CudaBackend {
             shared_mem_bytes: if use_smem == 1 { smem as u32 } else { 0 },
         };
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
-        let n = lru.sel.len;
-        self.stream
-            .memcpy_dtod(&sel.data.slice(..n), &mut lru.sel.data.slice_mut(..n))
-            .map_err(|e| dev_err("copying the selection", e))?;
         res.k = k_new;
         Ok(())
     }

@@ -30,6 +30,7 @@ int main() {
         kt(heads * cap), ks(heads * cap), mt(heads * cap), ms(heads * cap), nmiss(heads),
         rn(heads, 0), idx(heads * stride);
     std::vector<u32> ra(heads * cap), ka(heads * cap);
+    std::vector<int> sel_out(heads * k_max, -1);
     for (int g = 0; g < heads; g++)
         for (int j = 0; j < stride; j++) idx[g * stride + j] = j;
     unsigned long long stats[2] = {0, 0};
@@ -57,7 +58,7 @@ int main() {
         emu_launch(heads, threads, [&] {
             ds_residency_lru(sel.data(), k_max, k, rt.data(), rs.data(), ra.data(), rn.data(), cap,
                              cap, (u32)round, ns.data(), kt.data(), ks.data(), ka.data(),
-                             mt.data(), ms.data(), nmiss.data(), idx.data(), stride, idx0, stats,
+                             mt.data(), ms.data(), nmiss.data(), idx.data(), stride, idx0, sel_out.data(), stats,
                              use_smem);
         });
         for (g = 0; g < heads; g++) {
@@ -93,6 +94,9 @@ int main() {
                 CHECK(toks.count(s[i]), "selected %d not resident", s[i]);
             }
             for (int j = 0; j < idx0; j++) CHECK(idx[g * stride + j] == j, "fixed row %d", j);
+            for (int i = 0; i < k; i++)
+                CHECK(sel_out[g * k_max + i] == s[i], "kept selection %d is %d, want %d", i,
+                      sel_out[g * k_max + i], s[i]);
             // Evictions: only when full, only unselected rows, the least recently selected.
             std::vector<int> gone;
             for (int t : prev[g])

@@ -66,8 +66,10 @@ pub struct SparseKvStore {
     /// Per `layer * n_kv_heads + g`: the top-k rows of the last query attended (for
     /// step-to-step reuse), or `None` when it attended densely.
     last_chosen: Mutex<Vec<Option<Chosen>>>,
-    /// Per `layer * n_kv_heads + g`: simulated larger row caches (`cache_sim.rs`).
-    cache_sim: Mutex<Vec<CacheSim>>,
+    /// Per `layer * n_kv_heads + g`: simulated larger row caches (`cache_sim.rs`), when
+    /// switched on ([`SparseKvStore::simulate_row_caches`]; they cost decode time and memory
+    /// that grows with the context).
+    cache_sim: Mutex<Option<Vec<CacheSim>>>,
     /// Rows of sparse reads cached in memory in front of a tier that is not (`row_cache.rs`).
     row_cache: Option<RowCache>,
 }
@@ -155,7 +157,7 @@ impl SparseKvStore {
             slot_cap,
             stats: Mutex::new(SparseStats::new(layers)),
             last_chosen: Mutex::new(vec![None; layers * shape.n_kv_heads]),
-            cache_sim: Mutex::new(vec![CacheSim::default(); layers * shape.n_kv_heads]),
+            cache_sim: Mutex::new(None),
             row_cache: (cfg.row_cache > 1 && !tier.in_memory())
                 .then(|| RowCache::new(layers, shape.n_kv_heads, got.row_bytes, cfg.row_cache)),
             ahead: vec![None; layers],
@@ -448,6 +450,13 @@ impl SparseKvStore {
     }
 
     /// Slots owned now (tokens stored, committed or reserved).
+    /// Counts from now on the hits that row caches of [`super::CACHE_FACTORS`] times the top-k
+    /// would have (`SparseStats::cache_hits`; `eval ppl` switches it on), or stops.
+    pub fn simulate_row_caches(&mut self, on: bool) {
+        let n = self.layers * self.shape.n_kv_heads;
+        *self.cache_sim.get_mut().expect("reuse lock") = on.then(|| vec![CacheSim::default(); n]);
+    }
+
     /// Hits and misses of the in-memory row cache (`None` without one).
     pub fn row_cache_stats(&self) -> Option<RowCacheStats> {
         self.row_cache.as_ref().map(|c| c.stats())

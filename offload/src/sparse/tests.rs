@@ -333,6 +333,7 @@ mod reuse {
             ..SparseConfig::default()
         };
         let mut s = sparse_store(cfg, DType::F32);
+        s.simulate_row_caches(true);
         let mut pos = 0;
         let mut call = |s: &mut SparseKvStore, qs: &[Q]| {
             let data: Vec<f32> = qs

@@ -172,7 +172,6 @@ impl OffloadKvStore {
             layers: rows,
             prefetch,
             kc: cache_rows,
-            rc,
             len: 0,
             st: Mutex::new(st),
             disk,
@@ -202,6 +201,7 @@ impl OffloadKvStore {
         }
         self.prefetch.synchronize()?;
         be.synchronize()?;
+        let old_w = self.window_rows();
         self.cfg.budget = budget;
         self.cfg.row_cache = row_cache;
         let kc = self.cfg.cache_rows();
@@ -212,7 +212,7 @@ impl OffloadKvStore {
             self.cfg.dtype.size(),
         );
         let fixed = self.cfg.sink + self.cfg.recent;
-        let (old_w, new_w) = (fixed + self.rc, fixed + rc);
+        let new_w = fixed + rc;
         let row = 2 * d * es;
         for lay in self.layers.iter_mut() {
             let window = be.dev_zeros::<u8>(n_kv * new_w * row)?;
@@ -243,7 +243,6 @@ impl OffloadKvStore {
             disk.ordinal = be.dev_upload(&ordinals(n_kv, rc))?;
         }
         self.kc = kc;
-        self.rc = rc;
         be.synchronize()?;
         self.prefetch.synchronize()
     }

@@ -27,11 +27,7 @@ impl OffloadKvStore {
         gather: bool,
     ) -> Result<usize> {
         let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
-        // The plain cache never shrinks its selection (its slots 0..k stay in use).
-        let k = match res.lru {
-            Some(_) => self.top_k(visible),
-            None => self.top_k(visible).max(res.k).min(self.kc),
-        };
+        let k = self.top_k(visible).max(res.min_k()).min(self.kc);
         if k == 0 {
             return Ok(0);
         }
@@ -60,11 +56,7 @@ impl OffloadKvStore {
             0,
             &mut sel.topk,
         )?;
-        if res.lru.is_some() {
-            be.ds_residency_lru(&sel.sel, kc, n_kv, k, res, stats)?;
-        } else {
-            be.ds_residency(&sel.sel, kc, n_kv, k, res, stats)?;
-        }
+        be.ds_residency(&sel.sel, kc, n_kv, k, res, stats)?;
         if !gather {
             return Ok(k);
         }

@@ -11,6 +11,7 @@
 //        step each was last selected), n = res_n[g]; `now` > every age;
 //   out: miss_tok/miss_slot[g][0..n_miss[g]) for ds_gather_misses (tokens ascending);
 //        idx[g * idx_stride + idx0 + i] = idx0 + slot of sel[i] (attention's window rows);
+//        sel_out[g * sel_stride + i] = sel[i] (the selection kept past the caller's buffer);
 //        the new residents (the kept ones in their order, then the misses), res_n[g];
 //        stats[0] += misses, stats[1] += hits.
 //   scratch (stride each): new_slot, kept_tok, kept_slot, kept_age.
@@ -22,8 +23,8 @@ extern "C" __global__ void __launch_bounds__(DS_RES_THREADS)
 ds_residency_lru(const int* sel, long sel_stride, int k_new, int* res_tok, int* res_slot,
                  u32* res_age, int* res_n, long stride, int cap, u32 now, int* new_slot,
                  int* kept_tok, int* kept_slot, u32* kept_age, int* miss_tok, int* miss_slot,
-                 int* n_miss, int* idx, long idx_stride, int idx0, unsigned long long* stats,
-                 int use_smem) {
+                 int* n_miss, int* idx, long idx_stride, int idx0, int* sel_out,
+                 unsigned long long* stats, int use_smem) {
     __shared__ int hist[DS_LRU_AGES];
     __shared__ int cut[2];  // the bucket where eviction stops, and how many it takes from it
     extern __shared__ int ds_lru_sel[];
@@ -137,7 +138,11 @@ ds_residency_lru(const int* sel, long sel_stride, int k_new, int* res_tok, int* 
     }
     __syncthreads();
     int* ix = idx + g * idx_stride + idx0;
-    for (int i = threadIdx.x; i < k_new; i += blockDim.x) ix[i] = idx0 + ns[i];
+    int* so = sel_out + g * sel_stride;
+    for (int i = threadIdx.x; i < k_new; i += blockDim.x) {
+        ix[i] = idx0 + ns[i];
+        so[i] = s[i];
+    }
     if (threadIdx.x == 0) {
         res_n[g] = n_kept + n_m;
         n_miss[g] = n_m;

@@ -13,17 +13,18 @@ impl SparseKvStore {
         let mut sims = self.cache_sim.lock().expect("reuse lock");
         let mut st = self.stats.lock().expect("stats lock");
         for (t, c) in chosen.into_iter().enumerate() {
-            let sim = &mut sims[layer * kv + t % kv];
-            match c
-                .as_ref()
-                .map(|c| (c.end, c.guess.as_ref().unwrap_or(&c.truth)))
-            {
-                Some((end, read)) if !read.is_empty() => {
-                    if let Some(hits) = sim.feed(end, read) {
-                        st.add_cache(layer, &hits, read.len());
+            if let Some(sim) = sims.as_mut().map(|s| &mut s[layer * kv + t % kv]) {
+                match c
+                    .as_ref()
+                    .map(|c| (c.end, c.guess.as_ref().unwrap_or(&c.truth)))
+                {
+                    Some((end, read)) if !read.is_empty() => {
+                        if let Some(hits) = sim.feed(end, read) {
+                            st.add_cache(layer, &hits, read.len());
+                        }
                     }
+                    _ => sim.clear(),
                 }
-                _ => sim.clear(),
             }
             let prev = &mut last[layer * kv + t % kv];
             if let (Some(p), Some(c)) = (prev.as_ref(), c.as_ref()) {
