@@ -13,7 +13,7 @@ mod common;
 use common::parity::*;
 use common::vals;
 
-use farsight_kernels::cuda::{CudaBackend, GEMV_MAX_ROWS};
+use farsight_kernels::cuda::{CudaBackend, Gemv1, GEMV_MAX_ROWS};
 use farsight_kernels::{Backend, DType, HostMatrix, KernelError, Rope};
 
 // ---- tests -----------------------------------------------------------------------------------
@@ -233,6 +233,71 @@ fn matmul_llama_shapes_match_cpu() {
             }
         }
     }
+}
+
+/// The batch-1 GEMV kernels (8 or 4 loads in flight, the persistent grid) sum in the same order,
+/// so they agree bit for bit, and with the CPU to the f32 bound; shapes with whole, partial and
+/// single batches per row, more rows than the persistent grid's warps, and a few rows.
+#[test]
+fn batch1_gemv_kernels_agree_bit_for_bit() {
+    if cuda().is_none() {
+        return;
+    }
+    // Its own backend: the kernel choice is per backend, and the shared one serves other tests.
+    let cu = CudaBackend::new(0).unwrap();
+    let shapes = [
+        (4096, 6144),
+        (14336, 4096),
+        (4096, 28672),
+        (576, 1536),
+        (1536, 576),
+        (4104, 7),
+        (8, 3),
+    ];
+    let mut seed = 9000;
+    for (inp, out) in shapes {
+        for dt in [DType::F16, DType::BF16] {
+            seed += 10;
+            let bytes = weight_bytes(out, inp, dt, seed);
+            let hm = HostMatrix {
+                rows: out,
+                cols: inp,
+                dtype: dt,
+                bytes: &bytes,
+            };
+            let (wc, wg) = (
+                cpu().upload_matrix(hm).unwrap(),
+                cu.upload_matrix(hm).unwrap(),
+            );
+            let x = vals(inp, seed + 1);
+            let (xc, xg) = both(&cu, 1, inp, &x);
+            let (mut oc, _) = poisoned(&cu, 1, out);
+            cpu().matmul(&xc, &wc, None, &mut oc, 1).unwrap();
+            let mut runs = Vec::new();
+            for g in [Gemv1::Loads8, Gemv1::Loads4, Gemv1::Persistent] {
+                cu.set_gemv1(g);
+                let (_, mut og) = poisoned(&cu, 1, out);
+                cu.matmul(&xg, &wg, None, &mut og, 1).unwrap();
+                let got = cu.read_rows(&og, 0, 1).unwrap();
+                check(
+                    "matmul",
+                    &format!("gemv1 {g:?} {dt} {out}x{inp}"),
+                    &got,
+                    &oc.data,
+                    1e-4,
+                );
+                runs.push((g, got));
+            }
+            for (g, got) in &runs[1..] {
+                let same = got
+                    .iter()
+                    .zip(&runs[0].1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{g:?} differs from Loads8 at {dt} {out}x{inp}");
+            }
+        }
+    }
+    cu.set_gemv1(Gemv1::Loads8);
 }
 
 #[test]

@@ -6,14 +6,44 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::ops::flat;
-use super::{dev_err, int, CudaBackend, CudaMatrix, CudaTensor};
+use super::{dev_err, int, CudaBackend, CudaMatrix, CudaTensor, GEMV1_PERSIST};
 use crate::backend::{DType, Result};
 
 /// Rows up to which a 16-bit-weight matmul runs the GEMV kernel (f32 activations, exact weights)
 /// instead of cuBLAS on activations cast to the weight dtype. Must match `GEMV_ROWS` in ops.cu.
 pub const GEMV_MAX_ROWS: usize = 8;
 
+/// Batch-1 GEMV kernels [`CudaBackend::set_gemv1`] chooses among (`FARSIGHT_GEMV` at start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gemv1 {
+    /// The few-rows kernel for batch 1 too (`rows`).
+    Rows,
+    /// One warp per output, 4 weight loads in flight per lane (`l4`).
+    Loads4,
+    /// One warp per output, 8 weight loads in flight per lane (the default).
+    Loads8,
+    /// A persistent grid whose warps walk outputs, 8 loads in flight across rows (`persist`).
+    Persistent,
+}
+
 impl CudaBackend {
+    /// The batch-1 GEMV kernel in use.
+    pub(super) fn gemv1(&self) -> u8 {
+        self.gemv1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Chooses the batch-1 GEMV kernel (all give the same sums, bit for bit, except `Rows`
+    /// whose lanes split the row differently). For comparisons and tests.
+    pub fn set_gemv1(&self, g: Gemv1) {
+        let v = match g {
+            Gemv1::Rows => 0,
+            Gemv1::Loads4 => 4,
+            Gemv1::Loads8 => 8,
+            Gemv1::Persistent => GEMV1_PERSIST,
+        };
+        self.gemv1.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// cuBLAS `out[0..n] = x[0..n] W^T` (row-major), everything f32 or W and `x16` 16-bit.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
@@ -96,8 +126,11 @@ impl CudaBackend {
                         nn,
                     )?;
                 }
-                DType::F16 | DType::BF16 if n == 1 && k % 8 == 0 && self.gemv1 > 0 => {
-                    let name = match (w.dtype == DType::F16, self.gemv1) {
+                DType::F16 | DType::BF16 if n == 1 && k % 8 == 0 && self.gemv1() > 0 => {
+                    let mode = self.gemv1();
+                    let name = match (w.dtype == DType::F16, mode) {
+                        (true, GEMV1_PERSIST) => "gemv1p_f16",
+                        (false, GEMV1_PERSIST) => "gemv1p_bf16",
                         (true, 4) => "gemv1l4_f16",
                         (false, 4) => "gemv1l4_bf16",
                         (true, _) => "gemv1_f16",
@@ -110,9 +143,15 @@ impl CudaBackend {
                         .arg(&mut out.data)
                         .arg(&ki)
                         .arg(&mi);
-                    // 8 warps per block, one output column per warp.
+                    // 8 warps per block, one output column per warp (the persistent kernel: two
+                    // blocks per SM, each warp walking columns a grid apart).
+                    let blocks = if mode == GEMV1_PERSIST {
+                        nn.div_ceil(8).min(2 * self.sm_count)
+                    } else {
+                        nn.div_ceil(8)
+                    };
                     let cfg = LaunchConfig {
-                        grid_dim: (nn.div_ceil(8) as u32, 1, 1),
+                        grid_dim: (blocks as u32, 1, 1),
                         block_dim: (256, 1, 1),
                         shared_mem_bytes: 0,
                     };

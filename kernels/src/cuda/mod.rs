@@ -34,7 +34,7 @@ use crate::sample::SampleSpec;
 pub use attention::{AttnKernel, ATTN_MAX_HEAD_DIM, FLASH_MIN_QUERIES, GQA_MAX_GROUP};
 pub use buffers::{CudaCache, CudaMatrix, CudaTensor};
 pub use labels::{Labels4, LabelsOut};
-pub use matmul::GEMV_MAX_ROWS;
+pub use matmul::{Gemv1, GEMV_MAX_ROWS};
 pub use offload::{Residency, RowSlab, StreamEvent};
 pub use pinned::{HostPages, PinnedBuf, PinnedKind};
 pub use residency::LruResidency;
@@ -45,6 +45,9 @@ pub use sparse::{DevBuf, KvRows, TopkScratch, DS_MAX_R};
 pub fn kernel_source() -> String {
     compile::source()
 }
+
+/// `CudaBackend::gemv1` value that selects the persistent-grid batch-1 GEMV.
+pub(crate) const GEMV1_PERSIST: u8 = 255;
 
 const KERNELS: &[&str] = &[
     "embedding_f32",
@@ -65,6 +68,8 @@ const KERNELS: &[&str] = &[
     "gemv1_bf16",
     "gemv1l4_f16",
     "gemv1l4_bf16",
+    "gemv1p_f16",
+    "gemv1p_bf16",
     "gemv_f16",
     "gemv_bf16",
     "attention_f32",
@@ -139,8 +144,9 @@ pub struct CudaBackend {
     /// Split-K partials of attention (grown on demand).
     attn_scratch: Mutex<Option<CudaSlice<f32>>>,
     /// Weight loads in flight per lane of the batch-1 GEMV: 8 (default) or 4 (`FARSIGHT_GEMV=l4`);
-    /// 0 runs the few-rows kernel instead (`FARSIGHT_GEMV=rows`). For comparisons.
-    gemv1: u8,
+    /// 0 runs the few-rows kernel instead (`FARSIGHT_GEMV=rows`), [`GEMV1_PERSIST`] the
+    /// persistent-grid kernel (`FARSIGHT_GEMV=persist`). For comparisons.
+    gemv1: std::sync::atomic::AtomicU8,
     /// Most blocks of the row gathers from host memory (`FARSIGHT_GATHER_BLOCKS`, default
     /// SMs / 4: on the H100 at 256K, 1/64, 16 blocks stalled the compute stream 1.2 ms per
     /// step, 32 none, and 64 or 132 slowed the compute stream's kernels more).
@@ -312,12 +318,16 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             attn_scratch: Mutex::new(None),
             rope_cache: Mutex::new(None),
-            // FARSIGHT_GEMV: `rows` = the few-rows kernel for batch 1 too, `l4` = 4 loads in flight.
-            gemv1: match std::env::var("FARSIGHT_GEMV").as_deref() {
-                Ok("rows") => 0,
-                Ok("l4") => 4,
-                _ => 8,
-            },
+            // FARSIGHT_GEMV: `rows` = the few-rows kernel for batch 1 too, `l4` = 4 loads in flight,
+            // `persist` = the persistent-grid kernel (same sums, 8 loads in flight).
+            gemv1: std::sync::atomic::AtomicU8::new(
+                match std::env::var("FARSIGHT_GEMV").as_deref() {
+                    Ok("rows") => 0,
+                    Ok("l4") => 4,
+                    Ok("persist") => GEMV1_PERSIST,
+                    _ => 8,
+                },
+            ),
             gather_blocks: AtomicUsize::new(
                 std::env::var("FARSIGHT_GATHER_BLOCKS")
                     .ok()

@@ -265,8 +265,62 @@ __device__ void gemv1(const float* x, const T* w, float* out, int k, int nout) {
     acc = warp_sum(acc);
     if (lane == 0) out[warp] = acc;
 }
+// The same sums as gemv1<T, 8>, bit for bit, from a persistent grid: each warp walks rows
+// warp, warp + warps, ... as one stream of 8-load batches and issues the next batch's loads
+// (possibly the next row's) before it computes the current one, so a warp never waits for a
+// whole batch's latency between rows and no block launches or retires mid-GEMV.
+// Kernels gemv1p_* (`FARSIGHT_GEMV=persist`); launched with a few blocks per SM.
+template <typename T>
+__device__ void gemv1p(const float* x, const T* w, float* out, int k, int nout) {
+    const int L = 8;
+    int lane = threadIdx.x & 31;
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int stride = (gridDim.x * blockDim.x) >> 5;
+    if (row >= nout) return;
+    const float4* xv = (const float4*)x;
+    int nv = k >> 3, nb = max((nv + 32 * L - 1) / (32 * L), 1);
+    uint4 cur[L], nxt[L];
+    int b = 0;
+    const uint4* wr = (const uint4*)(w + (size_t)row * k);
+    #pragma unroll
+    for (int u = 0; u < L; u++) {
+        int c = lane + 32 * u;
+        if (c < nv) cur[u] = __ldcs(wr + c);
+    }
+    float acc = 0.0f;
+    for (;;) {
+        int nrow = row, nbt = b + 1;
+        if (nbt == nb) { nbt = 0; nrow += stride; }
+        bool more = nrow < nout;
+        if (more) {
+            const uint4* wn = (const uint4*)(w + (size_t)nrow * k);
+            #pragma unroll
+            for (int u = 0; u < L; u++) {
+                int c = nbt * 32 * L + lane + 32 * u;
+                if (c < nv) nxt[u] = __ldcs(wn + c);
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < L; u++) {
+            int c = b * 32 * L + lane + 32 * u;
+            if (c < nv) acc += dot8<T>(cur[u], __ldg(xv + 2 * c), __ldg(xv + 2 * c + 1));
+        }
+        if (nbt == 0) {
+            acc = warp_sum(acc);
+            if (lane == 0) out[row] = acc;
+            acc = 0.0f;
+        }
+        if (!more) break;
+        row = nrow;
+        b = nbt;
+        #pragma unroll
+        for (int u = 0; u < L; u++) cur[u] = nxt[u];
+    }
+}
 extern "C" __global__ void __launch_bounds__(256, 2) gemv1_f16(const float* x, const f16_t* w, float* o, int k, int m) { gemv1<f16_t, 8>(x, w, o, k, m); }
 extern "C" __global__ void __launch_bounds__(256, 2) gemv1_bf16(const float* x, const bf16_t* w, float* o, int k, int m) { gemv1<bf16_t, 8>(x, w, o, k, m); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv1p_f16(const float* x, const f16_t* w, float* o, int k, int m) { gemv1p<f16_t>(x, w, o, k, m); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv1p_bf16(const float* x, const bf16_t* w, float* o, int k, int m) { gemv1p<bf16_t>(x, w, o, k, m); }
 extern "C" __global__ void gemv1l4_f16(const float* x, const f16_t* w, float* o, int k, int m) { gemv1<f16_t, 4>(x, w, o, k, m); }
 extern "C" __global__ void gemv1l4_bf16(const float* x, const bf16_t* w, float* o, int k, int m) { gemv1<bf16_t, 4>(x, w, o, k, m); }
 extern "C" __global__ void gemv_f16(const float* x, const f16_t* w, float* o, int n, int k, int m) { gemv(x, w, o, n, k, m); }
