@@ -11,7 +11,7 @@
 # the stripped release `farsight` (e.g. `.gpu/farsight bench dense --shape llama-3.1-8b --device
 # cuda ...`) and scripts/gpu-parity.py (`python3 .gpu/gpu-parity.py --bin .gpu/farsight ...`);
 # see BENCHMARKS.md for the exact commands behind each figure. `bash .gpu/run-row-cache.sh`: the
-# row cache's tests and its 256K bench (issue 5).
+# row cache's tests and its 256K bench (issue 5); `bash .gpu/run-gemv.sh`: the batch-1 GEMV kernels.
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 dest=${1:-$root/.gpu}
@@ -101,6 +101,21 @@ timeout 120 "$here/farsight" bench offload --kv-store disk:/tmp --context 32k --
 exit $rc
 RUN
 chmod +x "$dest/run-row-cache.sh"
+# The batch-1 GEMV kernels: bit-identity test, then the dense 8K step with each (same machine).
+cat > "$dest/run-gemv.sh" <<'RUN'
+#!/usr/bin/env bash
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/farsight-cache}
+"$here/cuda_parity" --nocapture batch1_gemv 2>&1 | grep -E "gemv1|test result|panicked|FAIL"
+for g in l8 persist l8 persist; do
+    echo "== FARSIGHT_GEMV=$g"
+    FARSIGHT_GEMV=$g "$here/farsight" bench dense --shape llama-3.1-8b --device cuda \
+        --kv-dtype bf16 --context 8k --steps 10 --prefill-context 0 2>&1 | tail -4
+done
+RUN
+chmod +x "$dest/run-gemv.sh"
 du -sh "$dest"
 rel=$(realpath --relative-to="$(dirname "$dest")" "$dest")
 echo
