@@ -42,17 +42,7 @@ fn embedding_matches_cpu() {
     for (mi, m) in [SMOL, LLAMA].iter().enumerate() {
         let rows = m.vocab_subset.min(8192);
         for (di, &dt) in DTYPES.iter().enumerate() {
-            let bytes = weight_bytes(rows, m.hidden, dt, 100 + (mi * 3 + di) as u64);
-            let hm = HostMatrix {
-                rows,
-                cols: m.hidden,
-                dtype: dt,
-                bytes: &bytes,
-            };
-            let (wc, wg) = (
-                cpu().upload_matrix(hm).unwrap(),
-                cu.upload_matrix(hm).unwrap(),
-            );
+            let (wc, wg) = matrices(cu, rows, m.hidden, dt, 100 + (mi * 3 + di) as u64);
             let ids: Vec<u32> = vals(37, 7 + di as u64)
                 .iter()
                 .map(|v| (((v + 1.0) * 0.5 * rows as f32) as u32).min(rows as u32 - 1))
@@ -127,18 +117,8 @@ fn matmul_case(
     bias: bool,
     seed: u64,
 ) {
-    let bytes = weight_bytes(out, inp, dt, seed);
-    let hm = HostMatrix {
-        rows: out,
-        cols: inp,
-        dtype: dt,
-        bytes: &bytes,
-    };
-    let (wc, wg) = (
-        cpu().upload_matrix(hm).unwrap(),
-        cu.upload_matrix(hm).unwrap(),
-    );
-    assert_eq!(cu.matrix_bytes(&wg), bytes.len());
+    let (wc, wg) = matrices(cu, out, inp, dt, seed);
+    assert_eq!(cu.matrix_bytes(&wg), out * inp * dt.size());
     // A few spare rows past n, so that reading past n would show.
     let x = vals((n + 2) * inp, seed + 1);
     let (xc, xg) = both(cu, n + 2, inp, &x);
@@ -258,17 +238,7 @@ fn batch1_gemv_kernels_agree_bit_for_bit() {
     for (inp, out) in shapes {
         for dt in [DType::F16, DType::BF16] {
             seed += 10;
-            let bytes = weight_bytes(out, inp, dt, seed);
-            let hm = HostMatrix {
-                rows: out,
-                cols: inp,
-                dtype: dt,
-                bytes: &bytes,
-            };
-            let (wc, wg) = (
-                cpu().upload_matrix(hm).unwrap(),
-                cu.upload_matrix(hm).unwrap(),
-            );
+            let (wc, wg) = matrices(&cu, out, inp, dt, seed);
             let x = vals(inp, seed + 1);
             let (xc, xg) = both(&cu, 1, inp, &x);
             let (mut oc, _) = poisoned(&cu, 1, out);

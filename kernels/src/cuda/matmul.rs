@@ -6,7 +6,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::ops::flat;
-use super::{dev_err, int, CudaBackend, CudaMatrix, CudaTensor, GEMV1_PERSIST};
+use super::{dev_err, int, CudaBackend, CudaMatrix, CudaTensor};
 use crate::backend::{DType, Result};
 
 /// Rows up to which a 16-bit-weight matmul runs the GEMV kernel (f32 activations, exact weights)
@@ -15,6 +15,7 @@ pub const GEMV_MAX_ROWS: usize = 8;
 
 /// Batch-1 GEMV kernels [`CudaBackend::set_gemv1`] chooses among (`FARSIGHT_GEMV` at start).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Gemv1 {
     /// The few-rows kernel for batch 1 too (`rows`).
     Rows,
@@ -26,22 +27,31 @@ pub enum Gemv1 {
     Persistent,
 }
 
+impl Gemv1 {
+    /// The kernel `FARSIGHT_GEMV` names (`rows`, `l4`, `persist`; anything else the default).
+    pub(super) fn from_env() -> Gemv1 {
+        match std::env::var("FARSIGHT_GEMV").as_deref() {
+            Ok("rows") => Gemv1::Rows,
+            Ok("l4") => Gemv1::Loads4,
+            Ok("persist") => Gemv1::Persistent,
+            _ => Gemv1::Loads8,
+        }
+    }
+
+    const ALL: [Gemv1; 4] = [Gemv1::Rows, Gemv1::Loads4, Gemv1::Loads8, Gemv1::Persistent];
+}
+
 impl CudaBackend {
     /// The batch-1 GEMV kernel in use.
-    pub(super) fn gemv1(&self) -> u8 {
-        self.gemv1.load(std::sync::atomic::Ordering::Relaxed)
+    pub(super) fn gemv1(&self) -> Gemv1 {
+        Gemv1::ALL[self.gemv1.load(std::sync::atomic::Ordering::Relaxed) as usize]
     }
 
     /// Chooses the batch-1 GEMV kernel (all give the same sums, bit for bit, except `Rows`
     /// whose lanes split the row differently). For comparisons and tests.
     pub fn set_gemv1(&self, g: Gemv1) {
-        let v = match g {
-            Gemv1::Rows => 0,
-            Gemv1::Loads4 => 4,
-            Gemv1::Loads8 => 8,
-            Gemv1::Persistent => GEMV1_PERSIST,
-        };
-        self.gemv1.store(v, std::sync::atomic::Ordering::Relaxed);
+        self.gemv1
+            .store(g as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// cuBLAS `out[0..n] = x[0..n] W^T` (row-major), everything f32 or W and `x16` 16-bit.
@@ -126,13 +136,13 @@ impl CudaBackend {
                         nn,
                     )?;
                 }
-                DType::F16 | DType::BF16 if n == 1 && k % 8 == 0 && self.gemv1() > 0 => {
+                DType::F16 | DType::BF16 if n == 1 && k % 8 == 0 && self.gemv1() != Gemv1::Rows => {
                     let mode = self.gemv1();
                     let name = match (w.dtype == DType::F16, mode) {
-                        (true, GEMV1_PERSIST) => "gemv1p_f16",
-                        (false, GEMV1_PERSIST) => "gemv1p_bf16",
-                        (true, 4) => "gemv1l4_f16",
-                        (false, 4) => "gemv1l4_bf16",
+                        (true, Gemv1::Persistent) => "gemv1p_f16",
+                        (false, Gemv1::Persistent) => "gemv1p_bf16",
+                        (true, Gemv1::Loads4) => "gemv1l4_f16",
+                        (false, Gemv1::Loads4) => "gemv1l4_bf16",
                         (true, _) => "gemv1_f16",
                         (false, _) => "gemv1_bf16",
                     };
@@ -145,7 +155,7 @@ impl CudaBackend {
                         .arg(&mi);
                     // 8 warps per block, one output column per warp (the persistent kernel: two
                     // blocks per SM, each warp walking columns a grid apart).
-                    let blocks = if mode == GEMV1_PERSIST {
+                    let blocks = if mode == Gemv1::Persistent {
                         nn.div_ceil(8).min(2 * self.sm_count)
                     } else {
                         nn.div_ceil(8)

@@ -46,9 +46,6 @@ pub fn kernel_source() -> String {
     compile::source()
 }
 
-/// `CudaBackend::gemv1` value that selects the persistent-grid batch-1 GEMV.
-pub(crate) const GEMV1_PERSIST: u8 = 255;
-
 const KERNELS: &[&str] = &[
     "embedding_f32",
     "embedding_f16",
@@ -143,9 +140,7 @@ pub struct CudaBackend {
     scratch: Mutex<Option<CudaSlice<u8>>>,
     /// Split-K partials of attention (grown on demand).
     attn_scratch: Mutex<Option<CudaSlice<f32>>>,
-    /// Weight loads in flight per lane of the batch-1 GEMV: 8 (default) or 4 (`FARSIGHT_GEMV=l4`);
-    /// 0 runs the few-rows kernel instead (`FARSIGHT_GEMV=rows`), [`GEMV1_PERSIST`] the
-    /// persistent-grid kernel (`FARSIGHT_GEMV=persist`). For comparisons.
+    /// The batch-1 GEMV kernel ([`Gemv1`] as u8; `FARSIGHT_GEMV`, [`CudaBackend::set_gemv1`]).
     gemv1: std::sync::atomic::AtomicU8,
     /// Most blocks of the row gathers from host memory (`FARSIGHT_GATHER_BLOCKS`, default
     /// SMs / 4: on the H100 at 256K, 1/64, 16 blocks stalled the compute stream 1.2 ms per
@@ -318,16 +313,7 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             attn_scratch: Mutex::new(None),
             rope_cache: Mutex::new(None),
-            // FARSIGHT_GEMV: `rows` = the few-rows kernel for batch 1 too, `l4` = 4 loads in flight,
-            // `persist` = the persistent-grid kernel (same sums, 8 loads in flight).
-            gemv1: std::sync::atomic::AtomicU8::new(
-                match std::env::var("FARSIGHT_GEMV").as_deref() {
-                    Ok("rows") => 0,
-                    Ok("l4") => 4,
-                    Ok("persist") => GEMV1_PERSIST,
-                    _ => 8,
-                },
-            ),
+            gemv1: std::sync::atomic::AtomicU8::new(Gemv1::from_env() as u8),
             gather_blocks: AtomicUsize::new(
                 std::env::var("FARSIGHT_GATHER_BLOCKS")
                     .ok()

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use farsight_kernels::cpu::{CpuBackend, Store};
 use farsight_kernels::cuda::CudaBackend;
-use farsight_kernels::{Backend, DType};
+use farsight_kernels::{Backend, DType, HostMatrix};
 use half::{bf16, f16};
 
 use super::{rel_l2, vals};
@@ -78,6 +78,30 @@ pub fn weight_bytes(rows: usize, cols: usize, dtype: DType, seed: u64) -> Vec<u8
             bytemuck::cast_slice(&h).to_vec()
         }
     }
+}
+
+/// The same `rows x cols` weights ([`weight_bytes`]) uploaded to each backend.
+pub fn matrices(
+    cu: &CudaBackend,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    seed: u64,
+) -> (
+    farsight_kernels::cpu::CpuMatrix,
+    farsight_kernels::cuda::CudaMatrix,
+) {
+    let bytes = weight_bytes(rows, cols, dtype, seed);
+    let hm = HostMatrix {
+        rows,
+        cols,
+        dtype,
+        bytes: &bytes,
+    };
+    (
+        cpu().upload_matrix(hm).unwrap(),
+        cu.upload_matrix(hm).unwrap(),
+    )
 }
 
 /// A tensor on each backend holding the same data.

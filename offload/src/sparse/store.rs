@@ -449,7 +449,6 @@ impl SparseKvStore {
         self.tier.bytes()
     }
 
-    /// Slots owned now (tokens stored, committed or reserved).
     /// Counts from now on the hits that row caches of [`super::CACHE_FACTORS`] times the top-k
     /// would have (`SparseStats::cache_hits`; `eval ppl` switches it on), or stops.
     pub fn simulate_row_caches(&mut self, on: bool) {
@@ -462,6 +461,7 @@ impl SparseKvStore {
         self.row_cache.as_ref().map(|c| c.stats())
     }
 
+    /// Slots owned now (tokens stored, committed or reserved).
     pub fn slots_in_use(&self) -> usize {
         self.pool.in_use()
     }

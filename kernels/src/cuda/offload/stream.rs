@@ -69,7 +69,7 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             attn_scratch: Mutex::new(None),
             rope_cache: Mutex::new(None),
-            gemv1: std::sync::atomic::AtomicU8::new(self.gemv1()),
+            gemv1: std::sync::atomic::AtomicU8::new(self.gemv1() as u8),
             gather_blocks: AtomicUsize::new(self.gather_blocks()),
             attn_chunk: AtomicUsize::new(
                 self.attn_chunk.load(std::sync::atomic::Ordering::Relaxed),
