@@ -107,8 +107,8 @@ pub fn new_offload_store<B: Backend>(
     if s.cfg.evict.is_some() {
         return refuse("--host-kv-budget");
     }
-    if s.cfg.page_tokens > 1 {
-        return refuse("--page-tokens");
+    if s.cfg.page_tokens > 1 && matches!(s.store, KvStoreSpec::Disk(_)) {
+        return refuse("--page-tokens with --kv-store disk");
     }
     if s.cfg.sparse_prefill {
         return refuse("per-position sparse evaluation (eval ppl/sweep)");
@@ -131,6 +131,7 @@ pub fn new_offload_store<B: Backend>(
         home: RowHome::Host,
         measure_recall: false,
         row_cache: s.cfg.row_cache.max(1),
+        page_tokens: s.cfg.page_tokens.max(1),
     };
     Ok(match &s.store {
         KvStoreSpec::Host => OffloadKvStore::new(cuda, cfg, model.attn_shape(), c.num_layers)?,

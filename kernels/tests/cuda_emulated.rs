@@ -63,3 +63,14 @@ fn lru_residency_kernel_keeps_its_invariants() {
         assert!(out.contains("evictions"), "{out}");
     }
 }
+
+/// The page-granular selection's plain kernels: page scores (`ds_page_max`), pages of 4 rows
+/// gathered from a `[g][token]` slab into page-sized cache slots after the fixed window rows
+/// (one and three blocks), and `ds_unpack_rows` reading that slab back (prefill staging).
+#[test]
+fn page_kernels_move_whole_pages() {
+    if let Some(out) = emulate("pages", include_str!("emulate/pages.cpp")) {
+        print!("{out}");
+        assert!(out.contains("agree"), "{out}");
+    }
+}

@@ -121,15 +121,31 @@ impl Model {
 #[test]
 fn lru_residency_matches_the_host_model_and_rows_land_where_attention_reads() {
     let Some(be) = backend() else { return };
-    let (heads, k_max, cap, idx0) = (3usize, 40usize, 100usize, 5usize);
-    let mut res = be.ds_residency_lru_state(heads, cap, k_max, idx0).unwrap();
+    lru_matches_the_model(&be, 1, 5);
+}
+
+/// The same with page-granular selection: entries are pages of 4 rows, a cache slot holds a
+/// page, and attention's index list names each of its rows.
+#[test]
+fn lru_residency_of_pages_lists_every_row_of_a_selected_page() {
+    let Some(be) = backend() else { return };
+    lru_matches_the_model(&be, 4, 8);
+}
+
+/// Selections of entries (rows, or pages of `unit` rows) over 120 rounds against [`Model`];
+/// `idx0` fixed window rows (a multiple of `unit`).
+fn lru_matches_the_model(be: &CudaBackend, unit: usize, idx0: usize) {
+    let (heads, k_max, cap) = (3usize, 40usize, 100usize);
+    let mut res = be
+        .ds_residency_lru_state(heads, cap, k_max, idx0, unit)
+        .unwrap();
     let mut stats = be.dev_zeros::<u64>(2).unwrap();
-    // The slab: token t's 16-byte row holds [t, t, t, t]; the window: idx0 fixed rows, then
-    // the cache's slots.
+    // The slab: entry t's rows j (16 bytes each) hold [t * unit + j; 4]; the window: idx0 fixed
+    // rows, then the cache's slots of `unit` rows.
     let tokens = 2000usize;
-    let slab: Vec<i32> = (0..tokens as i32).flat_map(|t| [t; 4]).collect();
+    let slab: Vec<i32> = (0..(tokens * unit) as i32).flat_map(|t| [t; 4]).collect();
     let slab = be.dev_upload(&slab).unwrap();
-    let rows = idx0 + cap;
+    let rows = idx0 + cap * unit;
     let window = be.dev_zeros::<i32>(heads * rows * 4).unwrap();
     let mut models: Vec<Model> = (0..heads).map(|_| Model::default()).collect();
     let mut rng = Rng(0x9e37_79b9);
@@ -158,14 +174,14 @@ fn lru_residency_matches_the_host_model_and_rows_land_where_attention_reads() {
         be.ds_gather_misses(
             false,
             be.dev_ptr(&slab),
-            16,
+            16 * unit,
             0,
             &res,
             heads,
-            16,
+            16 * unit,
             be.dev_ptr(&window),
-            rows,
-            idx0,
+            rows / unit,
+            idx0 / unit,
         )
         .unwrap();
         let n_res = be.ds_residents(&res).unwrap().unwrap();
@@ -207,18 +223,21 @@ fn lru_residency_matches_the_host_model_and_rows_land_where_attention_reads() {
                 assert_eq!(idx[g * stride + j], j as i32, "fixed window rows");
             }
             for (i, &t) in s.iter().enumerate() {
-                let row = idx[g * stride + idx0 + i];
-                assert_eq!(
-                    row,
-                    idx0 as i32 + want.slots[i],
-                    "round {round} head {g}: index"
-                );
-                let at = (g * rows + row as usize) * 4;
-                assert_eq!(
-                    win[at..at + 4],
-                    [t; 4],
-                    "round {round} head {g}: window row {row} holds token {t}"
-                );
+                for j in 0..unit {
+                    let row = idx[g * stride + idx0 + i * unit + j];
+                    assert_eq!(
+                        row,
+                        (idx0 + want.slots[i] as usize * unit + j) as i32,
+                        "round {round} head {g}: index"
+                    );
+                    let at = (g * rows + row as usize) * 4;
+                    let tok = t * unit as i32 + j as i32;
+                    assert_eq!(
+                        win[at..at + 4],
+                        [tok; 4],
+                        "round {round} head {g}: window row {row} holds token {tok}"
+                    );
+                }
             }
         }
     }
@@ -235,7 +254,7 @@ fn lru_residency_matches_the_host_model_and_rows_land_where_attention_reads() {
 fn dropped_rows_stay_cached_and_the_oldest_go_first() {
     let Some(be) = backend() else { return };
     let (heads, k, cap) = (1usize, 4usize, 8usize);
-    let mut res = be.ds_residency_lru_state(heads, cap, k, 2).unwrap();
+    let mut res = be.ds_residency_lru_state(heads, cap, k, 2, 1).unwrap();
     let mut stats = be.dev_zeros::<u64>(2).unwrap();
     let mut step = |sel: [i32; 4]| -> u64 {
         let before = be.dev_read(&stats).unwrap()[0];

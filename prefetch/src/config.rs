@@ -42,6 +42,11 @@ pub struct OffloadConfig {
     /// 1 keeps exactly the current selection; more also keep rows that recent steps selected,
     /// evicting the least recently selected, so rows that come back are not fetched again.
     pub row_cache: usize,
+    /// Page-granular selection (`--page-tokens P`): the top-k is taken in aligned pages of P
+    /// consecutive tokens of one KV head (a page's score is its best label score), and a page
+    /// is cached and fetched as one unit of P rows (2 KiB at P = 4 for Llama-3.1-8B's 512-B
+    /// rows). 1: token-level selection. See [`OffloadConfig::page`].
+    pub page_tokens: usize,
 }
 
 impl OffloadConfig {
@@ -68,9 +73,28 @@ impl OffloadConfig {
             .max(1)
     }
 
-    /// Rows the GPU row cache holds per (layer, KV head): `row_cache` times [`Self::cache_rows`].
+    /// Tokens per page (1: token-level selection). With pages, only whole pages of the middle
+    /// tokens are candidates (the newest `< P` of them join once their page is complete), a
+    /// selection is `top_k / P` pages, and the store raises `recent` so that the sinks and the
+    /// ring end on a page boundary of the window.
+    pub fn page(&self) -> usize {
+        self.page_tokens.max(1)
+    }
+
+    /// Selected entries (rows, or pages) of the largest top-k per (layer, KV head).
+    pub fn cache_units(&self) -> usize {
+        (self.cache_rows() / self.page()).max(1)
+    }
+
+    /// Entries the GPU row cache holds per (layer, KV head): `row_cache` times
+    /// [`Self::cache_units`].
+    pub fn resident_units(&self) -> usize {
+        self.cache_units() * self.row_cache.max(1)
+    }
+
+    /// Rows the GPU row cache holds per (layer, KV head).
     pub fn resident_rows(&self) -> usize {
-        self.cache_rows() * self.row_cache.max(1)
+        self.resident_units() * self.page()
     }
 
     /// Top-k size for a query that sees `visible` tokens (0 when everything is in the window).

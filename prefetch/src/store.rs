@@ -2,9 +2,11 @@
 //! sections 1-2).
 //!
 //! Per layer the store keeps:
-//! - the full rows in a slab of pinned host memory (`[token][KV head][K | V]`, 16-bit; or device
-//!   memory for the on-GPU reference, [`RowHome::Device`]; or a file, [`RowHome::Disk`], with
-//!   only the current call's new rows in a pinned buffer, `store/disk.rs`);
+//! - the full rows in a slab of pinned host memory (`[token][KV head][K | V]`, 16-bit, or with
+//!   page-granular selection `[KV head][token][K | V]`, so that a page of one head is
+//!   contiguous; or device memory for the on-GPU reference, [`RowHome::Device`]; or a file,
+//!   [`RowHome::Disk`], with only the current call's new rows in a pinned buffer,
+//!   `store/disk.rs`);
 //! - on the GPU, the label cache (f16 `[KV head][token][r]` or 4-bit, [`crate::GpuLabels`]) and
 //!   a window buffer per KV head of `sink + recent + cache_rows` rows: the sinks, a ring of the
 //!   recent tokens, and the row cache that holds the current top-k selection.
@@ -81,6 +83,8 @@ struct LayerRows {
 /// Selection scratch of one stream.
 struct Select {
     scores: DevBuf<f32>,
+    /// Page-granular selection: the pages' scores (`[g][page]`).
+    page_scores: DevBuf<f32>,
     sel: DevBuf<i32>,
     topk: TopkScratch,
     /// Disk tier: the misses' rows read from the file (`[g][cache row][row]`, pinned).
@@ -88,18 +92,24 @@ struct Select {
 }
 
 impl Select {
-    /// Scratch on `b`'s stream for `n_kv` heads of `cap` scores and `kc` selected rows, and
-    /// staging for the misses of a row cache of `rc` rows of `stage_row` bytes (0: none).
+    /// Scratch on `b`'s stream for `n_kv` heads of `cap` scores (pages of `page` tokens) and
+    /// `kc` selected entries, and staging for the misses of a row cache of `rc` rows of
+    /// `stage_row` bytes (0: none).
     fn new(
         b: &CudaBackend,
         n_kv: usize,
-        cap: usize,
+        (cap, page): (usize, usize),
         kc: usize,
         rc: usize,
         stage_row: usize,
     ) -> Result<Select> {
         Ok(Select {
             scores: b.dev_zeros(n_kv * cap)?,
+            page_scores: b.dev_zeros(if page > 1 {
+                n_kv * (cap / page).max(1)
+            } else {
+                1
+            })?,
             sel: b.dev_zeros(n_kv * kc)?,
             topk: b.ds_topk_scratch(n_kv, cap)?,
             stage: if stage_row > 0 {
@@ -114,13 +124,14 @@ impl Select {
 /// What the offloaded decode did, summed over the store's life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct OffloadStats {
-    /// Selected rows that had to be fetched, and those already in the row cache.
+    /// Selected entries (rows, or pages with page-granular selection) that had to be fetched,
+    /// and those already in the row cache.
     pub misses: u64,
     pub hits: u64,
     /// Layer-ahead recall: predicted rows also in the true selection, out of the selected rows.
     pub recall_hits: u64,
     pub recall_total: u64,
-    /// Bytes read over PCIe for selected rows (misses x row bytes).
+    /// Bytes read over PCIe for selected rows (misses x the bytes of an entry).
     pub fetched_bytes: u64,
     /// Bytes of new rows written to the host slabs.
     pub written_bytes: u64,
@@ -194,7 +205,7 @@ pub struct OffloadKvStore {
     layers: Vec<LayerRows>,
     /// The prefetch stream (a sibling backend of the model's).
     prefetch: CudaBackend,
-    /// Rows of the largest selection per (layer, KV head).
+    /// Entries (rows, or pages) of the largest selection per (layer, KV head).
     kc: usize,
     len: usize,
     st: Mutex<State>,
@@ -228,9 +239,43 @@ impl OffloadKvStore {
         self.cfg.sink + self.cfg.recent + self.cfg.resident_rows()
     }
 
-    /// Top-k size for a query that sees `visible` tokens.
+    /// Tokens per page (1: token-level selection).
+    fn page(&self) -> usize {
+        self.cfg.page()
+    }
+
+    /// The candidates of a query that sees `visible` tokens, in selection units (tokens, or
+    /// pages): the first and how many. Tokens: the middle ones (neither sinks nor recent);
+    /// pages: the whole pages among them.
+    fn candidates(&self, visible: usize) -> (usize, usize) {
+        let (s, rr, p) = (self.cfg.sink, self.cfg.recent, self.page());
+        let end = visible.saturating_sub(rr);
+        let first = s.div_ceil(p);
+        (first, (end / p).saturating_sub(first))
+    }
+
+    /// Top-k size (entries: rows, or pages) for a query that sees `visible` tokens.
     fn top_k(&self, visible: usize) -> usize {
-        self.cfg.top_k(visible).min(self.kc)
+        let p = self.page();
+        (self.cfg.top_k(visible) / p)
+            .min(self.candidates(visible).1)
+            .min(self.kc)
+    }
+
+    /// Bytes between consecutive tokens and between KV heads of a layer's slab: `[token][g]`,
+    /// or `[g][token]` with pages (the slab then holds `slab_tokens` per head).
+    fn slab_strides(&self) -> (usize, usize) {
+        let row = self.row_bytes();
+        if self.page() > 1 {
+            (row, self.slab_tokens() * row)
+        } else {
+            (self.shape.n_kv_heads * row, row)
+        }
+    }
+
+    /// Tokens a layer's slab has room for per KV head (the capacity, whole pages).
+    fn slab_tokens(&self) -> usize {
+        self.cfg.capacity.max(1).next_multiple_of(self.page())
     }
 
     /// Counts layer-ahead recall (a second, true selection per layer) from now on, or not.
@@ -241,15 +286,16 @@ impl OffloadKvStore {
     /// Where layer `l`'s new rows are written (token `t` at `ptr + t * tok_stride` elements):
     /// the slab, or for the disk tier the pending buffer, its first token at `pending_t0`.
     fn slab(&self, l: usize) -> RowSlab {
-        let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let shift = self
             .disk
             .as_ref()
             .map_or(0, |t| t.pending_t0 * self.token_bytes());
+        let (ts, hs) = self.slab_strides();
+        let es = self.cfg.dtype.size();
         RowSlab {
             ptr: self.layers[l].slab_ptr.wrapping_sub(shift as u64),
-            tok_stride: n_kv * 2 * d,
-            head_stride: 2 * d,
+            tok_stride: ts / es,
+            head_stride: hs / es,
             dtype: self.cfg.dtype,
         }
     }
@@ -309,7 +355,7 @@ impl OffloadKvStore {
             hits: r[1],
             recall_hits: c[0],
             recall_total: c[1],
-            fetched_bytes: r[0] * self.row_bytes() as u64,
+            fetched_bytes: r[0] * (self.page() * self.row_bytes()) as u64,
             written_bytes: st.written,
             staged_bytes: st.staged_bytes,
         })
@@ -356,7 +402,8 @@ impl OffloadKvStore {
                 5 * r.tok.len * 4 + lru
             })
             .sum::<usize>();
-        gpu += 2 * (st.compute.scores.len * 4 + st.compute.sel.len * 4);
+        gpu += 2
+            * (st.compute.scores.len * 4 + st.compute.page_scores.len * 4 + st.compute.sel.len * 4);
         if let Some(s) = &st.staging {
             gpu += s
                 .iter()

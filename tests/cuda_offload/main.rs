@@ -6,8 +6,10 @@
 //! the very next step). Skipped without a CUDA device.
 //!
 //! Files: this one (residency, offloaded vs device rows, full budget), `variants.rs` (the disk
-//! tier, 4-bit labels, a larger row cache), `setup.rs` (shared setup).
+//! tier, 4-bit labels, a larger row cache), `pages.rs` (page-granular selection), `setup.rs`
+//! (shared setup).
 
+mod pages;
 mod setup;
 mod variants;
 

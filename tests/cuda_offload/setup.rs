@@ -62,6 +62,7 @@ pub fn offload_cfg(
         home,
         measure_recall: false,
         row_cache: 1,
+        page_tokens: 1,
     }
 }
 

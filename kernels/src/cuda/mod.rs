@@ -125,6 +125,7 @@ const KERNELS: &[&str] = &[
     "ds_residency_lru",
     "ds_gather_misses",
     "ds_unpack_rows",
+    "ds_page_max",
     "ds_ahead_labels",
     "ds_overlap",
     "sample_rows",

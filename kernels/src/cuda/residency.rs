@@ -24,11 +24,13 @@ pub struct LruResidency {
     kept_slot: DevBuf<i32>,
     kept_age: DevBuf<u32>,
     /// Attention's rows per head, `idx[g * idx_stride + j]`: for `j < idx0` the fixed window
-    /// rows `j` (sinks and the recent ring), then `idx0 +` the cache slot of each selected
-    /// token (written by [`CudaBackend::ds_residency_lru`]).
+    /// rows `j` (sinks and the recent ring), then for each selected entry its `unit` rows,
+    /// `idx0 + slot * unit + 0..unit` (written by [`CudaBackend::ds_residency_lru`]).
     pub idx: DevBuf<i32>,
     pub idx_stride: usize,
     pub idx0: usize,
+    /// Window rows per cache slot: 1, or a page's tokens with page-granular selection.
+    pub unit: usize,
     /// The last selection (`[g][k_max]`, sorted), written by the kernel.
     sel: DevBuf<i32>,
     /// The ages' clock: selections made so far.
@@ -54,15 +56,20 @@ impl Residency {
 }
 
 impl CudaBackend {
-    /// Residency state for `heads` KV heads of up to `cap` cached rows each, of which the
-    /// selections (up to `k_max` rows) are attended after `idx0` fixed window rows.
+    /// Residency state for `heads` KV heads of up to `cap` cached entries each, of which the
+    /// selections (up to `k_max` entries) are attended after `idx0` fixed window rows; an entry
+    /// (a row, or a page of `unit` rows) fills `unit` window rows.
     pub fn ds_residency_lru_state(
         &self,
         heads: usize,
         cap: usize,
         k_max: usize,
         idx0: usize,
+        unit: usize,
     ) -> Result<Residency> {
+        if unit == 0 {
+            return Err(shape_err("ds_residency_lru: entries of 0 rows".into()));
+        }
         if k_max > cap.max(1) {
             return Err(shape_err(format!(
                 "ds_residency_lru: selections of {k_max} rows in a cache of {cap}"
@@ -70,7 +77,7 @@ impl CudaBackend {
         }
         let mut res = self.ds_residency_state(heads, cap)?;
         let n = heads * res.cap;
-        let stride = idx0 + k_max.max(1);
+        let stride = idx0 + k_max.max(1) * unit;
         let idx: Vec<i32> = (0..heads).flat_map(|_| 0..stride as i32).collect();
         res.lru = Some(LruResidency {
             n: self.dev_zeros(heads)?,
@@ -81,6 +88,7 @@ impl CudaBackend {
             idx: self.dev_upload(&idx)?,
             idx_stride: stride,
             idx0,
+            unit,
             sel: self.dev_zeros(heads * k_max.max(1))?,
             now: 0,
         });
@@ -109,7 +117,7 @@ impl CudaBackend {
         if k_new == 0
             || sel_stride * heads > lru.sel.len
             || k_new > cap
-            || lru.idx0 + k_new > lru.idx_stride
+            || lru.idx0 + k_new * lru.unit > lru.idx_stride
             || heads * cap > res.tok.len
             || sel.len < (heads - 1) * sel_stride + k_new
             || stats.len < 2
@@ -129,7 +137,11 @@ impl CudaBackend {
             int(cap, "cap")?,
             lru.now,
         );
-        let (is, i0) = (lru.idx_stride as i64, int(lru.idx0, "idx0")?);
+        let (is, i0, un) = (
+            lru.idx_stride as i64,
+            int(lru.idx0, "idx0")?,
+            int(lru.unit, "unit")?,
+        );
         let mut b = self.stream.launch_builder(self.f(name));
         b.arg(&sel.data)
             .arg(&ss)
@@ -151,6 +163,7 @@ impl CudaBackend {
         b.arg(&mut lru.idx.data)
             .arg(&is)
             .arg(&i0)
+            .arg(&un)
             .arg(&mut lru.sel.data)
             .arg(&mut stats.data)
             .arg(&use_smem);

@@ -23,8 +23,9 @@ static unsigned long long rnd() {
         }                                                                                 \
     } while (0)
 
-int main() {
-    const int heads = 3, k_max = 40, cap = 100, idx0 = 5, stride = idx0 + k_max;
+// One run of 160 rounds; a cache entry (a row, or a page of `unit` rows) fills `unit` window rows.
+static int run(int unit) {
+    const int heads = 3, k_max = 40, cap = 100, idx0 = 5, stride = idx0 + k_max * unit;
     const int tokens = 2000;
     std::vector<int> sel(heads * k_max), rt(heads * cap), rs(heads * cap), ns(heads * cap),
         kt(heads * cap), ks(heads * cap), mt(heads * cap), ms(heads * cap), nmiss(heads),
@@ -58,7 +59,7 @@ int main() {
         emu_launch(heads, threads, [&] {
             ds_residency_lru(sel.data(), k_max, k, rt.data(), rs.data(), ra.data(), rn.data(), cap,
                              cap, (u32)round, ns.data(), kt.data(), ks.data(), ka.data(),
-                             mt.data(), ms.data(), nmiss.data(), idx.data(), stride, idx0, sel_out.data(), stats,
+                             mt.data(), ms.data(), nmiss.data(), idx.data(), stride, idx0, unit, sel_out.data(), stats,
                              use_smem);
         });
         for (g = 0; g < heads; g++) {
@@ -88,9 +89,13 @@ int main() {
             }
             // Attention's rows: every selected token, through the index list.
             for (int i = 0; i < k; i++) {
-                int row = idx[g * stride + idx0 + i] - idx0;
-                CHECK(row >= 0 && row < cap && window[g][row] == s[i], "index %d -> row %d holds %d, want %d",
-                      i, row, row >= 0 && row < cap ? window[g][row] : -1, s[i]);
+                for (int j = 0; j < unit; j++) {
+                    int row = idx[g * stride + idx0 + i * unit + j] - idx0;
+                    int slot = row / unit;
+                    CHECK(row >= 0 && row % unit == j && slot < cap && window[g][slot] == s[i],
+                          "index %d.%d -> row %d holds %d, want %d", i, j, row,
+                          row >= 0 && slot < cap ? window[g][slot] : -1, s[i]);
+                }
                 CHECK(toks.count(s[i]), "selected %d not resident", s[i]);
             }
             for (int j = 0; j < idx0; j++) CHECK(idx[g * stride + j] == j, "fixed row %d", j);
@@ -121,7 +126,9 @@ int main() {
     CHECK(stats[0] == want_miss && stats[1] == want_hit, "stats %llu/%llu, want %llu/%llu", stats[0],
           stats[1], want_miss, want_hit);
     CHECK(evictions > 0, "no eviction exercised");
-    std::printf("emulated ds_residency_lru: %d rounds, %llu misses, %llu hits, %llu evictions\n", rounds,
-                want_miss, want_hit, evictions);
+    std::printf("emulated ds_residency_lru (%d rows a slot): %d rounds, %llu misses, %llu hits, %llu evictions\n",
+                unit, rounds, want_miss, want_hit, evictions);
     return 0;
 }
+
+int main() { return run(1) || run(3); }

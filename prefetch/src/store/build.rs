@@ -44,7 +44,7 @@ impl OffloadKvStore {
 
     fn build(
         be: &CudaBackend,
-        cfg: OffloadConfig,
+        mut cfg: OffloadConfig,
         shape: AttnShape,
         layers: usize,
         disk_path: Option<&Path>,
@@ -74,6 +74,20 @@ impl OffloadKvStore {
         if cfg.recent == 0 {
             return Err(bad("the offloaded store needs a recent window of at least 1 token (the token being decoded)".into()));
         }
+        let page = cfg.page();
+        if page > 1 {
+            if disk_path.is_some() {
+                return Err(bad(
+                    "page-granular selection (--page-tokens) with the disk tier is not supported"
+                        .into(),
+                ));
+            }
+            if page > 64 {
+                return Err(bad(format!("pages of {page} tokens: 1 to 64 supported")));
+            }
+            // The cache starts on a page boundary of the window: a few more recent tokens.
+            cfg.recent = (cfg.sink + cfg.recent).next_multiple_of(page) - cfg.sink;
+        }
         if !matches!(cfg.dtype, DType::F16 | DType::BF16) {
             return Err(bad(
                 "the offloaded store keeps f16 or bf16 rows (--kv-dtype f16|bf16)".into(),
@@ -86,10 +100,11 @@ impl OffloadKvStore {
         }
         let es = cfg.dtype.size();
         let cap = cfg.capacity.max(1);
-        let cache_rows = cfg.cache_rows();
+        let cache_units = cfg.cache_units();
         let rc = cfg.resident_rows();
         let w = cfg.sink + cfg.recent + rc;
-        let slab_bytes = cap * n_kv * 2 * d * es;
+        // With pages the slab is `[g][token]`, whole pages per head.
+        let slab_bytes = cap.next_multiple_of(page) * n_kv * 2 * d * es;
         let row = 2 * d * es;
         // The file first: a disk too small fails before any large allocation.
         let disk = match disk_path {
@@ -138,7 +153,8 @@ impl OffloadKvStore {
             });
         }
         let stage_row = if disk.is_some() { row } else { 0 };
-        let select = |b: &CudaBackend| Select::new(b, n_kv, cap, cache_rows, rc, stage_row);
+        let select =
+            |b: &CudaBackend| Select::new(b, n_kv, (cap, page), cache_units, rc, stage_row);
         // The compute stream waits on the prefetch chain (scores, top-k, residency, gather) of
         // the next layer, so its stream gets the higher priority (`FARSIGHT_PREFETCH_PRIORITY=
         // normal` for comparisons).
@@ -171,7 +187,7 @@ impl OffloadKvStore {
             shape,
             layers: rows,
             prefetch,
-            kc: cache_rows,
+            kc: cache_units,
             len: 0,
             st: Mutex::new(st),
             disk,
@@ -204,7 +220,7 @@ impl OffloadKvStore {
         let old_w = self.window_rows();
         self.cfg.budget = budget;
         self.cfg.row_cache = row_cache;
-        let kc = self.cfg.cache_rows();
+        let kc = self.cfg.cache_units();
         let rc = self.cfg.resident_rows();
         let (n_kv, d, es) = (
             self.shape.n_kv_heads,
@@ -237,8 +253,9 @@ impl OffloadKvStore {
         }
         let cap = self.cfg.capacity.max(1);
         let stage_row = if self.disk.is_some() { row } else { 0 };
-        st.compute = Select::new(be, n_kv, cap, kc, rc, stage_row)?;
-        st.ahead = Select::new(&self.prefetch, n_kv, cap, kc, rc, stage_row)?;
+        let page = self.cfg.page();
+        st.compute = Select::new(be, n_kv, (cap, page), kc, rc, stage_row)?;
+        st.ahead = Select::new(&self.prefetch, n_kv, (cap, page), kc, rc, stage_row)?;
         if let Some(disk) = &mut self.disk {
             disk.ordinal = be.dev_upload(&ordinals(n_kv, rc))?;
         }
@@ -249,16 +266,18 @@ impl OffloadKvStore {
 }
 
 /// One layer's residency state: the row cache holds exactly the current selection
-/// (`row_cache` 1), or `row_cache` times as many rows, least recently selected evicted first.
+/// (`row_cache` 1), or `row_cache` times as many entries (rows, or pages), least recently
+/// selected evicted first.
 fn residency(be: &CudaBackend, cfg: &OffloadConfig, n_kv: usize) -> Result<Residency> {
     if cfg.row_cache <= 1 {
-        be.ds_residency_state(n_kv, cfg.cache_rows())
+        be.ds_residency_state(n_kv, cfg.cache_units())
     } else {
         be.ds_residency_lru_state(
             n_kv,
-            cfg.resident_rows(),
-            cfg.cache_rows(),
+            cfg.resident_units(),
+            cfg.cache_units(),
             cfg.sink + cfg.recent,
+            cfg.page(),
         )
     }
 }

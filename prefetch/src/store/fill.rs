@@ -42,12 +42,13 @@ impl OffloadKvStore {
         res.k = toks.len();
         let Some(disk) = &self.disk else {
             res.miss_tok = be.dev_upload(&per_head(&|_, t| t as i32))?;
+            let (ts, hs) = self.slab_strides();
             for lay in &self.layers {
                 be.ds_gather_misses(
                     self.cfg.home == RowHome::Host,
                     lay.slab_ptr,
-                    n_kv * row,
-                    row,
+                    ts,
+                    hs,
                     &res,
                     n_kv,
                     row,
@@ -100,11 +101,21 @@ impl OffloadKvStore {
         let (s, rr) = (self.cfg.sink, self.cfg.recent);
         let es = self.cfg.dtype.size();
         // Rows are made on the device in chunks (random values, then their labels), then copied
-        // to the slab: one pass over PCIe at copy speed.
-        let row_tok = n_kv * 2 * d * es;
+        // to the slab: one pass over PCIe at copy speed. The chunk is laid out as the slab:
+        // `[token][g]`, or with pages `[g][token]` (copied head by head).
+        let paged = self.page() > 1;
+        let row = 2 * d * es;
+        let row_tok = n_kv * row;
         let chunk = n.clamp(1, 32_768);
         let tmp = be.dev_zeros::<u8>(chunk * row_tok)?;
         let tmp_ptr = be.dev_ptr(&tmp);
+        // Element strides of the chunk between tokens and between heads.
+        let (kts, khs) = if paged {
+            (2 * d, chunk * 2 * d)
+        } else {
+            (n_kv * 2 * d, 2 * d)
+        };
+        let (_, slab_hs) = self.slab_strides();
         // Disk tier: through a pinned bounce buffer to the file.
         let mut bounce = match self.disk {
             Some(_) => Some(be.pinned(chunk * row_tok)?),
@@ -114,32 +125,41 @@ impl OffloadKvStore {
             for t0 in (0..n).step_by(chunk) {
                 let t1 = (t0 + chunk).min(n);
                 let seed_c = seed ^ ((l as u64 + 1) << 32) ^ (t0 as u64).wrapping_mul(0x9E37_79B9);
+                let filled = if paged { chunk } else { t1 - t0 };
                 be.random_fill_ptr(
                     tmp_ptr,
-                    (t1 - t0) * n_kv * 2 * d,
+                    filled * n_kv * 2 * d,
                     self.cfg.dtype,
                     scale,
                     seed_c,
                 )?;
                 // The label kernel addresses token t at k + t * tok_stride: shift the base so
-                // that token t0 is the chunk's first row. Its "head_dim" is the stride between
-                // heads (2D here), the label channels index into K.
-                let base = tmp_ptr.wrapping_sub((t0 * row_tok) as u64);
+                // that token t0 is the chunk's first row. The label channels index into K.
+                let base = tmp_ptr.wrapping_sub((t0 * kts * es) as u64);
                 let k = KvRows {
                     k: base,
                     v: base,
-                    tok_stride: n_kv * 2 * d,
-                    head_stride: 2 * d,
+                    tok_stride: kts,
+                    head_stride: khs,
                     dtype: self.cfg.dtype,
                 };
                 lay.labels
-                    .write_from_cache(be, &k, 2 * d, &lay.chan, t0, t1)?;
+                    .write_from_cache(be, &k, khs, &lay.chan, t0, t1)?;
                 let bytes = (t1 - t0) * row_tok;
                 match (&mut self.disk, &mut bounce) {
                     (Some(disk), Some(b)) => {
                         be.copy_ptr(b.ptr()?, tmp_ptr, bytes)?;
                         be.synchronize()?;
                         disk.rows.store_tokens(l, t0, &b.as_mut_slice()?[..bytes])?;
+                    }
+                    _ if paged => {
+                        for g in 0..n_kv {
+                            be.copy_ptr(
+                                lay.slab_ptr + (g * slab_hs + t0 * row) as u64,
+                                tmp_ptr + (g * chunk * row) as u64,
+                                (t1 - t0) * row,
+                            )?;
+                        }
                     }
                     _ => be.copy_ptr(lay.slab_ptr + (t0 * row_tok) as u64, tmp_ptr, bytes)?,
                 }

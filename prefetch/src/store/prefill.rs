@@ -57,8 +57,9 @@ impl OffloadKvStore {
                 .slab_ptr
                 .wrapping_sub((args.n_past * tb) as u64);
             let (k, v) = &mut st.staging.as_mut().expect("allocated above")[parity];
-            be.ds_unpack_rows(past_ptr, n_kv, d, 0, args.n_past, k, v)?;
-            be.ds_unpack_rows(pending, n_kv, d, args.n_past, total, k, v)?;
+            let strides = (tb, tb / n_kv);
+            be.ds_unpack_rows(past_ptr, n_kv, d, strides, 0, args.n_past, k, v)?;
+            be.ds_unpack_rows(pending, n_kv, d, strides, args.n_past, total, k, v)?;
             st.staged_bytes += (total * tb) as u64;
             let (k, v) = &st.staging.as_ref().expect("allocated above")[parity];
             return be.attention(args, q, k, v, out);
@@ -75,7 +76,7 @@ impl OffloadKvStore {
         let ptr = self.layers[l].slab_ptr;
         {
             let (k, v) = &mut st.staging.as_mut().expect("allocated above")[parity];
-            be.ds_unpack_rows(ptr, n_kv, d, from, total, k, v)?;
+            be.ds_unpack_rows(ptr, n_kv, d, self.slab_strides(), from, total, k, v)?;
         }
         st.staged_bytes += ((total - from) * n_kv * 2 * d * self.cfg.dtype.size()) as u64;
         // Stage layer l + 1's past rows on the prefetch stream while this layer runs: its
@@ -88,6 +89,7 @@ impl OffloadKvStore {
                 self.layers[l + 1].slab_ptr,
                 n_kv,
                 d,
+                self.slab_strides(),
                 0,
                 args.n_past,
                 k,

@@ -26,41 +26,19 @@ impl OffloadKvStore {
         visible: usize,
         gather: bool,
     ) -> Result<usize> {
-        let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
+        let n_kv = self.shape.n_kv_heads;
         let k = self.top_k(visible).max(res.min_k()).min(self.kc);
         if k == 0 {
             return Ok(0);
         }
-        let (s, middle) = (self.cfg.sink, visible - self.cfg.sink - self.cfg.recent);
-        let lay = &self.layers[l];
-        lay.labels.scores(
-            be,
-            q,
-            q_row,
-            &lay.chan,
-            self.shape.group(),
-            d,
-            s,
-            s + middle,
-            &mut sel.scores,
-        )?;
+        self.rank(be, sel, l, q, q_row, visible, k)?;
         let kc = self.kc;
-        be.ds_topk(
-            &sel.scores,
-            n_kv,
-            middle,
-            k,
-            s,
-            &mut sel.sel,
-            kc,
-            0,
-            &mut sel.topk,
-        )?;
+        let s = self.cfg.sink;
+        let lay = &self.layers[l];
         be.ds_residency(&sel.sel, kc, n_kv, k, res, stats)?;
         if !gather {
             return Ok(k);
         }
-        let es = self.cfg.dtype.size();
         let rb = self.row_bytes();
         if let Some(disk) = &self.disk {
             // The host reads the misses' rows from the file into this stream's staging (its
@@ -89,19 +67,70 @@ impl OffloadKvStore {
                 )
                 .map(|_| k);
         }
+        // A page of P rows is one unit of the gather (contiguous in the `[g][token]` slab and
+        // in its cache slot); the window's sinks and ring end on a page boundary.
+        let p = self.page();
+        let (ts, hs) = self.slab_strides();
         be.ds_gather_misses(
             self.cfg.home != RowHome::Device,
             lay.slab_ptr,
-            n_kv * 2 * d * es,
-            2 * d * es,
+            ts * p,
+            hs,
             res,
             n_kv,
-            rb,
+            rb * p,
             lay.window_ptr,
-            self.window_rows(),
-            s + self.cfg.recent,
+            self.window_rows() / p,
+            (s + self.cfg.recent) / p,
         )?;
         Ok(k)
+    }
+
+    /// Label scores of the candidates of a query seeing `visible` tokens (`q`, row `q_row`) in
+    /// layer `l`, and their top `k` into `sel.sel` (tokens, or with pages the pages of the best
+    /// page scores).
+    #[allow(clippy::too_many_arguments)]
+    fn rank(
+        &self,
+        be: &CudaBackend,
+        sel: &mut Select,
+        l: usize,
+        q: &CudaTensor,
+        q_row: usize,
+        visible: usize,
+        k: usize,
+    ) -> Result<()> {
+        let (n_kv, d, p) = (self.shape.n_kv_heads, self.shape.head_dim, self.page());
+        let (first, n) = self.candidates(visible);
+        let lay = &self.layers[l];
+        lay.labels.scores(
+            be,
+            q,
+            q_row,
+            &lay.chan,
+            self.shape.group(),
+            d,
+            first * p,
+            (first + n) * p,
+            &mut sel.scores,
+        )?;
+        let scores = if p > 1 {
+            be.ds_page_max(&sel.scores, n_kv * n, p, &mut sel.page_scores)?;
+            &sel.page_scores
+        } else {
+            &sel.scores
+        };
+        be.ds_topk(
+            scores,
+            n_kv,
+            n,
+            k,
+            first,
+            &mut sel.sel,
+            self.kc,
+            0,
+            &mut sel.topk,
+        )
     }
 
     /// [`KvStore::attend`]: dense over staged rows for a prefill chunk; for a decode query, the
@@ -153,31 +182,8 @@ impl OffloadKvStore {
             if self.cfg.measure_recall && k > 0 {
                 // The true selection, for the recall counters only.
                 let kc = self.kc;
-                let (n_kv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
-                let middle = visible - s - rr;
-                let lay = &self.layers[layer];
-                lay.labels.scores(
-                    be,
-                    q,
-                    args.q_row0,
-                    &lay.chan,
-                    self.shape.group(),
-                    d,
-                    s,
-                    s + middle,
-                    &mut st.compute.scores,
-                )?;
-                be.ds_topk(
-                    &st.compute.scores,
-                    n_kv,
-                    middle,
-                    k,
-                    s,
-                    &mut st.compute.sel,
-                    kc,
-                    0,
-                    &mut st.compute.topk,
-                )?;
+                let n_kv = self.shape.n_kv_heads;
+                self.rank(be, &mut st.compute, layer, q, args.q_row0, visible, k)?;
                 be.ds_overlap(
                     st.res[layer].selected(),
                     &st.compute.sel,
@@ -207,7 +213,7 @@ impl OffloadKvStore {
                 true,
             )?
         };
-        let n_sel = visible.min(s) + visible.saturating_sub(s).min(rr) + k;
+        let n_sel = visible.min(s) + visible.saturating_sub(s).min(rr) + k * self.page();
         let d = self.shape.head_dim;
         let es = self.cfg.dtype.size() as u64;
         let w = self.window(layer);

@@ -147,8 +147,9 @@ pub(super) fn reference(
     ctx: usize,
     batch: usize,
     budgets: &[TokenBudget],
+    with_dense: bool,
 ) -> serde_json::Value {
-    let mut out = serde_json::json!({"context": ctx, "batch": batch});
+    let mut out = serde_json::json!({"context": ctx, "batch": batch, "page_tokens": base.page()});
     if batch == 1 {
         let mut per_budget = Vec::new();
         let r = (|| -> Result<(), CliError> {
@@ -167,7 +168,7 @@ pub(super) fn reference(
                 };
                 let r = measure(m, &mut stores, &a2)?;
                 let st = Stats::of(&r.ms);
-                eprintln!("  rows in device memory (compute only), budget {b}: {:.2} ms/step [{:.2}, {:.2}]", st.median, st.min, st.max);
+                eprintln!("  rows in device memory (compute only), budget {b}, pages of {}: {:.2} ms/step [{:.2}, {:.2}]", base.page(), st.median, st.min, st.max);
                 per_budget.push(serde_json::json!({"budget": b.to_string(), "step_ms": st}));
             }
             Ok(())
@@ -176,6 +177,9 @@ pub(super) fn reference(
             Ok(()) => serde_json::Value::Array(per_budget),
             Err(e) => serde_json::json!({"error": e.to_string()}),
         };
+    }
+    if !with_dense {
+        return out;
     }
     let dense = (|| -> Result<Stats, CliError> {
         let mut caches: Vec<Box<dyn KvStore<CudaBackend>>> = Vec::with_capacity(batch);

@@ -118,6 +118,11 @@ pub struct OffloadBenchArgs {
     /// steps selected (least recently selected evicted first), so fewer rows cross PCIe.
     #[arg(long, default_value = "1", value_delimiter = ',')]
     pub row_cache: Vec<usize>,
+    /// Page-granular selection, one set of stores each (comma-separated): the top-k taken in
+    /// aligned pages of P tokens of one KV head, each page fetched as one unit of P rows (1:
+    /// token-level). Host tier only.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    pub page_tokens: Vec<usize>,
     /// Extra steps with timing events around each layer-ahead chain and each wait of the
     /// compute stream for one: the stall and chain time per step (0: none).
     #[arg(long, default_value_t = 3)]
@@ -155,6 +160,16 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
     if a.row_cache.is_empty() || a.row_cache.contains(&0) {
         return Err(CliError::Usage(
             "--row-cache: every value at least 1 (times the top-k)".into(),
+        ));
+    }
+    if a.page_tokens.is_empty() || a.page_tokens.iter().any(|&p| p == 0 || p > 64) {
+        return Err(CliError::Usage(
+            "--page-tokens: every value from 1 to 64".into(),
+        ));
+    }
+    if a.page_tokens.iter().any(|&p| p > 1) && matches!(a.kv_store, KvStoreSpec::Disk(_)) {
+        return Err(CliError::Usage(
+            "--page-tokens above 1 with --kv-store disk: not supported (host tier only)".into(),
         ));
     }
     if a.gather_blocks.contains(&0) {
@@ -231,7 +246,11 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
     let mut budgets = a.token_budget.clone();
     budgets.sort_by_key(|b| std::cmp::Reverse(b.tokens(1 << 20)));
     for &ctx in &a.context {
-        for &batch in &a.batch {
+        for (&batch, &page) in a
+            .batch
+            .iter()
+            .flat_map(|b| a.page_tokens.iter().map(move |p| (b, p)))
+        {
             let base = OffloadConfig {
                 budget: budgets[0],
                 sink: a.sink,
@@ -244,18 +263,20 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
                 home: RowHome::Host,
                 measure_recall: false,
                 row_cache: a.row_cache[0],
+                page_tokens: page,
             };
             match offloaded(&model, &a, &base, ctx, batch, &budgets) {
                 Ok(mut r) => rows.append(&mut r),
                 Err(e) => {
                     eprintln!("context {ctx} batch {batch}: {e}");
-                    rows.push(
-                        serde_json::json!({"context": ctx, "batch": batch, "error": e.to_string()}),
-                    );
+                    rows.push(serde_json::json!({"context": ctx, "batch": batch,
+                        "page_tokens": page, "error": e.to_string()}));
                 }
             }
             if !a.no_reference {
-                refs.push(reference(&model, &a, &base, ctx, batch, &budgets));
+                // Dense decode does not depend on the pages: once per context and batch.
+                let dense = page == a.page_tokens[0];
+                refs.push(reference(&model, &a, &base, ctx, batch, &budgets, dense));
             }
         }
     }
@@ -407,7 +428,8 @@ fn offloaded(
             None => (None, None),
         };
         eprintln!(
-            "  budget {budget}, row cache {row_cache}x, {blocks} gather blocks: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
+            "  budget {budget}, pages of {}, row cache {row_cache}x, {blocks} gather blocks: {:.2} ms/step [{:.2}, {:.2}], {:.0} tok/s, hit rate {:.3}, {:.1} MB over PCIe per step, recall {}",
+            base.page(),
             st.median,
             st.min,
             st.max,
@@ -446,6 +468,7 @@ fn offloaded(
             "kv_store": a.kv_store.to_string(),
             "gather_blocks": blocks,
             "row_cache": row_cache,
+            "page_tokens": base.page(),
             "stall_ms_per_step": r.timing.map(|t| t.stall_ms),
             "chain_ms_per_step": r.timing.map(|t| t.chain_ms),
         }));
@@ -502,10 +525,11 @@ fn new_store(
     })
 }
 
+/// Rows a query at `ctx` selects (whole pages with page-granular selection).
 fn base_topk(c: &OffloadConfig, budget: TokenBudget, ctx: usize) -> usize {
     let mut c = c.clone();
     c.budget = budget;
-    c.top_k(ctx)
+    c.top_k(ctx) / c.page() * c.page()
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -530,6 +554,7 @@ impl OffloadBenchArgs {
             recall_steps: self.recall_steps,
             gather_blocks: self.gather_blocks.clone(),
             row_cache: self.row_cache.clone(),
+            page_tokens: self.page_tokens.clone(),
             timing_steps: self.timing_steps,
             no_reference: self.no_reference,
             hbm_gbs: self.hbm_gbs,

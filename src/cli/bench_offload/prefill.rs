@@ -32,6 +32,7 @@ pub(super) fn prefill_host(
         home: RowHome::Host,
         measure_recall: false,
         row_cache: 1,
+        page_tokens: 1,
     };
     let mut s = new_store(m, &a.kv_store, cfg)?;
     let v = m.cfg.vocab_size as u64;

@@ -6,10 +6,10 @@ use super::GIB;
 
 pub(super) fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "| context | batch | budget | rows/KV head | ms/step median [min, max] | tok/s | hit rate | PCIe MB/step | PCIe floor ms | HBM floor ms | transfer-only ms | stall ms | chain ms | gather blocks | row cache | recall | GPU GiB used |")?;
+    writeln!(out, "| context | batch | budget | rows/KV head | ms/step median [min, max] | tok/s | hit rate | PCIe MB/step | PCIe floor ms | HBM floor ms | transfer-only ms | stall ms | chain ms | gather blocks | row cache | page tokens | recall | GPU GiB used |")?;
     writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )?;
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let opt = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |v| format!("{v:.2}"));
@@ -17,7 +17,7 @@ pub(super) fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
         if let Some(e) = x.get("error") {
             writeln!(
                 out,
-                "| {} | {} | - | - | error: {} | | | | | | | | | | | | |",
+                "| {} | {} | - | - | error: {} | | | | | | | | | | | | | |",
                 x["context"],
                 x["batch"],
                 e.as_str().unwrap_or("")
@@ -27,7 +27,7 @@ pub(super) fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
         let s = &x["step_ms"];
         writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.1} | {:.3} | {:.1} | {:.2} | {:.2} | {} | {} | {} | {} | {}x | {} | {:.2} |",
+            "| {} | {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.1} | {:.3} | {:.1} | {:.2} | {:.2} | {} | {} | {} | {} | {}x | {} | {} | {:.2} |",
             x["context"],
             x["batch"],
             x["budget"].as_str().unwrap_or(""),
@@ -47,6 +47,7 @@ pub(super) fn print_tables(r: &serde_json::Value) -> std::io::Result<()> {
             opt(&x["chain_ms_per_step"]),
             x["gather_blocks"],
             x["row_cache"],
+            x["page_tokens"],
             x["recall"].as_f64().map_or("-".into(), |v| format!("{v:.3}")),
             f(&x["gpu_used_bytes"]) / GIB,
         )?;

@@ -190,10 +190,12 @@ extern "C" __global__ void ds_gather_misses(u64 src, long tok_stride, long head_
 }
 
 // ---- prefill staging --------------------------------------------------------------------------
-// Tokens [t0, t1) of a [token][g][K | V] slab (16-bit elements; pinned host or device) into
-// dense K and V caches of n_kv*D columns (rows t). One thread per 16 bytes.
+// Tokens [t0, t1) of a slab of [K | V] rows (16-bit elements; pinned host or device; token t of
+// head g at (t * tok_u4 + g * head_u4) 16-byte units: [token][g] or, for page-granular
+// selection, [g][token]) into dense K and V caches of n_kv*D columns (rows t). One thread per
+// 16 bytes.
 extern "C" __global__ void ds_unpack_rows(u64 src, int n_kv, int head_dim, long t0, long t1,
-                                          uint4* k, uint4* v) {
+                                          long tok_u4, long head_u4, uint4* k, uint4* v) {
     int per_half = head_dim / 8;          // 16-byte units in one head's K (or V)
     long per_tok = (long)n_kv * 2 * per_half;
     long units = (t1 - t0) * per_tok;
@@ -205,7 +207,12 @@ extern "C" __global__ void ds_unpack_rows(u64 src, int n_kv, int head_dim, long 
         #pragma unroll
         for (int u = 0; u < DS_INFLIGHT; u++) {
             long e = base + u * stride;
-            if (e < units) x[u] = s[t0 * per_tok + e];
+            if (e < units) {
+                long t = t0 + e / per_tok;
+                int w = (int)(e % per_tok);
+                int g = w / (2 * per_half), c = w % (2 * per_half);
+                x[u] = s[t * tok_u4 + (long)g * head_u4 + c];
+            }
         }
         #pragma unroll
         for (int u = 0; u < DS_INFLIGHT; u++) {
@@ -218,6 +225,19 @@ extern "C" __global__ void ds_unpack_rows(u64 src, int n_kv, int head_dim, long 
             if (c < per_half) k[at] = x[u]; else v[at] = x[u];
         }
     }
+}
+
+// ---- page-granular selection ------------------------------------------------------------------
+// A page's score is the best label score of its `page` tokens: out[i] = max of
+// scores[i * page .. (i + 1) * page) for i < n (the scores of whole pages, [g][page][token]
+// flattened, so the pages of every head in one pass). fmaxf: a NaN score loses to any number.
+extern "C" __global__ void ds_page_max(const float* scores, long n, int page, float* out) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float* s = scores + i * page;
+    float m = s[0];
+    for (int j = 1; j < page; j++) m = fmaxf(m, s[j]);
+    out[i] = m;
 }
 
 // ---- layer-ahead query labels -----------------------------------------------------------------

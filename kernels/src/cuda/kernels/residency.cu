@@ -10,7 +10,9 @@
 //        the residents res_tok/res_slot/res_age[g][0..n) (in no particular order; age: the
 //        step each was last selected), n = res_n[g]; `now` > every age;
 //   out: miss_tok/miss_slot[g][0..n_miss[g]) for ds_gather_misses (tokens ascending);
-//        idx[g * idx_stride + idx0 + i] = idx0 + slot of sel[i] (attention's window rows);
+//        idx[g * idx_stride + idx0 + i * unit + j] = idx0 + slot of sel[i] * unit + j for
+//        j < unit (attention's window rows: a slot holds `unit` rows, a page of them with
+//        page-granular selection, else 1);
 //        sel_out[g * sel_stride + i] = sel[i] (the selection kept past the caller's buffer);
 //        the new residents (the kept ones in their order, then the misses), res_n[g];
 //        stats[0] += misses, stats[1] += hits.
@@ -23,7 +25,7 @@ extern "C" __global__ void __launch_bounds__(DS_RES_THREADS)
 ds_residency_lru(const int* sel, long sel_stride, int k_new, int* res_tok, int* res_slot,
                  u32* res_age, int* res_n, long stride, int cap, u32 now, int* new_slot,
                  int* kept_tok, int* kept_slot, u32* kept_age, int* miss_tok, int* miss_slot,
-                 int* n_miss, int* idx, long idx_stride, int idx0, int* sel_out,
+                 int* n_miss, int* idx, long idx_stride, int idx0, int unit, int* sel_out,
                  unsigned long long* stats, int use_smem) {
     __shared__ int hist[DS_LRU_AGES];
     __shared__ int cut[2];  // the bucket where eviction stops, and how many it takes from it
@@ -140,7 +142,7 @@ ds_residency_lru(const int* sel, long sel_stride, int k_new, int* res_tok, int* 
     int* ix = idx + g * idx_stride + idx0;
     int* so = sel_out + g * sel_stride;
     for (int i = threadIdx.x; i < k_new; i += blockDim.x) {
-        ix[i] = idx0 + ns[i];
+        for (int j = 0; j < unit; j++) ix[i * unit + j] = idx0 + ns[i] * unit + j;
         so[i] = s[i];
     }
     if (threadIdx.x == 0) {

@@ -191,4 +191,35 @@ impl CudaBackend {
         unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
         Ok(())
     }
+
+    /// Page scores for page-granular selection: `out[i]` = the largest of `scores[i * page ..
+    /// (i + 1) * page]` for `i < n` (label scores of whole pages, every head's in a row, so
+    /// `[g][page]` out of `[g][page][token]`).
+    pub fn ds_page_max(
+        &self,
+        scores: &DevBuf<f32>,
+        n: usize,
+        page: usize,
+        out: &mut DevBuf<f32>,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if page == 0 || scores.len < n * page || out.len < n {
+            return Err(shape_err(format!(
+                "ds_page_max: {n} pages of {page} tokens, buffers too small"
+            )));
+        }
+        let name = "ds_page_max";
+        let (nn, pp) = (n as i64, int(page, "page")?);
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&scores.data).arg(&nn).arg(&pp).arg(&mut out.data);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.map_err(Self::launch_err(name))?;
+        Ok(())
+    }
 }

@@ -143,14 +143,16 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Tokens `t0..t1` of a `[token][g][K | V]` slab of 16-bit elements (`src`, host or device)
-    /// into dense K and V caches (`n_kv * head_dim` columns, row = token).
+    /// Tokens `t0..t1` of a slab of `[K | V]` rows of 16-bit elements (`src`, host or device;
+    /// token `t` of head `g` at `t * tok_stride + g * head_stride` bytes) into dense K and V
+    /// caches (`n_kv * head_dim` columns, row = token).
     #[allow(clippy::too_many_arguments)]
     pub fn ds_unpack_rows(
         &self,
         src: u64,
         n_kv: usize,
         head_dim: usize,
+        (tok_stride, head_stride): (usize, usize),
         t0: usize,
         t1: usize,
         k: &mut crate::cuda::CudaCache,
@@ -161,6 +163,8 @@ impl CudaBackend {
         }
         if head_dim % 8 != 0
             || src % 16 != 0
+            || tok_stride % 16 != 0
+            || head_stride % 16 != 0
             || k.dtype.size() != 2
             || v.dtype != k.dtype
             || k.cols != n_kv * head_dim
@@ -176,12 +180,15 @@ impl CudaBackend {
             t0 as i64,
             t1 as i64,
         );
+        let (tu, hu) = ((tok_stride / 16) as i64, (head_stride / 16) as i64);
         let mut b = self.stream.launch_builder(self.f(name));
         b.arg(&src)
             .arg(&nk)
             .arg(&hd)
             .arg(&a)
             .arg(&bb)
+            .arg(&tu)
+            .arg(&hu)
             .arg(&mut k.data)
             .arg(&mut v.data);
         let units = (t1 - t0) * n_kv * head_dim * 2 * 2 / 16;
