@@ -390,7 +390,9 @@ fn offloaded(
         let store_gpu: usize = stores.iter().map(|s| s.footprint().0).sum();
         let r = measure(m, &mut stores, a)?;
         let per_step = |x: u64| x as f64 / (a.steps * batch) as f64;
-        let rows_per_head = base.sink + base.recent + base_topk(base, budget, ctx);
+        // The store's settings (with pages, its recent window ends on a page boundary).
+        let used = stores[0].config();
+        let rows_per_head = used.sink + used.recent + base_topk(used, budget, ctx);
         let fetched = per_step(r.stats.fetched_bytes) * batch as f64;
         let label_read = (labels_bytes * ctx) as f64;
         let row_read = (m.cfg.num_layers
