@@ -169,13 +169,19 @@ fn bench_offload_flags() {
     assert_one_line_error(&run(&["--steps", "0"]), "--steps");
     assert_one_line_error(&run(&["--gather-blocks", "32,0"]), "--gather-blocks");
     assert_one_line_error(&run(&["--row-cache", "1,0"]), "--row-cache");
+    assert_one_line_error(&run(&["--page-tokens", "1,0"]), "--page-tokens");
+    assert_one_line_error(&run(&["--page-tokens", "128"]), "--page-tokens");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = format!("disk:{}", dir.path().display());
+    assert_one_line_error(
+        &run(&["--page-tokens", "4", "--kv-store", &disk]),
+        "--page-tokens",
+    );
     let out = run(&["--timing-steps", "-1"]);
     assert_eq!(out.status.code(), Some(2), "clap rejects a negative count");
     let out = run(&["--kv-store", "tape"]);
     assert_eq!(out.status.code(), Some(2), "clap rejects an unknown store");
     // Valid flags, the disk tier included, reach the device check: a clear error here.
-    let dir = tempfile::tempdir().unwrap();
-    let disk = format!("disk:{}", dir.path().display());
     let out = run(&[
         "--kv-store",
         &disk,
@@ -189,6 +195,7 @@ fn bench_offload_flags() {
         "1,4",
     ]);
     assert_one_line_error(&out, "cuda");
+    assert_one_line_error(&run(&["--page-tokens", "1,4"]), "cuda");
 }
 
 #[test]
