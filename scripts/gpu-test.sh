@@ -11,7 +11,8 @@
 # the stripped release `farsight` (e.g. `.gpu/farsight bench dense --shape llama-3.1-8b --device
 # cuda ...`) and scripts/gpu-parity.py (`python3 .gpu/gpu-parity.py --bin .gpu/farsight ...`);
 # see BENCHMARKS.md for the exact commands behind each figure. `bash .gpu/run-row-cache.sh`: the
-# row cache's tests and its 256K bench (issue 5); `bash .gpu/run-gemv.sh`: the batch-1 GEMV kernels.
+# row cache's and the page selection's tests and their 256K bench (issue 5); `bash
+# .gpu/run-gemv.sh`: the batch-1 GEMV kernels.
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 dest=${1:-$root/.gpu}
@@ -74,8 +75,9 @@ ls "$XDG_CACHE_HOME/farsight/ptx" 2>/dev/null | sed 's/^/ptx cache: /'
 exit $rc
 RUN
 chmod +x "$dest/run-tests.sh"
-# The row-cache measurement (issue 5): its tests first, then 256K at 1/64 with row caches of
-# 1, 2 and 4 times the top-k in one bench run (same machine, same filled context).
+# The row-cache and page measurement (issue 5): their tests first (cuda_residency, cuda_offload
+# with its pages.rs), then 256K at 1/64 with row caches of 1 and 4 times the top-k, token-level
+# and with pages of 4, in one bench run (same machine).
 cat > "$dest/run-row-cache.sh" <<'RUN'
 #!/usr/bin/env bash
 set -uo pipefail
@@ -89,9 +91,11 @@ rc=0
 "$here/cuda_offload" --nocapture --test-threads 1 2>&1 | tee -a "$out/row-cache-tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 [ $rc = 0 ] || echo "row-cache tests FAILED (benches still run, each under a time limit)"
+# Token-level and page-granular selection (pages of 4: 2-KiB fetch units), each with the
+# plain and the 4x row cache, in one run (two filled contexts).
 timeout 330 "$here/farsight" bench offload --context 256k --token-budget 1/64 --query-bias 6 \
-    --label-bits 4 --row-cache 1,2,4 --gather-blocks 32 --steps 12 --warmup 4 --recall-steps 2 \
-    --json "$out/row-cache.json" 2>&1 | tee "$out/row-cache.log"
+    --label-bits 4 --row-cache 1,4 --page-tokens 1,4 --gather-blocks 32 --steps 12 --warmup 4 \
+    --recall-steps 2 --json "$out/row-cache.json" 2>&1 | tee "$out/row-cache.log"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 # The disk tier behind the GPU row cache (fewer rows read from the file per step).
 timeout 120 "$here/farsight" bench offload --kv-store disk:/tmp --context 32k --token-budget 1/64 \
