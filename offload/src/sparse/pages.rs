@@ -2,36 +2,50 @@
 //! so that the rows to fetch come in units of P consecutive tokens of one KV head (what the
 //! GPU's zero-copy gathers need to fill PCIe, and whole blocks for the disk tier).
 
-/// Page-granular top-k: `k` of the positions `middle` (increasing, with label `scores`), taken a
-/// page at a time (aligned runs of `page` positions, `p / page`) in order of the page's best
-/// score (ties: the earlier page), whole pages while they fit, then the best-scoring positions
-/// of the next page to make exactly `k`.
-pub(crate) fn select_pages(middle: &[usize], scores: &[f32], k: usize, page: usize) -> Vec<usize> {
-    // (first index into `middle`, end index, best score) per page present.
+/// Page-granular top-k, the policy the GPU store (`farsight-prefetch`) runs too: the candidates
+/// are the aligned pages of `page` positions (`p / page`) that lie wholly inside the middle
+/// range `lo..hi` (neither sinks nor recent; the newest `< page` middle positions wait until
+/// their page is complete); the `k / page` pages of the best page scores (a page's best label
+/// score over its positions in `middle`; ties: the earlier page) are chosen whole. Returns the
+/// chosen pages' positions that `middle` holds (all of them, unless some were evicted), in
+/// increasing order. `middle` is increasing with label `scores`.
+pub(crate) fn select_pages(
+    middle: &[usize],
+    scores: &[f32],
+    k: usize,
+    page: usize,
+    (lo, hi): (usize, usize),
+) -> Vec<usize> {
+    let page = page.max(1);
+    let (first, end) = (lo.div_ceil(page), hi / page);
+    // (first index into `middle`, end index, best score) per candidate page present.
     let mut pages: Vec<(usize, usize, f32)> = Vec::new();
     for (i, (&p, &s)) in middle.iter().zip(scores).enumerate() {
+        let q = p / page;
+        if q < first || q >= end {
+            continue;
+        }
         match pages.last_mut() {
-            Some(last) if middle[last.0] / page == p / page => {
+            Some(last) if middle[last.0] / page == q => {
                 last.1 = i + 1;
                 last.2 = last.2.max(s);
             }
             _ => pages.push((i, i + 1, s)),
         }
     }
-    pages.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
-    let mut out = Vec::with_capacity(k);
-    for &(lo, hi, _) in &pages {
-        let room = k - out.len();
-        if room == 0 {
-            break;
-        }
-        if hi - lo <= room {
-            out.extend_from_slice(&middle[lo..hi]);
-        } else {
-            let mut part: Vec<usize> = (lo..hi).collect();
-            part.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            out.extend(part[..room].iter().map(|&i| middle[i]));
-        }
+    let n = (k / page).min(pages.len());
+    if n == 0 {
+        return Vec::new();
     }
-    out
+    let by_score =
+        |a: &(usize, usize, f32), b: &(usize, usize, f32)| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0));
+    if n < pages.len() {
+        pages.select_nth_unstable_by(n - 1, by_score);
+        pages.truncate(n);
+    }
+    pages.sort_unstable_by_key(|p| p.0);
+    pages
+        .iter()
+        .flat_map(|&(a, b, _)| middle[a..b].iter().copied())
+        .collect()
 }

@@ -188,32 +188,39 @@ fn selection_with_all_channels_is_the_true_top_k() {
 #[test]
 fn page_selection_takes_whole_pages_by_their_best_score() {
     use super::pages::select_pages;
-    // Positions 5..21 (pages of 4: 4..8 partial, 8..12, 12..16, 16..20, 20..24 partial).
+    // Middle positions 5..21 (pages of 4: 4..8 and 20..24 are not wholly inside, so the
+    // candidates are 8..12, 12..16 and 16..20).
     let middle: Vec<usize> = (5..21).collect();
     let mut scores = vec![0.0f32; middle.len()];
     let at = |p: usize| p - 5;
     scores[at(13)] = 9.0; // page 12..16 is best
     scores[at(9)] = 5.0; // then 8..12
-    scores[at(20)] = 4.0; // then the partial page 20..21 (one position)
-    scores[at(6)] = 3.0; // then 5..8 (three positions)
+    scores[at(20)] = 8.0; // in the incomplete page 20..24: not a candidate
+    scores[at(6)] = 7.0; // in the partial page 4..8: not a candidate
     scores[at(17)] = 1.0; // 16..20 last
-    scores[at(7)] = 2.0;
-    let pick = |k: usize| {
-        let mut v = select_pages(&middle, &scores, k, 4);
-        assert_eq!(v.len(), k, "exactly k rows");
-        v.sort_unstable();
-        v
-    };
-    assert_eq!(pick(4), vec![12, 13, 14, 15]);
-    assert_eq!(pick(8), (8..16).collect::<Vec<_>>());
-    assert_eq!(pick(9), vec![8, 9, 10, 11, 12, 13, 14, 15, 20]);
-    // The next page does not fit whole: its best two positions.
-    assert_eq!(pick(11), vec![6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 20]);
-    assert_eq!(pick(16), middle);
+    let pick =
+        |k: usize, middle: &[usize], scores: &[f32]| select_pages(middle, scores, k, 4, (5, 21));
+    assert_eq!(pick(4, &middle, &scores), vec![12, 13, 14, 15]);
+    assert_eq!(
+        pick(3, &middle, &scores),
+        Vec::<usize>::new(),
+        "k / 4 pages"
+    );
+    assert_eq!(pick(8, &middle, &scores), (8..16).collect::<Vec<_>>());
+    assert_eq!(pick(11, &middle, &scores), (8..16).collect::<Vec<_>>());
+    assert_eq!(pick(12, &middle, &scores), (8..20).collect::<Vec<_>>());
+    assert_eq!(pick(16, &middle, &scores), (8..20).collect::<Vec<_>>());
+    // Ties go to the earlier page.
+    let flat = vec![1.0f32; middle.len()];
+    assert_eq!(pick(4, &middle, &flat), vec![8, 9, 10, 11]);
+    // An evicted position leaves its page's other rows.
+    let gone: Vec<usize> = middle.iter().copied().filter(|&p| p != 14).collect();
+    let gs: Vec<f32> = gone.iter().map(|&p| scores[at(p)]).collect();
+    assert_eq!(pick(4, &gone, &gs), vec![12, 13, 15]);
     // One-token pages are the plain top-k (ties: the earlier position).
-    let mut one = select_pages(&middle, &scores, 5, 1);
+    let mut one = select_pages(&middle, &scores, 5, 1, (5, 21));
     one.sort_unstable();
-    assert_eq!(one, vec![6, 7, 9, 13, 20]);
+    assert_eq!(one, vec![6, 9, 13, 17, 20]);
 }
 
 #[test]

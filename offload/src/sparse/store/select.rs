@@ -49,7 +49,8 @@ impl SparseKvStore {
         let recent = self.live(recent_start..end);
         let fixed = pos.len() + recent.len();
         let k = budget.saturating_sub(fixed).min(middle.len());
-        let mut chosen: Vec<usize> = if k == middle.len() {
+        let paged = self.cfg.page_tokens > 1;
+        let mut chosen: Vec<usize> = if k == middle.len() && !paged {
             middle
         } else if k == 0 {
             Vec::new()
@@ -57,8 +58,9 @@ impl SparseKvStore {
             let slots: Vec<u32> = middle.iter().map(|&p| self.slot_of[p]).collect();
             let mut scores = Vec::new();
             self.labels.score(layer, g, qlab, &slots, &mut scores);
-            if self.cfg.page_tokens > 1 {
-                select_pages(&middle, &scores, k, self.cfg.page_tokens)
+            if paged {
+                let range = (sink_end, recent_start);
+                select_pages(&middle, &scores, k, self.cfg.page_tokens, range)
             } else {
                 let mut idx: Vec<u32> = (0..slots.len() as u32).collect();
                 let by_score = |a: &u32, b: &u32| {
@@ -72,6 +74,7 @@ impl SparseKvStore {
             }
         };
         chosen.sort_unstable();
+        let k = chosen.len();
         pos.extend_from_slice(&chosen);
         pos.extend_from_slice(&recent);
         (pos, k)
