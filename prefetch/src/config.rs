@@ -81,6 +81,11 @@ impl OffloadConfig {
         self.page_tokens.max(1)
     }
 
+    /// Tokens a layer's slab has room for per KV head: the capacity, in whole pages.
+    pub fn slab_tokens(&self) -> usize {
+        self.capacity.max(1).next_multiple_of(self.page())
+    }
+
     /// Selected entries (rows, or pages) of the largest top-k per (layer, KV head).
     pub fn cache_units(&self) -> usize {
         (self.cache_rows() / self.page()).max(1)

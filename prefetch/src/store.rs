@@ -37,7 +37,7 @@ use farsight_kernels::cuda::{
     TopkScratch,
 };
 use farsight_kernels::{AttnShape, Backend, CausalAttn, KernelError, Result, Rope};
-use farsight_offload::sparse::Predict;
+use farsight_offload::sparse::{whole_pages, Predict};
 use farsight_offload::{KvMemory, KvStore};
 
 use crate::config::{OffloadConfig, RowHome};
@@ -246,12 +246,11 @@ impl OffloadKvStore {
 
     /// The candidates of a query that sees `visible` tokens, in selection units (tokens, or
     /// pages): the first and how many. Tokens: the middle ones (neither sinks nor recent);
-    /// pages: the whole pages among them.
+    /// pages: the whole pages among them ([`whole_pages`], the CPU store's rule too).
     fn candidates(&self, visible: usize) -> (usize, usize) {
-        let (s, rr, p) = (self.cfg.sink, self.cfg.recent, self.page());
-        let end = visible.saturating_sub(rr);
-        let first = s.div_ceil(p);
-        (first, (end / p).saturating_sub(first))
+        let (s, rr) = (self.cfg.sink, self.cfg.recent);
+        let r = whole_pages(s, visible.saturating_sub(rr).max(s), self.page());
+        (r.start, r.len())
     }
 
     /// Top-k size (entries: rows, or pages) for a query that sees `visible` tokens.
@@ -263,19 +262,14 @@ impl OffloadKvStore {
     }
 
     /// Bytes between consecutive tokens and between KV heads of a layer's slab: `[token][g]`,
-    /// or `[g][token]` with pages (the slab then holds `slab_tokens` per head).
+    /// or `[g][token]` with pages (the slab then holds [`OffloadConfig::slab_tokens`] per head).
     fn slab_strides(&self) -> (usize, usize) {
         let row = self.row_bytes();
         if self.page() > 1 {
-            (row, self.slab_tokens() * row)
+            (row, self.cfg.slab_tokens() * row)
         } else {
             (self.shape.n_kv_heads * row, row)
         }
-    }
-
-    /// Tokens a layer's slab has room for per KV head (the capacity, whole pages).
-    fn slab_tokens(&self) -> usize {
-        self.cfg.capacity.max(1).next_multiple_of(self.page())
     }
 
     /// Counts layer-ahead recall (a second, true selection per layer) from now on, or not.

@@ -55,10 +55,12 @@ pub struct SparseArgs {
     /// recently selected evicted first), so fewer rows are fetched from host memory or disk.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub row_cache: u32,
-    /// Tokens per selection unit: 1 selects single tokens; P > 1 selects aligned pages of P
-    /// positions by their best label score, as many rows as the budget either way (CPU only for
-    /// now; fetch units of P rows are what the GPU's host gathers and disk reads need).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Tokens per selection unit: 1 selects single tokens; P > 1 selects the budget's `k / P`
+    /// aligned pages of P positions (wholly between the sinks and the recent window) with the
+    /// best label scores, whole: fetch units of P rows, what the GPU's host gathers and disk
+    /// reads need (with `--device cuda`: host tier only).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=farsight_offload::sparse::MAX_PAGE_TOKENS as i64))]
     pub page_tokens: u32,
     /// Calibration file (default: farsight-calibration.json in the model directory).
     #[arg(long)]

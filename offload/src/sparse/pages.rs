@@ -2,6 +2,18 @@
 //! so that the rows to fetch come in units of P consecutive tokens of one KV head (what the
 //! GPU's zero-copy gathers need to fill PCIe, and whole blocks for the disk tier).
 
+/// Most tokens a page may have (`--page-tokens`).
+pub const MAX_PAGE_TOKENS: usize = 64;
+
+/// The candidate pages of a query whose middle positions (neither sinks nor recent) are
+/// `lo..hi`: the aligned pages of `page` positions wholly inside it, as page indices. The rule
+/// both stores use (the CPU's [`select_pages`], the GPU store in `farsight-prefetch`).
+pub fn whole_pages(lo: usize, hi: usize, page: usize) -> std::ops::Range<usize> {
+    let page = page.max(1);
+    let first = lo.div_ceil(page);
+    first..(hi / page).max(first)
+}
+
 /// Page-granular top-k, the policy the GPU store (`farsight-prefetch`) runs too: the candidates
 /// are the aligned pages of `page` positions (`p / page`) that lie wholly inside the middle
 /// range `lo..hi` (neither sinks nor recent; the newest `< page` middle positions wait until
@@ -17,12 +29,12 @@ pub(crate) fn select_pages(
     (lo, hi): (usize, usize),
 ) -> Vec<usize> {
     let page = page.max(1);
-    let (first, end) = (lo.div_ceil(page), hi / page);
+    let candidates = whole_pages(lo, hi, page);
     // (first index into `middle`, end index, best score) per candidate page present.
     let mut pages: Vec<(usize, usize, f32)> = Vec::new();
     for (i, (&p, &s)) in middle.iter().zip(scores).enumerate() {
         let q = p / page;
-        if q < first || q >= end {
+        if !candidates.contains(&q) {
             continue;
         }
         match pages.last_mut() {

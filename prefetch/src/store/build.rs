@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use farsight_kernels::cuda::{CudaBackend, Residency};
 use farsight_kernels::{AttnShape, Backend, DType, Result};
-use farsight_offload::sparse::LabelBits;
+use farsight_offload::sparse::{LabelBits, MAX_PAGE_TOKENS};
 
 use super::{bad, ordinals, DiskRows, DiskTier, LayerRows, OffloadKvStore, Select, Slab, State};
 use crate::config::{OffloadConfig, RowHome};
@@ -82,8 +82,10 @@ impl OffloadKvStore {
                         .into(),
                 ));
             }
-            if page > 64 {
-                return Err(bad(format!("pages of {page} tokens: 1 to 64 supported")));
+            if page > MAX_PAGE_TOKENS {
+                return Err(bad(format!(
+                    "pages of {page} tokens: 1 to {MAX_PAGE_TOKENS} supported"
+                )));
             }
             // The cache starts on a page boundary of the window: a few more recent tokens.
             cfg.recent = (cfg.sink + cfg.recent).next_multiple_of(page) - cfg.sink;
@@ -104,7 +106,7 @@ impl OffloadKvStore {
         let rc = cfg.resident_rows();
         let w = cfg.sink + cfg.recent + rc;
         // With pages the slab is `[g][token]`, whole pages per head.
-        let slab_bytes = cap.next_multiple_of(page) * n_kv * 2 * d * es;
+        let slab_bytes = cfg.slab_tokens() * n_kv * 2 * d * es;
         let row = 2 * d * es;
         // The file first: a disk too small fails before any large allocation.
         let disk = match disk_path {

@@ -19,7 +19,7 @@ use farsight_engine::synthetic::{shape_config, spread_channels};
 use farsight_engine::Model;
 use farsight_kernels::cuda::CudaBackend;
 use farsight_kernels::{Backend, DType};
-use farsight_offload::sparse::{LabelBits, Predict, TokenBudget};
+use farsight_offload::sparse::{LabelBits, Predict, TokenBudget, MAX_PAGE_TOKENS};
 use farsight_offload::{KvStore, KvStoreSpec};
 use farsight_prefetch::{OffloadConfig, OffloadKvStore, RowHome};
 
@@ -162,10 +162,10 @@ pub fn run(a: OffloadBenchArgs) -> Result<(), CliError> {
             "--row-cache: every value at least 1 (times the top-k)".into(),
         ));
     }
-    if a.page_tokens.is_empty() || a.page_tokens.iter().any(|&p| p == 0 || p > 64) {
-        return Err(CliError::Usage(
-            "--page-tokens: every value from 1 to 64".into(),
-        ));
+    if a.page_tokens.is_empty() || a.page_tokens.iter().any(|&p| p == 0 || p > MAX_PAGE_TOKENS) {
+        return Err(CliError::Usage(format!(
+            "--page-tokens: every value from 1 to {MAX_PAGE_TOKENS}"
+        )));
     }
     if a.page_tokens.iter().any(|&p| p > 1) && matches!(a.kv_store, KvStoreSpec::Disk(_)) {
         return Err(CliError::Usage(
