@@ -5,6 +5,8 @@
 //! selection stay cached and hit when they come back, and a full cache evicts the least recently
 //! selected first. Skipped without a CUDA device.
 
+use std::collections::{HashMap, HashSet};
+
 use farsight_kernels::cuda::CudaBackend;
 
 fn backend() -> Option<CudaBackend> {
@@ -54,10 +56,11 @@ impl Model {
                 hist[bucket(a) as usize] += 1;
             }
         }
+        let resident: HashSet<i32> = self.res.iter().map(|r| r.0).collect();
         let miss_tok: Vec<i32> = sel
             .iter()
             .copied()
-            .filter(|t| !self.res.iter().any(|r| r.0 == *t))
+            .filter(|t| !resident.contains(t))
             .collect();
         let n = self.res.len();
         let fresh = miss_tok.len().min(cap - n);
@@ -104,15 +107,10 @@ impl Model {
             .collect();
         kept.extend(misses.iter().map(|&(t, s)| (t, s, now)));
         self.res = kept;
+        let slot_of: HashMap<i32, i32> = self.res.iter().map(|r| (r.0, r.1)).collect();
         let slots = sel
             .iter()
-            .map(|t| {
-                self.res
-                    .iter()
-                    .find(|r| r.0 == *t)
-                    .expect("selected is resident")
-                    .1
-            })
+            .map(|t| *slot_of.get(t).expect("selected is resident"))
             .collect();
         Step { misses, slots }
     }
@@ -121,7 +119,16 @@ impl Model {
 #[test]
 fn lru_residency_matches_the_host_model_and_rows_land_where_attention_reads() {
     let Some(be) = backend() else { return };
-    lru_matches_the_model(&be, 1, 5);
+    lru_matches_the_model(&be, 1, 5, &SMALL);
+}
+
+/// The same at a 256K-context size (about 11K selected rows a head): the selections straddle
+/// the largest that the kernel searches in shared memory, so the multi-block scans and the
+/// global-memory search run too.
+#[test]
+fn lru_residency_matches_the_host_model_at_full_size() {
+    let Some(be) = backend() else { return };
+    lru_matches_the_model(&be, 1, 36, &LARGE);
 }
 
 /// The same with page-granular selection: entries are pages of 4 rows, a cache slot holds a
@@ -129,20 +136,56 @@ fn lru_residency_matches_the_host_model_and_rows_land_where_attention_reads() {
 #[test]
 fn lru_residency_of_pages_lists_every_row_of_a_selected_page() {
     let Some(be) = backend() else { return };
-    lru_matches_the_model(&be, 4, 8);
+    lru_matches_the_model(&be, 4, 8, &SMALL);
 }
 
-/// Selections of entries (rows, or pages of `unit` rows) over 120 rounds against [`Model`];
-/// `idx0` fixed window rows (a multiple of `unit`).
-fn lru_matches_the_model(be: &CudaBackend, unit: usize, idx0: usize) {
-    let (heads, k_max, cap) = (3usize, 40usize, 100usize);
+/// A test's sizes: selections of `k_min..=k_max` entries a head drawn from a span of `span`
+/// tokens, alternating between two groups `gap` apart and drifting by `drift` every 3 rounds.
+struct Case {
+    heads: usize,
+    k_min: usize,
+    k_max: usize,
+    cap: usize,
+    rounds: u32,
+    span: usize,
+    gap: usize,
+    drift: usize,
+}
+
+const SMALL: Case = Case {
+    heads: 3,
+    k_min: 20,
+    k_max: 40,
+    cap: 100,
+    rounds: 120,
+    span: 90,
+    gap: 500,
+    drift: 11,
+};
+
+/// 11,008 entries is the kernel's shared-memory search limit (43 KiB of `i32`).
+const LARGE: Case = Case {
+    heads: 2,
+    k_min: 10_400,
+    k_max: 11_600,
+    cap: 46_000,
+    rounds: 24,
+    span: 16_000,
+    gap: 30_000,
+    drift: 1_500,
+};
+
+/// Selections of entries (rows, or pages of `unit` rows) over `c.rounds` rounds against
+/// [`Model`]; `idx0` fixed window rows (a multiple of `unit`).
+fn lru_matches_the_model(be: &CudaBackend, unit: usize, idx0: usize, c: &Case) {
+    let (heads, k_max, cap) = (c.heads, c.k_max, c.cap);
     let mut res = be
         .ds_residency_lru_state(heads, cap, k_max, idx0, unit)
         .unwrap();
     let mut stats = be.dev_zeros::<u64>(2).unwrap();
     // The slab: entry t's rows j (16 bytes each) hold [t * unit + j; 4]; the window: idx0 fixed
     // rows, then the cache's slots of `unit` rows.
-    let tokens = 2000usize;
+    let tokens = (c.rounds as usize / 3 + 1) * c.drift + c.gap + c.span;
     let slab: Vec<i32> = (0..(tokens * unit) as i32).flat_map(|t| [t; 4]).collect();
     let slab = be.dev_upload(&slab).unwrap();
     let rows = idx0 + cap * unit;
@@ -150,20 +193,18 @@ fn lru_matches_the_model(be: &CudaBackend, unit: usize, idx0: usize) {
     let mut models: Vec<Model> = (0..heads).map(|_| Model::default()).collect();
     let mut rng = Rng(0x9e37_79b9);
     let (mut want_miss, mut want_hit) = (0u64, 0u64);
-    for round in 0..120u32 {
-        let k = 20 + (rng.next() % (k_max as u64 - 19)) as usize;
+    for round in 0..c.rounds {
+        let k = c.k_min + (rng.next() % (k_max - c.k_min + 1) as u64) as usize;
         // Two groups of tokens that alternate, plus drift: rows come back after a few steps.
-        let lo = (round / 3) as usize * 11 + if round % 2 == 0 { 0 } else { 500 };
+        let lo = (round / 3) as usize * c.drift + if round % 2 == 0 { 0 } else { c.gap };
         let mut sel = vec![0i32; heads * k_max];
         let mut sels = Vec::new();
         for g in 0..heads {
-            let mut s: Vec<i32> = Vec::new();
-            while s.len() < k {
-                let t = (lo + (rng.next() % 90) as usize) as i32;
-                if !s.contains(&t) {
-                    s.push(t);
-                }
+            let mut seen = HashSet::new();
+            while seen.len() < k {
+                seen.insert((lo + (rng.next() % c.span as u64) as usize) as i32);
             }
+            let mut s: Vec<i32> = seen.into_iter().collect();
             s.sort();
             sel[g * k_max..g * k_max + k].copy_from_slice(&s);
             sels.push(s);
@@ -247,7 +288,10 @@ fn lru_matches_the_model(be: &CudaBackend, unit: usize, idx0: usize) {
         want_hit > want_miss,
         "alternating selections mostly hit: {want_hit} / {want_miss}"
     );
-    println!("lru residency: {want_miss} misses, {want_hit} hits over 120 rounds");
+    println!(
+        "lru residency: {want_miss} misses, {want_hit} hits over {} rounds",
+        c.rounds
+    );
 }
 
 #[test]

@@ -523,6 +523,11 @@ impl KvStore<CudaBackend> for OffloadKvStore {
         // The ring may hold later tokens: refill it from the slabs; forget the row caches.
         let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
         let be = &self.prefetch;
+        // A selection queued on the compute stream may still be writing a cache's count:
+        // let it finish before the prefetch stream clears it.
+        if let Err(e) = be.device_synchronize() {
+            tracing::warn!("offloaded store: waiting for the device before truncate failed: {e}");
+        }
         for (l, res) in st.res.iter_mut().enumerate() {
             if let Err(e) = be.ds_residency_clear(res) {
                 tracing::warn!(

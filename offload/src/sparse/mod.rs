@@ -24,7 +24,7 @@ mod tests;
 pub use cache_sim::CACHE_FACTORS;
 pub use config::{LabelBits, Predict, SparseConfig, TokenBudget};
 pub use evict::{EvictConfig, HostKvBudget};
-pub use pages::{whole_pages, MAX_PAGE_TOKENS};
+pub use pages::{page_recent, whole_pages, MAX_PAGE_TOKENS};
 pub use stats::SparseStats;
 pub use store::{row_layout, SparseKvStore};
 

@@ -5,6 +5,16 @@
 /// Most tokens a page may have (`--page-tokens`).
 pub const MAX_PAGE_TOKENS: usize = 64;
 
+/// The recent window the page policy uses for `--recent recent`: a few more tokens, so that
+/// sinks plus recent end on a page boundary (the GPU store's window then starts one). Both
+/// stores take it, so the same flags select the same pages on either backend.
+pub fn page_recent(sink: usize, recent: usize, page: usize) -> usize {
+    if page <= 1 {
+        return recent;
+    }
+    (sink + recent).next_multiple_of(page) - sink
+}
+
 /// The candidate pages of a query whose middle positions (neither sinks nor recent) are
 /// `lo..hi`: the aligned pages of `page` positions wholly inside it, as page indices. The rule
 /// both stores use (the CPU's [`select_pages`], the GPU store in `farsight-prefetch`).

@@ -28,7 +28,7 @@ use super::cache_sim::CacheSim;
 use super::config::{Predict, SparseConfig};
 use super::evict::{victims, Unimportance, TALLY_QUERIES};
 use super::labels::LabelCache;
-use super::pages::select_pages;
+use super::pages::{page_recent, select_pages};
 use super::row_cache::{RowCache, RowCacheStats};
 use super::stats::SparseStats;
 use super::ChannelRanking;
@@ -113,6 +113,8 @@ impl SparseKvStore {
         tier: Box<dyn KvTier>,
         max_tokens: usize,
     ) -> Result<SparseKvStore> {
+        let mut cfg = cfg;
+        cfg.recent = page_recent(cfg.sink, cfg.recent, cfg.page_tokens);
         let r = cfg.label_channels;
         if r == 0 || r > shape.head_dim {
             return Err(invalid(format!(

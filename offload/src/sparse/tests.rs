@@ -224,6 +224,16 @@ fn page_selection_takes_whole_pages_by_their_best_score() {
 }
 
 #[test]
+fn the_page_policy_widens_recent_to_a_page_boundary() {
+    use super::page_recent;
+    assert_eq!(page_recent(4, 32, 1), 32, "token selection keeps --recent");
+    assert_eq!(page_recent(4, 32, 4), 32, "already on a boundary");
+    assert_eq!(page_recent(4, 32, 8), 36);
+    assert_eq!(page_recent(5, 30, 16), 43);
+    assert_eq!(page_recent(0, 1, 64), 64);
+}
+
+#[test]
 fn layer_ahead_with_the_true_query_has_full_recall() {
     let be = CpuBackend::new(1).unwrap();
     let cfg = SparseConfig {

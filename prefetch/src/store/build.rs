@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use farsight_kernels::cuda::{CudaBackend, Residency};
 use farsight_kernels::{AttnShape, Backend, DType, Result};
-use farsight_offload::sparse::{LabelBits, MAX_PAGE_TOKENS};
+use farsight_offload::sparse::{page_recent, LabelBits, MAX_PAGE_TOKENS};
 
 use super::{bad, ordinals, DiskRows, DiskTier, LayerRows, OffloadKvStore, Select, Slab, State};
 use crate::config::{OffloadConfig, RowHome};
@@ -88,7 +88,7 @@ impl OffloadKvStore {
                 )));
             }
             // The cache starts on a page boundary of the window: a few more recent tokens.
-            cfg.recent = (cfg.sink + cfg.recent).next_multiple_of(page) - cfg.sink;
+            cfg.recent = page_recent(cfg.sink, cfg.recent, page);
         }
         if !matches!(cfg.dtype, DType::F16 | DType::BF16) {
             return Err(bad(

@@ -89,9 +89,10 @@ impl CudaBackend {
             .arg(&rs)
             .arg(&kp)
             .arg(&mut res.miss_tok.data);
-        // The searches run in shared memory when the two lists fit the default 48 KiB.
+        // The searches run in shared memory when the two lists fit the default 48 KiB, less
+        // room for the kernel's static shared memory (the block scan's partial sums).
         let smem = (k_new + res.k) * 4;
-        let use_smem = i32::from(smem <= 48 * 1024);
+        let use_smem = i32::from(smem <= 48 * 1024 - 256);
         b.arg(&mut res.miss_slot.data)
             .arg(&mut res.n_miss.data)
             .arg(&mut stats.data)
