@@ -284,9 +284,11 @@ fn lru_matches_the_model(be: &CudaBackend, unit: usize, idx0: usize, c: &Case) {
     }
     let st = be.dev_read(&stats).unwrap();
     assert_eq!((st[0], st[1]), (want_miss, want_hit));
+    // The small case's two groups (180 tokens) overflow its 100 slots: evictions every round,
+    // yet rows that come back within a few rounds hit.
     assert!(
-        want_hit > want_miss,
-        "alternating selections mostly hit: {want_hit} / {want_miss}"
+        want_hit > 0 && want_miss > (heads * cap) as u64,
+        "hits and evictions both happen: {want_hit} hits, {want_miss} misses"
     );
     println!(
         "lru residency: {want_miss} misses, {want_hit} hits over {} rounds",
