@@ -24,6 +24,8 @@ pub enum Gemv1 {
     /// One warp per output, 8 weight loads in flight per lane (the default).
     Loads8,
     /// A persistent grid whose warps walk outputs, 8 loads in flight across rows (`persist`).
+    /// Measured 13% slower than `Loads8` in dense 8K decode on an H200 (BENCHMARKS.md, sixth
+    /// offload run): kept selectable for comparison, never the default.
     Persistent,
 }
 
