@@ -105,7 +105,7 @@ impl SparseKvStore {
     /// A store for `layers` layers of `shape`, rows in `dtype`, in `tier`, choosing each
     /// (layer, KV head)'s `cfg.label_channels` best channels from `ranking`.
     pub fn new(
-        cfg: SparseConfig,
+        mut cfg: SparseConfig,
         shape: AttnShape,
         layers: usize,
         dtype: DType,
@@ -113,7 +113,6 @@ impl SparseKvStore {
         tier: Box<dyn KvTier>,
         max_tokens: usize,
     ) -> Result<SparseKvStore> {
-        let mut cfg = cfg;
         cfg.recent = page_recent(cfg.sink, cfg.recent, cfg.page_tokens);
         let r = cfg.label_channels;
         if r == 0 || r > shape.head_dim {

@@ -10,6 +10,11 @@ use crate::cuda::{int, shape_err, CudaBackend, CudaTensor, DevBuf};
 /// Threads of the residency kernel (`DS_RES_THREADS`).
 const RES_THREADS: u32 = 1024;
 
+/// Dynamic shared memory `ds_residency` may take for its two token lists: the default 48 KiB
+/// less room for its static shared memory (the block scan's partial sums); larger lists are
+/// searched in global memory.
+const RES_SMEM_LIMIT: usize = 48 * 1024 - 256;
+
 /// The residency state of one layer's GPU row cache (per KV head, `cap` entries each).
 pub struct Residency {
     pub cap: usize,
@@ -89,10 +94,8 @@ impl CudaBackend {
             .arg(&rs)
             .arg(&kp)
             .arg(&mut res.miss_tok.data);
-        // The searches run in shared memory when the two lists fit the default 48 KiB, less
-        // room for the kernel's static shared memory (the block scan's partial sums).
         let smem = (k_new + res.k) * 4;
-        let use_smem = i32::from(smem <= 48 * 1024 - 256);
+        let use_smem = i32::from(smem <= RES_SMEM_LIMIT);
         b.arg(&mut res.miss_slot.data)
             .arg(&mut res.n_miss.data)
             .arg(&mut stats.data)
